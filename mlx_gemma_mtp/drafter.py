@@ -1,0 +1,138 @@
+"""The Gemma 4 MTP drafter (`Gemma4AssistantForCausalLM`) in MLX.
+
+A drafter owns no K/V and no cache: its query-only attention layers read the target cache's
+own buffers (`Target.kv_producers`, one layer per attention type). Its input is
+concat(target embedding of the last token * sqrt(hidden), target's last hidden state after the
+final norm), projected down by `pre_projection`; every step of a round runs at one constant
+position and feeds its own `post_projection` output back as the next "hidden state"
+(transformers' candidate_generator.py, SinglePositionMultiTokenCandidateGenerator, 5.17).
+
+E2B/E4B drafters carry a clustered LM head (`use_ordered_embeddings`): a centroid scorer picks
+the top-k of 2048 token clusters and only their tokens are scored, so the greedy draft never
+touches a 262,144-wide row.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.gemma4_text import DecoderLayer, logit_softcap
+
+from .config import DrafterConfig
+from .target import WeightsError
+
+
+class DrafterModel(nn.Module):
+    """Embedding (serving only as the tied LM head), query-only layers, final norm."""
+
+    def __init__(self, config: DrafterConfig):
+        super().__init__()
+        args = config.text
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        # num_kv_shared_layers == num_hidden_layers, so mlx-lm builds q-only attention.
+        self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+
+class MaskedEmbedding(nn.Module):
+    """The clustered head: `centroids` scores clusters, `token_ordering` lists their tokens."""
+
+    def __init__(self, config: DrafterConfig):
+        super().__init__()
+        vocab = config.text.vocab_size
+        if vocab % config.num_centroids:
+            raise WeightsError(
+                f"vocab_size {vocab} is not a multiple of num_centroids {config.num_centroids}"
+            )
+        self.top_k = config.centroid_intermediate_top_k
+        self.num_centroids = config.num_centroids
+        self.centroids = nn.Linear(config.text.hidden_size, config.num_centroids, bias=False)
+        # token_ordering.reshape(num_centroids, vocab // num_centroids)[c] = token ids of cluster c
+        self.token_ordering = mx.zeros((vocab,), dtype=mx.int32)
+
+    def candidates(self, h: mx.array) -> mx.array:
+        """Token ids of the top-k clusters for each row of h: [B, L, top_k * cluster_size]."""
+        scores = self.centroids(h)  # [B, L, num_centroids]
+        top = mx.argpartition(-scores, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
+        clusters = self.token_ordering.reshape(self.num_centroids, -1)
+        ids = clusters[top]  # [B, L, top_k, cluster_size]
+        return ids.reshape(*ids.shape[:2], -1)
+
+
+class Drafter(nn.Module):
+    def __init__(self, config: DrafterConfig):
+        super().__init__()
+        self.config = config
+        args = config.text
+        self.model = DrafterModel(config)
+        self.pre_projection = nn.Linear(2 * config.backbone_hidden_size, args.hidden_size, bias=False)
+        self.post_projection = nn.Linear(args.hidden_size, config.backbone_hidden_size, bias=False)
+        if config.use_ordered_embeddings:
+            self.masked_embedding = MaskedEmbedding(config)
+
+    @property
+    def args(self):
+        return self.config.text
+
+    def __call__(
+        self,
+        inputs: mx.array,
+        shared_kv: dict[str, tuple[mx.array, mx.array]],
+        position: int,
+    ) -> tuple[mx.array, mx.array]:
+        """One drafting step.
+
+        inputs: [B, 1, 2*backbone] = concat(target embedding (scaled), hidden state).
+        shared_kv: per attention type, the target's (keys, values) [B, kv_heads, S, head_dim]
+            of the positions before `position` (sliding: the last `window + 1` of them).
+        Returns (drafter hidden after its final norm [B, 1, h], projected state [B, 1, backbone]).
+        """
+        h = self.pre_projection(inputs)
+        for layer in self.model.layers:
+            # No mask: every position handed in is visible (the target cache holds only
+            # accepted positions before `position`; sliding views are cut to window + 1).
+            h, _, _ = layer(h, None, None, shared_kv=shared_kv[layer.layer_type], offset=position)
+        h = self.model.norm(h)
+        return h, self.post_projection(h)
+
+    def logits(self, h: mx.array) -> mx.array:
+        """Full-vocabulary logits of the tied head (dense drafters; tests of the clustered one)."""
+        out = self.model.embed_tokens.as_linear(h)
+        if self.args.final_logit_softcapping is not None:
+            out = logit_softcap(self.args.final_logit_softcapping, out)
+        return out
+
+    def candidate_logits(self, h: mx.array) -> tuple[mx.array, mx.array]:
+        """Clustered head: (token ids, their logits), both [B, L, top_k * cluster_size]."""
+        ids = self.masked_embedding.candidates(h)
+        rows = self.model.embed_tokens(ids)  # [B, L, N, h]; a quantized table dequantizes rows only
+        logits = (rows @ h[..., None]).squeeze(-1)
+        if self.args.final_logit_softcapping is not None:
+            logits = logit_softcap(self.args.final_logit_softcapping, logits)
+        return ids, logits
+
+    def greedy_token(self, h: mx.array) -> mx.array:
+        """The drafter's argmax token for each row of h, [B, L] (never a full-vocab row when
+        the head is clustered)."""
+        if self.config.use_ordered_embeddings:
+            ids, logits = self.candidate_logits(h)
+            best = mx.argmax(logits, axis=-1, keepdims=True)
+            return mx.take_along_axis(ids, best, axis=-1).squeeze(-1)
+        return mx.argmax(self.logits(h), axis=-1)
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Checkpoint names -> ours (the same as transformers'). Idempotent; raises on unknown."""
+        out = {}
+        for name, value in weights.items():
+            if name.endswith("lm_head.weight") or "rotary_emb" in name:
+                continue  # tied to model.embed_tokens; rotary buffers are recomputed
+            if name == "masked_embedding.token_ordering":
+                value = value.astype(mx.int32)  # int64 on disk; 262,144 fits int32
+            out[name] = value
+        has_ordering = "masked_embedding.token_ordering" in out
+        if has_ordering != self.config.use_ordered_embeddings:
+            raise WeightsError(
+                f"use_ordered_embeddings is {self.config.use_ordered_embeddings} but the "
+                f"checkpoint {'has' if has_ordering else 'lacks'} masked_embedding.token_ordering"
+            )
+        return out

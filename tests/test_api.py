@@ -1,0 +1,131 @@
+"""The public API as a user calls it, and bad input getting a clear error."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import mlx.core as mx
+import pytest
+
+from mlx_gemma_mtp import generate, load, load_drafter, stream_generate
+from mlx_gemma_mtp.config import ConfigError
+from mlx_gemma_mtp.target import WeightsError
+
+
+@pytest.fixture(scope="module")
+def e2b(checkpoints):
+    model, tokenizer = load(checkpoints["e2b"][0])
+    return model, tokenizer, load_drafter(checkpoints["e2b"][1], model)
+
+
+def test_stream_generate_responses(e2b):
+    model, tokenizer, drafter = e2b
+    prompt = "the quick brown fox jumps over the lazy dog and " * 3
+    plain = list(stream_generate(model, tokenizer, prompt, max_tokens=24))
+    spec = list(stream_generate(model, tokenizer, prompt, draft_model=drafter, max_tokens=24, num_draft_tokens=3))
+    assert [r.token for r in spec] == [r.token for r in plain]
+    assert "".join(r.text for r in spec) == generate(model, tokenizer, prompt, draft_model=drafter, max_tokens=24)
+    last = spec[-1]
+    assert last.generation_tokens == len(spec) <= 24
+    assert last.finish_reason in ("stop", "length")
+    assert last.prompt_tokens == len(tokenizer.encode(prompt))
+    assert last.drafted >= last.accepted > 0
+    assert sum(r.from_draft for r in spec) == last.accepted or last.finish_reason is not None
+    assert last.prompt_tps > 0 and last.peak_memory > 0
+    assert plain[-1].drafted == 0 and not any(r.from_draft for r in plain)
+    # A token-id prompt gives the same as its text.
+    ids = tokenizer.encode(prompt)
+    assert [r.token for r in stream_generate(model, tokenizer, ids, drafter, max_tokens=24)] == [r.token for r in spec]
+
+
+def test_stops_at_every_stop_id(e2b, checkpoints):
+    model, tokenizer, drafter = e2b
+    assert set(model.config.stop_ids) == {1, 106}  # from config.json and generation_config.json
+    out = list(stream_generate(model, tokenizer, [2, 5, 9, 13], drafter, max_tokens=200))
+    assert out[-1].finish_reason in ("stop", "length")
+    if out[-1].finish_reason == "stop":
+        assert out[-1].token in (1, 106) and out[-1].text == ""
+    assert all(r.token not in (1, 106) for r in out[:-1])
+
+
+def test_bad_arguments(e2b):
+    model, tokenizer, drafter = e2b
+    with pytest.raises(ValueError, match="prompt is empty"):
+        stream_generate(model, tokenizer, [], drafter)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        generate(model, tokenizer, "", drafter)
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="max_tokens"):
+            stream_generate(model, tokenizer, "hi", drafter, max_tokens=bad)
+    with pytest.raises(ValueError, match="num_draft_tokens"):
+        stream_generate(model, tokenizer, "hi", drafter, num_draft_tokens=99)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        stream_generate(model, tokenizer, [5, 100000], drafter)
+
+
+def _copy(src, tmp_path, name="model"):
+    dst = tmp_path / name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_and_truncated_safetensors(checkpoints, tmp_path):
+    target_dir = _copy(checkpoints["dense"][0], tmp_path)
+    weights = target_dir / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightsError, match="model.safetensors: not a readable safetensors file"):
+        load(target_dir)
+    weights.unlink()
+    with pytest.raises(WeightsError, match="no \\*.safetensors"):
+        load(target_dir)
+    # A sharded checkpoint whose index names a shard that is not there.
+    weights.write_bytes(data)
+    index = {"metadata": {}, "weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}
+    (target_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(WeightsError, match="model-00002-of-00002.safetensors is named by"):
+        load(target_dir)
+
+
+def test_unknown_model_type_and_missing_config(checkpoints, tmp_path):
+    target_dir = _copy(checkpoints["dense"][0], tmp_path)
+    config = json.loads((target_dir / "config.json").read_text())
+    (target_dir / "config.json").write_text(json.dumps(config | {"model_type": "llama"}))
+    with pytest.raises(ConfigError, match="model_type 'llama' is not a Gemma 4 target"):
+        load(target_dir)
+    (target_dir / "config.json").unlink()
+    with pytest.raises(ConfigError, match="config.json is missing"):
+        load(target_dir)
+    with pytest.raises(ConfigError, match="no such model directory"):
+        load(tmp_path / "nowhere")
+
+
+def test_weights_that_do_not_fit(checkpoints, tmp_path):
+    target_dir = _copy(checkpoints["dense"][0], tmp_path)
+    config = json.loads((target_dir / "config.json").read_text())
+    (target_dir / "config.json").write_text(json.dumps(config | {"intermediate_size": 96}))
+    with pytest.raises(WeightsError, match="does not fit the model"):
+        load(target_dir)
+
+
+def test_mismatched_drafter(checkpoints, tmp_path):
+    model, _ = load(checkpoints["dense"][0])
+    with pytest.raises(ConfigError, match=r"kv heads .* does not match target"):
+        load_drafter(checkpoints["e2b"][1], model)
+    drafter_dir = _copy(checkpoints["dense"][1], tmp_path, "drafter")
+    config = json.loads((drafter_dir / "config.json").read_text())
+    (drafter_dir / "config.json").write_text(json.dumps(config | {"backbone_hidden_size": 96}))
+    with pytest.raises(ConfigError, match="backbone_hidden_size 96 does not match target 64"):
+        load_drafter(drafter_dir, model)
+    with pytest.raises(ConfigError, match="is not a Gemma 4 assistant"):
+        load_drafter(checkpoints["dense"][0], model)
+
+
+def test_dtype_is_kept_unless_asked(checkpoints):
+    model, _ = load(checkpoints["dense"][0])
+    assert model.model.embed_tokens.weight.dtype == mx.float32  # the fixtures are float32
+    model, _ = load(checkpoints["dense"][0], dtype=mx.bfloat16)
+    assert model.model.embed_tokens.weight.dtype == mx.bfloat16
+    drafter = load_drafter(checkpoints["e2b"][1], load(checkpoints["e2b"][0])[0], dtype=mx.bfloat16)
+    assert drafter.masked_embedding.token_ordering.dtype == mx.int32

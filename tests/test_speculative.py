@@ -1,0 +1,180 @@
+"""The speculative loop is exact: its greedy tokens are the target's plain greedy tokens.
+
+Every architecture, draft lengths 1/3/7, prompts longer than three sliding windows, float32
+and 4-bit; drafts really accepted (agreeing drafters, and scripted proposals that walk every
+accepted length 0..k, the full accept with its bonus token, and a stop inside an accepted run).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_gemma_mtp import load, load_drafter, stream_generate
+from mlx_gemma_mtp.load import load_target
+from mlx_gemma_mtp.quantize import quantize
+from mlx_gemma_mtp.speculative import (
+    MAX_DRAFT,
+    DraftStats,
+    drafter_proposer,
+    plain_tokens,
+    speculative_tokens,
+)
+from tests.fixtures import KINDS, SLIDING_WINDOW, VOCAB_SIZE
+
+PROMPT_LEN = 3 * SLIDING_WINDOW + 5
+NEW_TOKENS = 5 * SLIDING_WINDOW  # generation crosses the window several times more
+DRAFT_LENGTHS = (1, 3, 7)
+
+
+def _prompt(seed: int = 0) -> mx.array:
+    return mx.array(np.random.RandomState(seed).randint(4, VOCAB_SIZE, size=(1, PROMPT_LEN)), dtype=mx.int32)
+
+
+def _take(tokens, n: int) -> list[int]:
+    out = [t for t, _ in itertools.islice(tokens, n)]
+    tokens.close()
+    return out
+
+
+def _plain(target, prompt, n=NEW_TOKENS) -> list[int]:
+    return _take(plain_tokens(target, prompt, target.make_cache(MAX_DRAFT + 1)), n)
+
+
+def _speculative(target, prompt, propose, k, n=NEW_TOKENS, stats=None) -> list[int]:
+    stats = DraftStats() if stats is None else stats
+    cache = target.make_cache(MAX_DRAFT + 1)
+    return _take(speculative_tokens(target, prompt, cache, propose, k, n, stats), n)
+
+
+@pytest.fixture(scope="module")
+def pairs(checkpoints):
+    out = {}
+    for kind, (target_dir, drafter_dir) in checkpoints.items():
+        target = load_target(target_dir)
+        out[kind] = (target, load_drafter(drafter_dir, target))
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_speculative_equals_plain_equals_transformers(kind, pairs, hf_models):
+    import torch
+
+    target, drafter = pairs[kind]
+    prompt = _prompt()
+    plain = _plain(target, prompt)
+    hf_target, hf_drafter = hf_models[kind]
+    for k in DRAFT_LENGTHS:
+        stats = DraftStats()
+        spec = _speculative(target, prompt, drafter_proposer(drafter, target), k, stats=stats)
+        assert spec == plain, f"k={k}: speculative output differs from plain greedy"
+        rate = stats.accepted / stats.drafted
+        print(f"\n{kind} k={k}: acceptance {rate:.2f} ({stats.accepted}/{stats.drafted}), "
+              f"mean accepted per round {stats.accepted / stats.rounds:.2f}")
+        assert stats.accepted > 0, "the agreeing drafter never had a draft accepted"
+
+        hf_drafter.generation_config.num_assistant_tokens = k
+        with torch.no_grad():
+            ref = hf_target.generate(
+                torch.tensor(np.array(prompt)), assistant_model=hf_drafter, do_sample=False,
+                max_new_tokens=NEW_TOKENS,
+            )[0, PROMPT_LEN:].tolist()
+        # transformers stops at a stop id; up to there the tokens agree.
+        assert spec[: len(ref)] == ref, f"k={k}: differs from transformers' assisted generate"
+
+
+def _scripted(continuation: list[int], accept_lengths):
+    """Proposals that are the known continuation with exactly one miss per round, at the
+    index given by the next accept length (k means no miss: a full accept plus bonus)."""
+    lengths = itertools.cycle(accept_lengths)
+
+    def propose(request, cache):
+        take = min(next(lengths), request.k)
+        g = request.generated
+        drafts = continuation[g : g + request.k]
+        if take < request.k:
+            drafts[take] = (drafts[take] + 1) % VOCAB_SIZE  # a wrong token
+        return mx.array([drafts], dtype=mx.int32)
+
+    return propose
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("k", DRAFT_LENGTHS)
+def test_every_accept_length(kind, k, pairs):
+    target, _ = pairs[kind]
+    prompt = _prompt(1)
+    continuation = _plain(target, prompt, NEW_TOKENS + MAX_DRAFT)
+    stats = DraftStats()
+    spec = _speculative(target, prompt, _scripted(continuation, range(k + 1)), k, stats=stats)
+    assert spec == continuation[:NEW_TOKENS]
+    histogram = np.bincount(stats.accepted_per_round, minlength=k + 1)
+    assert (histogram > 0).all(), f"accepted lengths {histogram} miss some of 0..{k}"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_quantized_speculative_equals_plain(kind, checkpoints):
+    target, _ = load(checkpoints[kind][0])
+    drafter = load_drafter(checkpoints[kind][1], target)
+    quantize(target, bits=4, group_size=32)
+    quantize(drafter, bits=4, group_size=32)
+    prompt = _prompt(2)
+    plain = _plain(target, prompt)
+    for k in DRAFT_LENGTHS:
+        stats = DraftStats()
+        assert _speculative(target, prompt, drafter_proposer(drafter, target), k, stats=stats) == plain
+        print(f"\n{kind} 4-bit k={k}: acceptance {stats.accepted / stats.drafted:.2f}")
+
+
+def test_stop_inside_accepted_run(checkpoints):
+    """A stop id proposed by the drafter and accepted mid-run ends the output right there."""
+    target, tokenizer = load(checkpoints["dense"][0])
+    drafter = load_drafter(checkpoints["dense"][1], target)
+    prompt = np.array(_prompt(3))[0].tolist()
+    responses = list(stream_generate(target, tokenizer, prompt, drafter, max_tokens=NEW_TOKENS, num_draft_tokens=7))
+    tokens = [r.token for r in responses]
+    # A token accepted from a draft and followed by another accepted draft: mid-run.
+    mid_run = [
+        i for i in range(len(tokens) - 1)
+        if responses[i].from_draft and responses[i + 1].from_draft and tokens.index(tokens[i]) == i
+    ]
+    assert mid_run, "the agreeing drafter produced no accepted run of two"
+    stop_at = mid_run[0]
+    tokenizer.eos_token_ids = {tokens[stop_at]}
+    stopped = list(stream_generate(target, tokenizer, prompt, drafter, max_tokens=NEW_TOKENS, num_draft_tokens=7))
+    assert [r.token for r in stopped] == tokens[: stop_at + 1]
+    assert stopped[-1].finish_reason == "stop" and stopped[-1].text == ""
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_early_stop_leaves_cache_ready_to_continue(kind, pairs):
+    """Stop after j tokens (mid-round), then continue on the same cache: same tokens as fresh."""
+    target, drafter = pairs[kind]
+    prompt = _prompt(4)
+    fresh = _plain(target, prompt)
+    for j in (1, 6, 13):
+        cache = target.make_cache(MAX_DRAFT + 1)
+        tokens = speculative_tokens(target, prompt, cache, drafter_proposer(drafter, target), 7, NEW_TOKENS, DraftStats())
+        head = _take(tokens, j)
+        assert all(c.offset == PROMPT_LEN + j - 1 for c in cache)
+        rest = speculative_tokens(
+            target, mx.array([[head[-1]]]), cache, drafter_proposer(drafter, target), 3, NEW_TOKENS, DraftStats()
+        )
+        assert head + _take(rest, NEW_TOKENS - j) == fresh
+
+        cache = target.make_cache(MAX_DRAFT + 1)
+        head = _take(plain_tokens(target, prompt, cache), j)
+        assert all(c.offset == PROMPT_LEN + j - 1 for c in cache)
+        assert head + _take(plain_tokens(target, mx.array([[head[-1]]]), cache), NEW_TOKENS - j) == fresh
+
+
+def test_random_drafter_is_still_exact(random_checkpoints):
+    """A drafter that agrees with nothing walks the all-rejected path: still exact."""
+    target = load_target(random_checkpoints["e2b"][0])
+    drafter = load_drafter(random_checkpoints["e2b"][1], target)
+    prompt = _prompt(5)
+    stats = DraftStats()
+    assert _speculative(target, prompt, drafter_proposer(drafter, target), 3, stats=stats) == _plain(target, prompt)
