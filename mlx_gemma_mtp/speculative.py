@@ -78,11 +78,12 @@ def rewind(cache: list, n: int) -> None:
         c.trim(n)  # raises CacheRewindError rather than rewind inexactly
 
 
-def settle(cache: list, prompt_len: int, yielded: int) -> None:
-    """Leave the cache holding the prompt and every yielded token but the last, whatever
-    state a round was in (a stop inside an accepted run, an exception mid-forward)."""
+def settle(cache: list, start: int, prompt_len: int, yielded: int) -> None:
+    """Leave the cache holding what it held at `start`, the prompt, and every yielded token but
+    the last, whatever state a round was in (a stop inside an accepted run, an exception
+    mid-forward)."""
     for c in cache:
-        c.trim(c.offset - (prompt_len + max(yielded, 1) - 1))
+        c.trim(c.offset - (start + prompt_len + max(yielded, 1) - 1))
 
 
 def greedy(target: Target, hidden: mx.array) -> mx.array:
@@ -103,9 +104,10 @@ def speculative_tokens(
     Output equals plain greedy decoding of `target`: a draft is kept only where it equals the
     target's argmax at that position.
     """
+    start = cache[0].offset  # a reused cache continues where it stands
     hidden = prefill(target, prompt, cache)
     token = greedy(target, hidden)
-    position = prompt.shape[1]  # of `token`; the cache holds 0 .. position-1
+    position = start + prompt.shape[1]  # of `token`; the cache holds 0 .. position-1
     emitted = [(token.item(), False)]  # this round's tokens; all but the last are in the cache
     generated = 0  # tokens yielded
     try:
@@ -136,12 +138,13 @@ def speculative_tokens(
             hidden = verify_hidden[:, m : m + 1]
             position += m + 1
     finally:
-        settle(cache, prompt.shape[1], generated)
+        settle(cache, start, prompt.shape[1], generated)
 
 
 def plain_tokens(target: Target, prompt: mx.array, cache: list) -> Iterator[tuple[int, bool]]:
     """Plain greedy decoding, pipelined as mlx-lm's generate_step: the next forward is queued
     (async_eval) before the host waits for the current token."""
+    start = cache[0].offset
     token = greedy(target, prefill(target, prompt, cache))
     mx.async_eval(token)
     generated = 0
@@ -153,4 +156,4 @@ def plain_tokens(target: Target, prompt: mx.array, cache: list) -> Iterator[tupl
             yield token.item(), False
             token = next_token
     finally:
-        settle(cache, prompt.shape[1], generated)
+        settle(cache, start, prompt.shape[1], generated)

@@ -10,6 +10,7 @@ import pytest
 
 from mlx_gemma_mtp import generate, load, load_drafter, stream_generate
 from mlx_gemma_mtp.config import ConfigError
+from mlx_gemma_mtp.generate import make_prompt_cache
 from mlx_gemma_mtp.target import WeightsError
 
 
@@ -129,3 +130,21 @@ def test_dtype_is_kept_unless_asked(checkpoints):
     assert model.model.embed_tokens.weight.dtype == mx.bfloat16
     drafter = load_drafter(checkpoints["e2b"][1], load(checkpoints["e2b"][0])[0], dtype=mx.bfloat16)
     assert drafter.masked_embedding.token_ordering.dtype == mx.int32
+
+
+def test_prompt_cache_prefills_only_the_new_turn(e2b):
+    model, tokenizer, drafter = e2b
+    cache = make_prompt_cache(model)
+    first = [2, 7, 11, 13, 17, 19, 23] * 5
+    out1 = [r.token for r in stream_generate(model, tokenizer, first, drafter, max_tokens=12, prompt_cache=cache)]
+    assert cache.tokens == first + out1[:-1]
+    second = first + out1 + [29, 31, 37]
+    responses = list(stream_generate(model, tokenizer, second, drafter, max_tokens=12, prompt_cache=cache))
+    assert responses[0].prompt_tokens == 4  # the last answer token, not yet cached, and 3 new ones
+    fresh = [r.token for r in stream_generate(model, tokenizer, second, drafter, max_tokens=12)]
+    assert [r.token for r in responses] == fresh
+    # A prompt that diverges from the cache rewinds to the shared prefix.
+    third = first[:20] + [41, 43]
+    responses = list(stream_generate(model, tokenizer, third, max_tokens=5, prompt_cache=cache))
+    assert responses[0].prompt_tokens == 2
+    assert [r.token for r in responses] == [r.token for r in stream_generate(model, tokenizer, third, max_tokens=5)]

@@ -164,11 +164,13 @@ def test_early_stop_leaves_cache_ready_to_continue(kind, pairs):
             target, mx.array([[head[-1]]]), cache, drafter_proposer(drafter, target), 3, NEW_TOKENS, DraftStats()
         )
         assert head + _take(rest, NEW_TOKENS - j) == fresh
+        assert all(c.offset == PROMPT_LEN + NEW_TOKENS - 1 for c in cache)
 
         cache = target.make_cache(MAX_DRAFT + 1)
         head = _take(plain_tokens(target, prompt, cache), j)
         assert all(c.offset == PROMPT_LEN + j - 1 for c in cache)
         assert head + _take(plain_tokens(target, mx.array([[head[-1]]]), cache), NEW_TOKENS - j) == fresh
+        assert all(c.offset == PROMPT_LEN + NEW_TOKENS - 1 for c in cache)
 
 
 def test_random_drafter_is_still_exact(random_checkpoints):
@@ -178,3 +180,19 @@ def test_random_drafter_is_still_exact(random_checkpoints):
     prompt = _prompt(5)
     stats = DraftStats()
     assert _speculative(target, prompt, drafter_proposer(drafter, target), 3, stats=stats) == _plain(target, prompt)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_long_context_through_cache_compaction(kind, pairs):
+    """Hundreds of positions: sliding caches compact their buffers (start > 0) and every
+    rewind stays exact; then stop mid-run and continue on the same cache."""
+    target, drafter = pairs[kind]
+    prompt = mx.array(np.random.RandomState(6).randint(4, VOCAB_SIZE, size=(1, 300)), dtype=mx.int32)
+    plain = _plain(target, prompt, 300)
+    cache = target.make_cache(MAX_DRAFT + 1)
+    stats = DraftStats()
+    head = _take(speculative_tokens(target, prompt, cache, drafter_proposer(drafter, target), 7, 300, stats), 150)
+    assert max(c.start for c in cache if hasattr(c, "start")) > 0
+    rest = speculative_tokens(target, mx.array([[head[-1]]]), cache, drafter_proposer(drafter, target), 5, 300, DraftStats())
+    assert head + _take(rest, 150) == plain
+    assert stats.accepted > 0
