@@ -121,18 +121,21 @@ class Drafter(nn.Module):
         return mx.argmax(self.logits(h), axis=-1)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Checkpoint names -> ours (the same as transformers'). Idempotent; raises on unknown."""
+        """Checkpoint names -> ours (the same as transformers'). Idempotent.
+
+        Maps each tensor on its own (the converter streams them one at a time); a tensor the
+        model lacks is refused by the strict load that follows, as is a missing one.
+        """
         out = {}
         for name, value in weights.items():
             if name.endswith("lm_head.weight") or "rotary_emb" in name:
                 continue  # tied to model.embed_tokens; rotary buffers are recomputed
             if name == "masked_embedding.token_ordering":
+                if not self.config.use_ordered_embeddings:
+                    raise WeightsError(
+                        "use_ordered_embeddings is False but the checkpoint has "
+                        "masked_embedding.token_ordering"
+                    )
                 value = value.astype(mx.int32)  # int64 on disk; 262,144 fits int32
             out[name] = value
-        has_ordering = "masked_embedding.token_ordering" in out
-        if has_ordering != self.config.use_ordered_embeddings:
-            raise WeightsError(
-                f"use_ordered_embeddings is {self.config.use_ordered_embeddings} but the "
-                f"checkpoint {'has' if has_ordering else 'lacks'} masked_embedding.token_ordering"
-            )
         return out

@@ -9,17 +9,15 @@ from typing import Iterator
 import mlx.core as mx
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .drafter import Drafter
 from .cache import CacheRewindError
-from .speculative import (
-    MAX_DRAFT,
-    DraftStats,
-    drafter_proposer,
-    plain_tokens,
-    rewind,
-    speculative_tokens,
-)
+from .costs import load_costs
+from .draft_length import MAX_DRAFT, Auto, DraftLength, Heuristic
+from .drafter import Drafter
+from .sample import LogitsProcessor, make_sampling, random_key
+from .speculative import DraftStats, drafter_proposer, plain_tokens, rewind, speculative_tokens
 from .target import Target
+
+DRAFT_SCHEDULES = ("auto", "heuristic")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,6 +35,10 @@ class Response:
     generation_tps: float  # generated tokens per second since the first one
     peak_memory: float  # GB, since this generation started
     finish_reason: str | None  # "stop" (a stop id), "length" (max_tokens) or None
+    # Drafting so far (the last response has the generation's totals):
+    acceptance_rate: float  # accepted / drafted (0.0 before any draft)
+    mean_accepted: float  # drafts accepted per drafting round
+    draft_lengths: tuple[int, ...]  # rounds per drafted length k = 0..MAX_DRAFT (k = 0: a plain token)
 
 
 @dataclass
@@ -98,12 +100,25 @@ def encode_prompt(tokenizer: TokenizerWrapper, prompt: str | list[int]) -> list[
 def _check_arguments(model: Target, prompt_ids: list[int], max_tokens, num_draft_tokens) -> None:
     if not isinstance(max_tokens, int) or max_tokens <= 0:
         raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
-    if not isinstance(num_draft_tokens, int) or not 0 <= num_draft_tokens <= MAX_DRAFT:
-        raise ValueError(f"num_draft_tokens must be an int in 0..{MAX_DRAFT}, got {num_draft_tokens!r}")
+    fixed = isinstance(num_draft_tokens, int) and not isinstance(num_draft_tokens, bool)
+    if not (fixed and 0 <= num_draft_tokens <= MAX_DRAFT or num_draft_tokens in DRAFT_SCHEDULES):
+        raise ValueError(
+            f"num_draft_tokens must be an int in 0..{MAX_DRAFT}, 'heuristic' or 'auto', "
+            f"got {num_draft_tokens!r}"
+        )
     vocab = model.args.vocab_size
     bad = [t for t in prompt_ids if not 0 <= t < vocab]
     if bad:
         raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
+
+
+def draft_length(num_draft_tokens: int | str, model: Target, draft_model: Drafter) -> int | DraftLength:
+    """The policy behind `num_draft_tokens` ("auto" reads or measures this device's costs)."""
+    if num_draft_tokens == "auto":
+        return Auto(load_costs(model, draft_model))
+    if num_draft_tokens == "heuristic":
+        return Heuristic()
+    return num_draft_tokens
 
 
 def stream_generate(
@@ -112,33 +127,75 @@ def stream_generate(
     prompt: str | list[int],
     draft_model: Drafter | None = None,
     max_tokens: int = 256,
-    num_draft_tokens: int = 3,
+    num_draft_tokens: int | str = "auto",
     *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float | None = None,
+    repetition_context_size: int = 20,
+    logits_processors: list[LogitsProcessor] | None = None,
+    seed: int | None = None,
     prompt_cache: PromptCache | None = None,
 ) -> Iterator[Response]:
-    """Generate greedily from `model`, speculatively when `draft_model` is given.
+    """Generate from `model`, speculatively when `draft_model` is given.
 
-    Output is token-for-token what the target alone would produce. Generation stops after a
-    stop id of the checkpoint (yielded with text "" and finish_reason "stop"), after
-    `max_tokens`, or when the caller stops iterating. Bad arguments raise here, at the call.
-    With `prompt_cache` (from `make_prompt_cache`) only the part of the prompt that the cache
-    does not already hold is prefilled, and the cache is kept for the next call.
+    Greedy (temperature 0, the default) output is token-for-token what the target alone would
+    produce; sampled output is distributed exactly as the target's own sampling (speculative
+    sampling), reproducibly for a given `seed` and draft-length schedule. temperature, top_p,
+    top_k, min_p, repetition_penalty, repetition_context_size and logits_processors mean what
+    they mean in mlx-lm's `make_sampler` / `make_logits_processors` (processors run on the
+    logits: the repetition penalty first, then `logits_processors`).
+
+    num_draft_tokens: an int 0..16 (fixed; 0 decodes plainly), "heuristic" (+2 after a fully
+    accepted round, -1 otherwise) or "auto" (the k that maximises expected tokens per second,
+    from costs measured once per device and acceptance tracked as it goes; k = 0 when drafting
+    does not pay). Each response carries the drafting statistics so far.
+
+    Generation stops after a stop id of the checkpoint (yielded with text "" and finish_reason
+    "stop"), after `max_tokens`, or when the caller stops iterating. Bad arguments raise here,
+    at the call. With `prompt_cache` (from `make_prompt_cache`) only the part of the prompt that
+    the cache does not already hold is prefilled, and the cache is kept for the next call.
     """
     prompt_ids = encode_prompt(tokenizer, prompt)
     _check_arguments(model, prompt_ids, max_tokens, num_draft_tokens)
+    sampling = make_sampling(
+        temperature, top_p, top_k, min_p, repetition_penalty, repetition_context_size, logits_processors
+    )
+    key = None if sampling.greedy else random_key(seed)
     prompt_cache = make_prompt_cache(model) if prompt_cache is None else prompt_cache
     new_ids = _reuse(model, prompt_cache, prompt_ids)
+    if num_draft_tokens == 0:
+        draft_model = None
+    return _responses(
+        model, tokenizer, draft_model, num_draft_tokens, prompt_cache, prompt_ids, new_ids, max_tokens,
+        sampling, key,
+    )  # fmt: skip
+
+
+def _responses(
+    model, tokenizer, draft_model, num_draft_tokens, prompt_cache, prompt_ids, new_ids, max_tokens,
+    sampling, key,
+):  # fmt: skip
+    """stream_generate's work, from its first iteration on ("auto" measures this device's costs
+    at first use, before the clock of the first response starts)."""
+    prompt = mx.array([new_ids], dtype=mx.int32)
+    context = prompt_ids[: len(prompt_ids) - len(new_ids)]  # already in the cache
     cache = prompt_cache.cache
-    new_array = mx.array([new_ids], dtype=mx.int32)
     stats = DraftStats()
-    if draft_model is not None and num_draft_tokens > 0:
-        propose = drafter_proposer(draft_model, model)
-        tokens = speculative_tokens(model, new_array, cache, propose, num_draft_tokens, max_tokens, stats)
+    if draft_model is None:
+        tokens = plain_tokens(model, prompt, cache, sampling=sampling, key=key, context=context, stats=stats)
     else:
-        tokens = plain_tokens(model, new_array, cache)
+        policy = draft_length(num_draft_tokens, model, draft_model)
+        propose = drafter_proposer(draft_model, model)
+        tokens = speculative_tokens(
+            model, prompt, cache, propose, policy, max_tokens, stats,
+            sampling=sampling, key=key, context=context,
+        )  # fmt: skip
     tokens = _recorded(tokens, prompt_cache, new_ids)
     stop_ids = set(tokenizer.eos_token_ids) | set(model.config.stop_ids)
-    return stream_tokens(tokens, tokenizer, stop_ids, len(new_ids), max_tokens, stats)
+    yield from stream_tokens(tokens, tokenizer, stop_ids, len(new_ids), max_tokens, stats)
 
 
 def stream_tokens(
@@ -180,6 +237,9 @@ def stream_tokens(
                 generation_tps=(n - 1) / elapsed if elapsed > 0 else 0.0,
                 peak_memory=mx.get_peak_memory() / 1e9,
                 finish_reason=finish,
+                acceptance_rate=stats.acceptance_rate,
+                mean_accepted=stats.mean_accepted,
+                draft_lengths=tuple(stats.k_histogram),
             )
             if finish:
                 break
@@ -193,9 +253,23 @@ def generate(
     prompt: str | list[int],
     draft_model: Drafter | None = None,
     max_tokens: int = 256,
-    num_draft_tokens: int = 3,
+    num_draft_tokens: int | str = "auto",
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float | None = None,
+    repetition_context_size: int = 20,
+    logits_processors: list[LogitsProcessor] | None = None,
+    seed: int | None = None,
+    prompt_cache: PromptCache | None = None,
 ) -> str:
     """The generated text (stop ids excluded); arguments as `stream_generate`."""
-    return "".join(
-        r.text for r in stream_generate(model, tokenizer, prompt, draft_model, max_tokens, num_draft_tokens)
-    )
+    responses = stream_generate(
+        model, tokenizer, prompt, draft_model, max_tokens, num_draft_tokens,
+        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+        repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size,
+        logits_processors=logits_processors, seed=seed, prompt_cache=prompt_cache,
+    )  # fmt: skip
+    return "".join(r.text for r in responses)

@@ -3,6 +3,9 @@
 Loading is all-or-nothing: every file is read and checked, every tensor name and shape
 matched (`strict`), before a model is returned; a failure raises an error naming the file
 or field and leaves nothing behind.
+
+A pair directory (written by `convert`: `target/`, `drafter/` and a manifest) loads as one:
+`load(pair)` returns the target with its drafter attached as `model.drafter`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from .config import (
     kv_heads,
     load_drafter_config,
     load_target_config,
+    read_json,
 )
 from .drafter import Drafter
 from .target import Target, WeightsError
@@ -49,11 +53,19 @@ def resolve(path_or_id: str | Path) -> Path:
         raise ConfigError(f"{repo_id}: cannot fetch from the hub or find it in the cache ({e})") from None
 
 
-def read_safetensors(model_dir: Path) -> dict[str, mx.array]:
-    """Every tensor of the checkpoint's safetensors files (the index decides which files)."""
+def read_shards(model_dir: Path) -> list[tuple[Path, dict[str, mx.array]]]:
+    """Each safetensors file of the checkpoint (the index decides which) with its tensors.
+
+    The tensors are lazy (`mx.load` reads a tensor's bytes only when it is evaluated), so
+    this holds no weights; the files' headers are checked here: a missing shard, a truncated
+    or unreadable file, a tensor the index names but no file holds.
+    """
     index_path = model_dir / "model.safetensors.index.json"
     if index_path.exists():
-        weight_map = json.loads(index_path.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise WeightsError(f"{index_path}: not a safetensors index with a weight_map ({e!r})") from None
         files = sorted({model_dir / f for f in weight_map.values()})
         for f in files:
             if not f.exists():
@@ -63,17 +75,23 @@ def read_safetensors(model_dir: Path) -> dict[str, mx.array]:
         files = sorted(model_dir.glob("*.safetensors"))
         if not files:
             raise WeightsError(f"{model_dir}: no *.safetensors files")
-    weights: dict[str, mx.array] = {}
+    shards = []
     for f in files:
         try:
-            weights.update(mx.load(str(f)))
+            shards.append((f, mx.load(str(f))))
         except (RuntimeError, ValueError, OSError) as e:  # what mx.load raises on a bad file
             raise WeightsError(f"{f}: not a readable safetensors file ({e})") from None
     if weight_map is not None:
-        absent = sorted(set(weight_map) - set(weights))
+        held = {name for _, tensors in shards for name in tensors}
+        absent = sorted(set(weight_map) - held)
         if absent:
             raise WeightsError(f"{index_path}: tensors missing from their files: {absent[:8]}")
-    return weights
+    return shards
+
+
+def read_safetensors(model_dir: Path) -> dict[str, mx.array]:
+    """Every tensor of the checkpoint's safetensors files (lazy, see `read_shards`)."""
+    return {name: value for _, tensors in read_shards(model_dir) for name, value in tensors.items()}
 
 
 def _quantize(model: nn.Module, quantization: dict, weights: dict[str, mx.array]) -> None:
@@ -104,7 +122,7 @@ def _fill(model: nn.Module, weights: dict[str, mx.array], where: Path, dtype) ->
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
         raise WeightsError(f"{where}: checkpoint does not fit the model: {e}") from None
-    mx.eval(model.parameters())
+    mx.eval(model.state)  # parameters and buffers (rope frequencies): a model made here runs on any thread
 
 
 def load_target(model_dir: Path, dtype=None) -> Target:
@@ -121,17 +139,27 @@ def load_target(model_dir: Path, dtype=None) -> Target:
 def load(path_or_id: str | Path, dtype=None) -> tuple[Target, TokenizerWrapper]:
     """Load a Gemma 4 target and its tokenizer.
 
-    `dtype` (e.g. mx.float32) casts the unquantized weights; default: the checkpoint's own.
+    A pair directory (see `convert`) gives the target with its drafter loaded and attached as
+    `model.drafter`; a lone target has `model.drafter = None`. `dtype` (e.g. mx.float32)
+    casts the unquantized weights of both; default: the checkpoint's own.
     """
     model_dir = resolve(path_or_id)
-    model = load_target(model_dir, dtype)
-    tokenizer = load_tokenizer(model_dir, eos_token_ids=list(model.config.stop_ids))
+    pair = read_pair(model_dir)
+    target_dir = model_dir / pair["target"] if pair else model_dir
+    model = load_target(target_dir, dtype)
+    tokenizer = load_tokenizer(target_dir, eos_token_ids=list(model.config.stop_ids))
+    if pair:
+        model.drafter = load_drafter(model_dir / pair["drafter"], model, dtype)
     return model, tokenizer
 
 
 def load_drafter(path_or_id: str | Path, model: Target, dtype=None) -> Drafter:
-    """Load the MTP assistant for `model`; refuses one that does not fit it."""
+    """Load the MTP assistant for `model` (a pair directory gives its drafter); refuses one
+    that does not fit it."""
     model_dir = resolve(path_or_id)
+    pair = read_pair(model_dir)
+    if pair:
+        model_dir = model_dir / pair["drafter"]
     config = load_drafter_config(model_dir)
     check_fit(config, model, model_dir)
     weights = read_safetensors(model_dir)
@@ -163,3 +191,43 @@ def check_fit(config, target: Target, where: Path) -> None:
         compare("sliding_window", d.sliding_window, t.sliding_window)
     if problems:
         raise ConfigError(f"drafter does not fit the target ({where}): " + "; ".join(problems))
+
+
+# ------------------------------------------------------------------------------------------
+# Pair directories
+
+PAIR_MANIFEST = "mlx-gemma-mtp.json"
+PAIR_FORMAT = "mlx-gemma-mtp pair"
+
+
+def read_pair(model_dir: Path) -> dict | None:
+    """The manifest of a pair directory ({"target": subdir, "drafter": subdir, ...}), None
+    for any other directory."""
+    path = model_dir / PAIR_MANIFEST
+    if not path.is_file():
+        return None
+    manifest = read_json(path)
+    if manifest.get("format") != PAIR_FORMAT:
+        raise ConfigError(f"{path}: format {manifest.get('format')!r} is not {PAIR_FORMAT!r}")
+    for role in ("target", "drafter"):
+        sub = manifest.get(role)
+        if not isinstance(sub, str) or Path(sub).name != sub or sub in ("", ".", ".."):
+            raise ConfigError(f"{path}: {role} must name a subdirectory, got {sub!r}")
+        if not (model_dir / sub).is_dir():
+            raise ConfigError(f"{path}: {role} directory {model_dir / sub} is missing")
+    return manifest
+
+
+def find_drafter(path: str | Path) -> Path | None:
+    """The drafter directory that goes with a local target or pair directory, or None.
+
+    A pair's `drafter/` (given the pair or its `target/`), else a sibling named
+    `<target>-assistant`, as Google names them (gemma-4-E2B-it, gemma-4-E2B-it-assistant).
+    """
+    path = Path(path).expanduser()
+    for pair_dir in (path, path.parent):
+        pair = read_pair(pair_dir) if pair_dir.is_dir() else None
+        if pair and (pair_dir == path or path.name == pair["target"]):
+            return pair_dir / pair["drafter"]
+    sibling = path.parent / f"{path.name}-assistant"
+    return sibling if (sibling / "config.json").is_file() else None

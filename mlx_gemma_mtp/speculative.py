@@ -1,5 +1,11 @@
 """The speculative loop: draft from the last accepted position, verify in one target forward,
-keep the agreeing prefix plus the target's own next token, rewind the rejected tail.
+keep what the acceptance rule keeps plus one token of the target's own, rewind the rejected tail.
+
+Greedy (temperature 0): a draft is kept only where it equals the target's argmax, so the output
+is the target's own greedy output. Sampling: drafts are drawn from the drafter's q and judged
+by `sample.judge` (Leviathan et al. 2023), so every token is distributed as the target's p.
+Either way one host sync per round. A round may also draft nothing (`draft_length.py` chose
+k = 0): then the loop decodes plainly, pipelined as mlx-lm's generate_step, for a while.
 
 Token generators here yield `(token, from_draft)` forever; the caller stops iterating (stop id,
 max tokens, a UI's stop button). Whenever they stop, the cache is left holding the prompt and
@@ -10,14 +16,15 @@ the next turn can continue from it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import mlx.core as mx
 
+from .draft_length import MAX_DRAFT, UNLIMITED, DraftLength, Fixed
 from .drafter import Drafter
+from .sample import GREEDY, Sampling, judge, random_key
 from .target import Target
 
-MAX_DRAFT = 16  # longest draft a round may use; sliding caches keep this much room
 PREFILL_CHUNK = 512  # prompt positions per prefill forward, to bound activation memory
 
 
@@ -30,37 +37,110 @@ class DraftRequest:
     position: int  # position of `token`; the cache holds positions 0 .. position-1
     generated: int  # tokens yielded before this round (scripted proposers index by it)
     k: int  # how many tokens to draft
+    sampling: Sampling = GREEDY  # what q must share with p: temperature, filters, processors
+    key: mx.array | None = None  # PRNG key to draw the drafts with (None when greedy)
+    history: mx.array | None = None  # [n] every token so far, `token` last; None without processors
 
 
-# A proposer returns k draft tokens, [1, k] int, lazily (no host sync).
-Proposer = Callable[[DraftRequest, list], mx.array]
+@dataclass(frozen=True, kw_only=True)
+class Draft:
+    """A proposer's k draft tokens and the distribution q they were drawn from, lazily.
+
+    q is needed only when sampling. None means the drafts are deterministic given the request
+    (greedy drafts, scripted or replayed tokens): q is then a point mass on each, which the
+    acceptance rule handles exactly. A wrapper that substitutes tokens must either keep them
+    drawn from q or set q to None.
+    """
+
+    tokens: mx.array  # [1, k] int
+    q: mx.array | None = None  # [k, N] float32 probabilities each draft was drawn from
+    q_ids: mx.array | None = None  # [k, N] distinct token ids of q's columns; None: N = vocab
+
+
+# A proposer turns a request and the target cache (read in place, never written) into a Draft.
+Proposer = Callable[[DraftRequest, list], Draft]
 
 
 @dataclass
 class DraftStats:
-    """Running counts of one generation, filled in by `speculative_tokens`."""
+    """Running counts of one generation, filled in by the token generators."""
 
-    rounds: int = 0
+    rounds: int = 0  # drafting rounds (k >= 1)
     drafted: int = 0
     accepted: int = 0
-    accepted_per_round: list[int] = field(default_factory=list)
+    accepted_per_round: list[int] = field(default_factory=list)  # of each drafting round
+    # Rounds per drafted length k = 0..MAX_DRAFT; a plainly decoded token counts as k = 0.
+    k_histogram: list[int] = field(default_factory=lambda: [0] * (MAX_DRAFT + 1))
+
+    def record(self, k: int, accepted: int) -> None:
+        self.k_histogram[k] += 1
+        if k:
+            self.rounds += 1
+            self.drafted += k
+            self.accepted += accepted
+            self.accepted_per_round.append(accepted)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        """Drafts accepted per drafting round."""
+        return self.accepted / self.rounds if self.rounds else 0.0
 
 
 def drafter_proposer(drafter: Drafter, target: Target) -> Proposer:
-    """Greedy drafts from an MTP drafter reading the target cache's K/V in place."""
+    """Drafts from an MTP drafter reading the target cache's K/V in place: greedy, or sampled
+    from its q after the request's transforms."""
 
-    def propose(request: DraftRequest, cache: list) -> mx.array:
+    def propose(request: DraftRequest, cache: list) -> Draft:
         shared_kv = {kind: cache[layer].view() for kind, layer in target.kv_producers.items()}
-        token, hidden = request.token, request.hidden
-        drafts = []
-        for _ in range(request.k):
+        token, hidden, history = request.token, request.hidden, request.history
+        keys = None if request.sampling.greedy else mx.random.split(request.key, request.k)
+        steps = []
+        for i in range(request.k):
             inputs = mx.concatenate([target.embed(token), hidden], axis=-1)
             h, hidden = drafter(inputs, shared_kv, request.position)
-            token = drafter.greedy_token(h)  # [1, 1]
-            drafts.append(token)
-        return mx.concatenate(drafts, axis=1)
+            step = _draft_step(drafter, h, request.sampling, history, None if keys is None else keys[i])
+            token = step[0]
+            history = _extended(history, token.reshape(1))
+            steps.append(step)
+        tokens, q, q_ids = (list(column) for column in zip(*steps))
+        return Draft(
+            tokens=mx.concatenate(tokens, axis=1),
+            q=None if request.sampling.greedy else mx.concatenate(q, axis=0),
+            q_ids=None if q_ids[0] is None else mx.concatenate(q_ids, axis=0),
+        )
 
     return propose
+
+
+def _draft_step(drafter: Drafter, h: mx.array, sampling: Sampling, history, key):
+    """One draft token [1, 1] from drafter state h [1, 1, h], with its q [1, N] and ids [1, N]
+    (None when greedy / when the head spans the vocabulary)."""
+    if drafter.config.use_ordered_embeddings:
+        # Logits processors need a vocabulary-wide row; the clustered head's q goes without
+        # them (still exact: q only has to be what the draft was drawn from).
+        if sampling.greedy:
+            return drafter.greedy_token(h), None, None
+        ids, logits = drafter.candidate_logits(h)  # [1, 1, N] each
+        logq = sampling.log_probs(logits[0])  # [1, N]
+        pick = mx.random.categorical(logq, key=key)  # [1], an index into the candidates
+        return mx.take_along_axis(ids[0], pick[:, None], axis=-1), mx.exp(logq), ids[0]
+    logits = sampling.process(drafter.logits(h)[0], history)  # [1, V]
+    if sampling.greedy:
+        return mx.argmax(logits, axis=-1, keepdims=True), None, None
+    logq = sampling.log_probs(logits)
+    return mx.random.categorical(logq, key=key)[:, None], mx.exp(logq), None
+
+
+def _extended(history: mx.array | None, tokens) -> mx.array | None:
+    """history [n] + tokens (a list or an array [m]), or None when no processor needs it."""
+    if history is None:
+        return None
+    tokens = mx.array(tokens, dtype=mx.int32) if isinstance(tokens, list) else tokens.astype(mx.int32)
+    return mx.concatenate([history, tokens])
 
 
 def prefill(target: Target, prompt: mx.array, cache: list) -> mx.array:
@@ -87,7 +167,53 @@ def settle(cache: list, start: int, prompt_len: int, yielded: int) -> None:
 
 
 def greedy(target: Target, hidden: mx.array) -> mx.array:
+    """The target's argmax token for each row of hidden [B, L, H]: [B, L]."""
     return mx.argmax(target.logits(hidden), axis=-1)
+
+
+def _split(key: mx.array | None, n: int = 2):
+    """n independent keys from `key` (Nones when greedy)."""
+    return [None] * n if key is None else list(mx.random.split(key, n))
+
+
+@dataclass
+class _Cursor:
+    """Where a generation stands: `token` is chosen (the last emitted), not yet in the cache."""
+
+    token: mx.array  # [1, 1]
+    hidden: mx.array  # [1, 1, H] the target hidden state that predicted `token`
+    position: int  # of `token`; the cache holds 0 .. position-1
+    history: mx.array | None  # [n] every token so far, `token` last; None without processors
+    key: mx.array | None  # PRNG key for what follows; None when greedy
+    generated: int = 0  # tokens yielded
+
+    def advance(self, tokens: list[int], hidden: mx.array, key: mx.array | None) -> None:
+        self.token = mx.array([tokens[-1:]], dtype=mx.int32)
+        self.hidden = hidden
+        self.position += len(tokens)
+        self.history = _extended(self.history, tokens)
+        self.key = key
+
+
+def _start(target, prompt, cache, sampling, key, context) -> tuple[_Cursor, int]:
+    """Prefill and choose the first token: the cursor on it, and its id (the one host sync)."""
+    start = cache[0].offset
+    if key is None and not sampling.greedy:
+        key = random_key(None)
+    history = None
+    if sampling.processors:
+        history = mx.array(list(context) + mx.reshape(prompt, (-1,)).tolist(), dtype=mx.int32)
+    hidden = prefill(target, prompt, cache)
+    key, pick_key = _split(key)
+    first = sampling.pick(sampling.process(target.logits(hidden)[0], history), pick_key).item()
+    cursor = _Cursor(
+        token=mx.array([[first]], dtype=mx.int32),
+        hidden=hidden,
+        position=start + prompt.shape[1],
+        history=_extended(history, [first]),
+        key=key,
+    )
+    return cursor, first
 
 
 def speculative_tokens(
@@ -95,65 +221,126 @@ def speculative_tokens(
     prompt: mx.array,
     cache: list,
     propose: Proposer,
-    num_draft: int,
+    num_draft: int | DraftLength,
     max_tokens: int,
     stats: DraftStats,
+    *,
+    sampling: Sampling = GREEDY,
+    key: mx.array | None = None,
+    context: Sequence[int] = (),
 ) -> Iterator[tuple[int, bool]]:
-    """Greedy speculative decoding: yields (token, from_draft), one host sync per round.
+    """Speculative decoding from `prompt` [1, n]: yields (token, from_draft) forever.
 
-    Output equals plain greedy decoding of `target`: a draft is kept only where it equals the
-    target's argmax at that position.
+    num_draft: drafts per round, an int (fixed) or a `DraftLength` policy; no round drafts past
+    `max_tokens` nor past MAX_DRAFT. sampling / key: how tokens are drawn (greedy by default;
+    a sampled run without a key draws one from MLX's global generator). context: the token ids
+    the cache already holds before `prompt`, for the logits processors. Greedy output equals
+    plain greedy decoding of `target`; sampled output is distributed as plain sampling.
     """
+    policy = Fixed(num_draft) if isinstance(num_draft, int) else num_draft
     start = cache[0].offset  # a reused cache continues where it stands
-    hidden = prefill(target, prompt, cache)
-    token = greedy(target, hidden)
-    position = start + prompt.shape[1]  # of `token`; the cache holds 0 .. position-1
-    emitted = [(token.item(), False)]  # this round's tokens; all but the last are in the cache
-    generated = 0  # tokens yielded
+    cursor, first = _start(target, prompt, cache, sampling, key, context)
+    emitted = [(first, False)]  # this round's tokens; all but the last are in the cache
     try:
         while True:
             for item in emitted:
-                generated += 1  # counted before the yield: a stop there has received it
+                cursor.generated += 1  # counted before the yield: a stop there has received it
                 yield item
-            k = min(num_draft, max_tokens - generated - 1)
-            drafts = mx.zeros((1, 0), mx.int32)
-            if k > 0:
-                request = DraftRequest(token=token, hidden=hidden, position=position, generated=generated, k=k)
-                drafts = propose(request, cache).astype(mx.int32)
-            k = max(k, 0)
-            verify_hidden = target(mx.concatenate([token, drafts], axis=1), cache)  # [1, k+1, H]
-            checked = greedy(target, verify_hidden).astype(mx.int32)  # target's argmax per row
-            both = mx.concatenate([drafts, checked], axis=1)[0].tolist()  # the round's one sync
-            drafted, targets = both[:k], both[k:]
-            m = 0
-            while m < k and drafted[m] == targets[m]:
-                m += 1
-            rewind(cache, k - m)
-            stats.rounds += 1
-            stats.drafted += k
-            stats.accepted += m
-            stats.accepted_per_round.append(m)
-            emitted = [(t, True) for t in drafted[:m]] + [(targets[m], False)]
-            token = checked[:, m : m + 1]
-            hidden = verify_hidden[:, m : m + 1]
-            position += m + 1
+            limit = max(max_tokens - cursor.generated - 1, 0)
+            k = min(policy.choose(limit), limit, MAX_DRAFT)  # sliding caches keep room for MAX_DRAFT
+            if k == 0:
+                run = min(policy.plain_run(), limit + 1)
+                emitted = yield from _plain_run(target, cache, cursor, run, sampling, stats)
+            else:
+                emitted = _draft_round(target, cache, propose, cursor, k, sampling, stats)
+                policy.observe(k, len(emitted) - 1)
     finally:
-        settle(cache, start, prompt.shape[1], generated)
+        settle(cache, start, prompt.shape[1], cursor.generated)
 
 
-def plain_tokens(target: Target, prompt: mx.array, cache: list) -> Iterator[tuple[int, bool]]:
-    """Plain greedy decoding, pipelined as mlx-lm's generate_step: the next forward is queued
-    (async_eval) before the host waits for the current token."""
-    start = cache[0].offset
-    token = greedy(target, prefill(target, prompt, cache))
+def _draft_round(target, cache, propose, cursor: _Cursor, k: int, sampling: Sampling, stats: DraftStats):
+    """Draft k, verify them in one forward, keep what the rule keeps; rewind the rest.
+    Returns the round's tokens [(token, from_draft)] and advances `cursor` past them."""
+    key, draft_key, judge_key = _split(cursor.key, 3)
+    request = DraftRequest(
+        token=cursor.token, hidden=cursor.hidden, position=cursor.position, generated=cursor.generated,
+        k=k, sampling=sampling, key=draft_key, history=cursor.history,
+    )  # fmt: skip
+    draft = propose(request, cache)
+    drafts = draft.tokens.astype(mx.int32)  # [1, k]
+    verify_hidden = target(mx.concatenate([cursor.token, drafts], axis=1), cache)  # [1, k+1, H]
+    logits = sampling.process(target.logits(verify_hidden)[0], cursor.history, drafts[0])  # [k+1, V]
+    drafted, m, follow = _resolve(logits, drafts[0], draft, sampling, judge_key)
+    rewind(cache, k - m)
+    stats.record(k, m)
+    cursor.advance(drafted[:m] + [follow], verify_hidden[:, m : m + 1], key)
+    return [(t, True) for t in drafted[:m]] + [(follow, False)]
+
+
+def _resolve(logits, drafts, draft: Draft, sampling: Sampling, key) -> tuple[list[int], int, int]:
+    """The round's one host sync: (the drafted tokens, how many are kept, the token after them).
+
+    logits: [k+1, V] the target's processed logits at the drafted positions and the next.
+    """
+    k = drafts.shape[0]
+    if sampling.greedy:
+        targets = mx.argmax(logits, axis=-1).astype(mx.int32)  # the target's own token per row
+        both = mx.concatenate([drafts, targets]).tolist()
+        drafted, targets = both[:k], both[k:]
+        m = next((i for i in range(k) if drafted[i] != targets[i]), k)
+        return drafted, m, targets[m]
+    kept, follows = judge(sampling.log_probs(logits), drafts, draft.q, draft.q_ids, key)
+    both = mx.concatenate([drafts, kept.astype(mx.int32), follows.astype(mx.int32)]).tolist()
+    drafted, kept, follows = both[:k], both[k : 2 * k], both[2 * k :]
+    m = next((i for i in range(k) if not kept[i]), k)
+    return drafted, m, follows[m]
+
+
+def _plain_run(target, cache, cursor: _Cursor, n: int, sampling: Sampling, stats: DraftStats):
+    """n tokens of plain decoding, pipelined as mlx-lm's generate_step: the next forward is
+    queued (async_eval) before the host waits for the current token. Yields all but the last,
+    which it returns as the next round's emitted token, `cursor` on it."""
+    key, pick_key = _split(cursor.key)
+    hidden = target(cursor.token, cache)  # [1, 1, H]: predicts the token after cursor.token
+    token = sampling.pick(sampling.process(target.logits(hidden)[0], cursor.history), pick_key)[None]
     mx.async_eval(token)
-    generated = 0
+    for _ in range(n - 1):
+        history = _extended(cursor.history, token[0])
+        key, pick_key = _split(key)
+        next_hidden = target(token, cache)
+        next_token = sampling.pick(sampling.process(target.logits(next_hidden)[0], history), pick_key)[None]
+        mx.async_eval(next_token)
+        stats.record(0, 0)
+        value = token.item()
+        cursor.token, cursor.hidden, cursor.history = token, hidden, history
+        cursor.position += 1
+        cursor.generated += 1  # counted before the yield: a stop there has received it
+        yield value, False
+        token, hidden = next_token, next_hidden
+    stats.record(0, 0)
+    value = token.item()
+    cursor.advance([value], hidden, key)
+    return [(value, False)]
+
+
+def plain_tokens(
+    target: Target,
+    prompt: mx.array,
+    cache: list,
+    *,
+    sampling: Sampling = GREEDY,
+    key: mx.array | None = None,
+    context: Sequence[int] = (),
+    stats: DraftStats | None = None,
+) -> Iterator[tuple[int, bool]]:
+    """Plain decoding (greedy, or sampled as `sampling` says), pipelined: yields
+    (token, False) forever."""
+    stats = DraftStats() if stats is None else stats
+    start = cache[0].offset
+    cursor, first = _start(target, prompt, cache, sampling, key, context)
     try:
-        while True:
-            next_token = greedy(target, target(token, cache))
-            mx.async_eval(next_token)
-            generated += 1
-            yield token.item(), False
-            token = next_token
+        cursor.generated += 1
+        yield first, False
+        yield from _plain_run(target, cache, cursor, UNLIMITED, sampling, stats)
     finally:
-        settle(cache, start, prompt.shape[1], generated)
+        settle(cache, start, prompt.shape[1], cursor.generated)

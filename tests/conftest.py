@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from mlx_gemma_mtp import costs, load_drafter
+from mlx_gemma_mtp.load import load_target
 from tests.fixtures import KINDS, build_pair, load_hf_pair
 
 
@@ -22,6 +24,26 @@ def random_checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def loaded(checkpoints):
+    """{kind: (Target, Drafter)} loaded once from `checkpoints`, shared: do not modify them."""
+    out = {}
+    for kind, (target_dir, drafter_dir) in checkpoints.items():
+        target = load_target(target_dir)
+        out[kind] = (target, load_drafter(drafter_dir, target))
+    return out
+
+
+@pytest.fixture(scope="session")
 def hf_models(checkpoints):
     """{kind: (transformers target, transformers drafter)}, the numerical oracle."""
     return {kind: load_hf_pair(*dirs) for kind, dirs in checkpoints.items()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cost_dir(tmp_path_factory):
+    """num_draft_tokens="auto" measures this device's costs once and keeps them on disk: in the
+    tests, under a temporary directory rather than ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        directory = tmp_path_factory.mktemp("costs")
+        patch.setattr(costs, "COST_DIR", directory)
+        yield directory

@@ -18,6 +18,7 @@ from mlx_gemma_mtp.load import load_target
 from mlx_gemma_mtp.quantize import quantize
 from mlx_gemma_mtp.speculative import (
     MAX_DRAFT,
+    Draft,
     DraftStats,
     drafter_proposer,
     plain_tokens,
@@ -51,12 +52,8 @@ def _speculative(target, prompt, propose, k, n=NEW_TOKENS, stats=None) -> list[i
 
 
 @pytest.fixture(scope="module")
-def pairs(checkpoints):
-    out = {}
-    for kind, (target_dir, drafter_dir) in checkpoints.items():
-        target = load_target(target_dir)
-        out[kind] = (target, load_drafter(drafter_dir, target))
-    return out
+def pairs(loaded):
+    return loaded
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -97,7 +94,7 @@ def _scripted(continuation: list[int], accept_lengths):
         drafts = continuation[g : g + request.k]
         if take < request.k:
             drafts[take] = (drafts[take] + 1) % VOCAB_SIZE  # a wrong token
-        return mx.array([drafts], dtype=mx.int32)
+        return Draft(tokens=mx.array([drafts], dtype=mx.int32))
 
     return propose
 

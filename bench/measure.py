@@ -1,0 +1,188 @@
+"""What the benchmark measures: cost curves, drafter steps, end-to-end decoding at controlled
+acceptance (the replay harness), the mlx-lm baseline and peak memory.
+
+Every timing is the median of `trials` runs after a warm-up, the work synchronised with the
+host (`mx.eval` or a token read) inside the timed region.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import statistics
+import time
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_gemma_mtp.drafter import Drafter
+from mlx_gemma_mtp.generate import draft_length
+from mlx_gemma_mtp.speculative import (
+    MAX_DRAFT,
+    Draft,
+    DraftRequest,
+    DraftStats,
+    drafter_proposer,
+    greedy,
+    plain_tokens,
+    prefill,
+    speculative_tokens,
+)
+from mlx_gemma_mtp.target import Target
+
+
+def median_ms(fn, trials: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(trials):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def random_tokens(n: int, vocab: int, seed: int) -> mx.array:
+    return mx.array(np.random.RandomState(seed).randint(4, vocab, size=(1, n)), dtype=mx.int32)
+
+
+def filled_cache(target: Target, context: int) -> list:
+    cache = target.make_cache(room=MAX_DRAFT + 1)
+    prefill(target, random_tokens(context, target.args.vocab_size, seed=1), cache)
+    mx.eval([c.state for c in cache])
+    return cache
+
+
+def verify_costs(target: Target, context: int, lengths, trials: int) -> tuple[dict, dict]:
+    """ms of one target forward over L new tokens (argmax of every row, as a verify does), and
+    of its Python part alone (building the lazy graph; the rest is launching and running it)."""
+    cache = filled_cache(target, context)
+    costs, build_costs = {}, {}
+    for L in lengths:
+        tokens = random_tokens(L, target.args.vocab_size, seed=L)
+        build_times = []
+
+        def forward():
+            start = time.perf_counter()
+            out = greedy(target, target(tokens, cache))
+            build_times.append((time.perf_counter() - start) * 1e3)
+            mx.eval(out)
+            for c in cache:
+                c.trim(L)
+
+        costs[L] = median_ms(forward, trials)
+        build_costs[L] = statistics.median(build_times)
+    return costs, build_costs
+
+
+def drafter_costs(target: Target, drafter: Drafter, context: int, trials: int) -> dict[str, float]:
+    """ms of one drafter step, with its own head and with the dense 262k-wide head."""
+    cache = filled_cache(target, context)
+    shared_kv = {kind: cache[layer].view() for kind, layer in target.kv_producers.items()}
+    token = random_tokens(1, target.args.vocab_size, seed=2)
+    hidden = mx.random.normal((1, 1, target.args.hidden_size)).astype(target.model.norm.weight.dtype)
+    inputs = mx.concatenate([target.embed(token), hidden], axis=-1)
+    position = cache[0].offset
+
+    def step(head):
+        h, projected = drafter(inputs, shared_kv, position)
+        mx.eval(head(h), projected)
+
+    costs = {"dense": median_ms(lambda: step(lambda h: mx.argmax(drafter.logits(h), -1)), trials)}
+    if drafter.config.use_ordered_embeddings:
+        costs["clustered"] = median_ms(lambda: step(drafter.greedy_token), trials)
+    return costs
+
+
+def drafter_head_bytes(drafter: Drafter) -> dict[str, int]:
+    """Bytes a greedy head reads per step: the dense tied head reads the whole table; the
+    clustered one the centroids plus the selected clusters' rows."""
+    table = drafter.model.embed_tokens
+    row_bytes = table.weight.nbytes // table.weight.shape[0]
+    if hasattr(table, "scales"):
+        row_bytes += (table.scales.nbytes + table.biases.nbytes) // table.scales.shape[0]
+    vocab = drafter.args.vocab_size
+    out = {"dense": row_bytes * vocab}
+    if drafter.config.use_ordered_embeddings:
+        head = drafter.masked_embedding
+        selected = head.top_k * vocab // head.num_centroids
+        out["clustered"] = head.centroids.weight.nbytes + selected * row_bytes
+    return out
+
+
+def replay_proposer(drafter: Drafter, target: Target, continuation: list[int], alpha: float, seed: int):
+    """The real drafter runs every step; its proposal is then replaced by the known
+    continuation with probability alpha per position (else a wrong token)."""
+    real = drafter_proposer(drafter, target)
+    rng = np.random.RandomState(seed)
+    vocab = target.args.vocab_size
+
+    def propose(request: DraftRequest, cache: list) -> Draft:
+        drafted = real(request, cache).tokens
+        g = request.generated
+        known = continuation[g : g + request.k]
+        hits = rng.random_sample(request.k) < alpha
+        replaced = [t if hit else (t + 1) % vocab for t, hit in zip(known, hits)]
+        # `drafted * 0` keeps the drafter's work in the graph: it is computed, then discarded.
+        # q=None: the replayed tokens are deterministic (greedy runs only).
+        return Draft(tokens=mx.array([replaced], dtype=mx.int32) + drafted * 0)
+
+    return propose
+
+
+@dataclass(frozen=True)
+class Run:
+    tokens: list[int]
+    ms_per_token: float
+    stats: DraftStats
+    peak_gb: float
+
+
+def _timed(make_tokens, n: int, stats: DraftStats) -> Run:
+    mx.reset_peak_memory()
+    tokens = make_tokens()
+    first = next(tokens)[0]  # prefill excluded from the timing
+    start = time.perf_counter()
+    rest = [t for t, _ in itertools.islice(tokens, n - 1)]
+    elapsed = time.perf_counter() - start
+    tokens.close()
+    return Run([first] + rest, elapsed * 1e3 / (n - 1), stats, mx.get_peak_memory() / 1e9)
+
+
+def plain_run(target: Target, prompt: mx.array, n: int) -> Run:
+    return _timed(lambda: plain_tokens(target, prompt, target.make_cache(MAX_DRAFT + 1)), n, DraftStats())
+
+
+def replay_run(target, drafter, prompt, continuation, alpha, k: int | str, n, seed=0) -> Run:
+    """k: drafts per round, or "auto" / "heuristic" (a fresh policy per run)."""
+    stats = DraftStats()
+    propose = replay_proposer(drafter, target, continuation, alpha, seed)
+    num_draft = draft_length(k, target, drafter) if isinstance(k, str) else k
+
+    def make():
+        return speculative_tokens(target, prompt, target.make_cache(MAX_DRAFT + 1), propose, num_draft, n, stats)
+
+    return _timed(make, n, stats)
+
+
+def mlx_lm_run(target: Target, prompt: mx.array, n: int) -> Run:
+    """mlx-lm's own generate_step on the same weights (its model class, its caches)."""
+    gemma4_text = importlib.import_module("mlx_lm.models.gemma4_text")
+    generate = importlib.import_module("mlx_lm.generate")
+    model = gemma4_text.Model(target.args)
+    model.model = target.model  # share the weights; the fresh random ones were never evaluated
+
+    def make():
+        steps = generate.generate_step(prompt[0], model, max_tokens=n, sampler=lambda x: mx.argmax(x, -1))
+        return ((int(t), False) for t, _ in steps)
+
+    return _timed(make, n, DraftStats())
+
+
+def ideal_speedup(alpha: float, k: int, c_draft: float, verify: dict[int, float]) -> float:
+    """Leviathan et al. 2023: expected tokens per round over the round's cost, against plain
+    decoding at verify[1] per token."""
+    tokens = k + 1 if alpha == 1.0 else (1 - alpha ** (k + 1)) / (1 - alpha)
+    return tokens * verify[1] / (k * c_draft + verify[k + 1])
+

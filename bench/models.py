@@ -1,0 +1,131 @@
+"""Random-weight targets and drafters at the real Gemma 4 shapes (and a tiny one for --quick).
+
+Weights are drawn lazily and materialised one layer at a time, already cast or quantized, so a
+31B model never exists in float32 at once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+import mlx_gemma_mtp
+from mlx_gemma_mtp.config import drafter_config, target_config
+from mlx_gemma_mtp.drafter import Drafter
+from mlx_gemma_mtp.quantize import quantize
+from mlx_gemma_mtp.target import Target
+
+CONFIGS = Path(mlx_gemma_mtp.__file__).parent / "configs"
+SHAPES = ("E2B", "E4B", "26B-A4B", "31B")
+
+# A small model of the E2B structure (per-layer inputs, KV-shared layers, clustered drafter)
+# for --quick runs on a CPU.
+TINY_TARGET = {
+    "model_type": "gemma4_text",
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "head_dim": 64,
+    "global_head_dim": 128,
+    "num_kv_shared_layers": 2,
+    "hidden_size_per_layer_input": 32,
+    "vocab_size": 4096,
+    "vocab_size_per_layer_input": 4096,
+    "sliding_window": 64,
+    "layer_types": ["sliding_attention", "full_attention"] * 3,
+    "use_double_wide_mlp": True,
+    "final_logit_softcapping": 30.0,
+}
+TINY_DRAFTER = {
+    "model_type": "gemma4_assistant",
+    "backbone_hidden_size": 256,
+    "use_ordered_embeddings": True,
+    "num_centroids": 64,
+    "centroid_intermediate_top_k": 8,
+    "text_config": {
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 64,
+        "global_head_dim": 128,
+        "vocab_size": 4096,
+        "sliding_window": 64,
+        "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
+        "final_logit_softcapping": None,
+    },
+}
+
+
+def _configs(shape: str) -> tuple[dict, dict]:
+    if shape == "tiny":
+        return TINY_TARGET, TINY_DRAFTER
+    target = json.loads((CONFIGS / f"gemma-4-{shape}-it.json").read_text())
+    drafter = json.loads((CONFIGS / f"gemma-4-{shape}-it-assistant.json").read_text())
+    return target, drafter
+
+
+BRANCH_NORMS = (
+    "post_attention_layernorm",
+    "post_feedforward_layernorm",
+    "post_feedforward_layernorm_1",
+    "post_feedforward_layernorm_2",
+    "post_per_layer_input_norm",
+)
+
+
+def calm(target: Target, scale: float = 0.05) -> None:
+    """Make a random target predict its input token with a wide margin.
+
+    A deep random network is chaotic: on MLX CUDA the last-bit differences between a k-row
+    verify and a one-row decode (GEMM vs GEMV rounding) grow into flipped argmaxes every few
+    tokens, and a replayed continuation stops being the target's own. Shrinking every branch's
+    output norm leaves the residual stream dominated by the token's embedding, so the argmax is
+    that token by a margin no rounding flips. Costs are unchanged (same shapes, same kernels);
+    only a MoE router sees less variety (a repeated token routes to the same experts).
+    """
+    for layer in target.model.layers:
+        for name in BRANCH_NORMS:
+            norm = getattr(layer, name, None)
+            if norm is not None:
+                norm.weight = mx.full(norm.weight.shape, scale)
+
+
+def _materialise(model: nn.Module, dtype, bits: int | None) -> None:
+    """Cast (and quantize) lazily, then evaluate layer by layer to bound peak memory."""
+    model.set_dtype(dtype)
+    if bits is not None:
+        quantize(model, bits=bits, group_size=64)
+    for layer in model.model.layers:
+        mx.eval(layer.parameters())
+    mx.eval(model.parameters())
+
+
+def build(
+    shape: str, dtype=mx.bfloat16, bits: int | None = None, seed: int = 0, calm_target: bool = True
+) -> tuple[Target, Drafter]:
+    """A random target of `shape` and its drafter (the real configs), cast to `dtype`,
+    quantized to `bits` when given (target and drafter alike); `calm` (see there) by default."""
+    mx.random.seed(seed)
+    target_json, drafter_json = _configs(shape)
+    target = Target(target_config(target_json, CONFIGS, (1, 106)))
+    drafter = Drafter(drafter_config(drafter_json, CONFIGS))
+    if drafter.config.use_ordered_embeddings:
+        vocab = drafter.args.vocab_size
+        drafter.masked_embedding.token_ordering = mx.random.permutation(vocab).astype(mx.int32)
+    if calm_target:
+        calm(target)
+    _materialise(target, dtype, bits)
+    _materialise(drafter, dtype, bits)
+    return target, drafter
+
+
+def nbytes(module: nn.Module) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(module.parameters()))

@@ -1,0 +1,344 @@
+"""The `mlx-gemma-mtp` command: `convert`, `generate`, `chat`, `bench`.
+
+Each subcommand is a parser and a `main(argv) -> int`; `main` here only dispatches. `convert` and
+`bench` live in the top-level packages of the same names and are imported only when asked for.
+A user's mistake (a bad flag, a model that cannot be loaded) ends with one line on stderr and a
+non-zero exit, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from .chat import ChatBusyError, ChatSession, stats_line
+from .config import ConfigError
+from .drafter import Drafter
+from .generate import stream_generate
+from .load import find_drafter, load, load_drafter, resolve
+from .target import Target
+
+PROG = "mlx-gemma-mtp"
+DEFAULT_MODEL = "google/gemma-4-E2B-it"  # its drafter, google/gemma-4-E2B-it-assistant, is found beside it
+PROMPT = ">>> "
+CHAT_HELP = """\
+/reset   start a new conversation (the --system message is kept)
+/stats   speed and drafting statistics of the last answer
+/help    this list
+/quit    leave (Ctrl-D too)
+Ctrl-C stops an answer; the conversation goes on from what was shown."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# Flags shared by generate and chat
+
+
+def _draft_length(value: str) -> int | str:
+    if value in ("auto", "heuristic"):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, 'auto' or 'heuristic', got {value!r}") from None
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {value!r}")
+    return n
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default=DEFAULT_MODEL,
+        help=f"model directory or hub id (default: {DEFAULT_MODEL})",
+    )
+    drafting = parser.add_mutually_exclusive_group()
+    drafting.add_argument(
+        "--draft-model",
+        metavar="PATH",
+        help="drafter directory or hub id (default: the pair's own, or an '-assistant' sibling)",
+    )
+    drafting.add_argument("--no-draft", action="store_true", help="decode with the target alone")
+
+
+# Sampling and draft-length flags: only those given are passed on, so the library's defaults
+# hold otherwise.
+_GENERATION_FLAGS = {
+    "num_draft_tokens": (
+        ("-k", "--num-draft-tokens"),
+        _draft_length,
+        "draft length: an int, 'auto' or 'heuristic'",
+    ),
+    "temperature": (("--temperature", "--temp"), float, "sampling temperature (0: greedy)"),
+    "top_p": (("--top-p",), float, "nucleus sampling threshold"),
+    "top_k": (("--top-k",), int, "sample from the k most likely tokens (0: all)"),
+    "min_p": (("--min-p",), float, "drop tokens below min_p times the top probability"),
+    "repetition_penalty": (("--repetition-penalty",), float, "penalty for tokens already in the context"),
+    "seed": (("--seed",), int, "random seed for sampling"),
+}
+
+
+def _add_generation_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    parser.add_argument(
+        "-m",
+        "--max-tokens",
+        type=_positive_int,
+        default=max_tokens,
+        help=f"answer length limit (default {max_tokens})",
+    )
+    for dest, (flags, kind, help_text) in _GENERATION_FLAGS.items():
+        parser.add_argument(*flags, dest=dest, type=kind, default=None, help=help_text)
+    parser.add_argument("--system", help="system message (chat template only)")
+
+
+def _generation_kwargs(args: argparse.Namespace) -> dict:
+    return {dest: getattr(args, dest) for dest in _GENERATION_FLAGS if getattr(args, dest) is not None}
+
+
+def _load(args: argparse.Namespace) -> tuple[Target, TokenizerWrapper, Drafter | None]:
+    """The target, its tokenizer and the drafter the flags ask for."""
+    model, tokenizer = load(args.model)  # a pair directory comes with its drafter attached
+    if args.no_draft:
+        return model, tokenizer, None
+    if args.draft_model:
+        return model, tokenizer, load_drafter(args.draft_model, model)
+    if model.drafter is not None:
+        return model, tokenizer, model.drafter
+    found = find_drafter(args.model)  # a local '<target>-assistant' sibling
+    if found is None and not Path(args.model).expanduser().exists():
+        try:  # a hub id: Google publishes each drafter as '<target>-assistant'
+            found = resolve(f"{args.model}-assistant")
+        except ConfigError:
+            found = None
+    if found is None:
+        print(
+            f"No drafter found for {args.model}: decoding with the target alone (--draft-model names one).",
+            file=sys.stderr,
+        )
+        return model, tokenizer, None
+    return model, tokenizer, load_drafter(found, model)
+
+
+# --------------------------------------------------------------------------------------------
+# generate
+
+
+def setup_generate_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=f"{PROG} generate",
+        description="Generate once: the text to stdout, a statistics line to stderr.",
+    )
+    _add_model_args(parser)
+    parser.add_argument("-p", "--prompt", help="the prompt (default: stdin, less its final newlines)")
+    parser.add_argument(
+        "--chat-template",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="wrap the prompt in the model's chat template (default: when the tokenizer has one)",
+    )
+    _add_generation_args(parser, max_tokens=256)
+    return parser
+
+
+def generate_main(argv: list[str] | None = None) -> int:
+    parser = setup_generate_parser()
+    args = parser.parse_args(argv)
+    if args.prompt is None and sys.stdin.isatty():
+        parser.error("no prompt: pass --prompt or pipe one on stdin")
+    prompt = sys.stdin.read().rstrip("\n") if args.prompt is None else args.prompt
+    if not prompt.strip():
+        parser.error("the prompt is empty")
+    model, tokenizer, drafter = _load(args)
+    use_template = tokenizer.has_chat_template if args.chat_template is None else args.chat_template
+    if use_template:
+        if not tokenizer.has_chat_template:
+            parser.error(f"{args.model} has no chat template (use --no-chat-template)")
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        messages.append({"role": "user", "content": prompt})
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    elif args.system:
+        parser.error("--system needs the chat template")
+    for r in stream_generate(model, tokenizer, prompt, drafter, args.max_tokens, **_generation_kwargs(args)):
+        sys.stdout.write(r.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    print(stats_line(r), file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# chat
+
+
+def setup_chat_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=f"{PROG} chat",
+        description="Chat with a Gemma 4 model and its drafter; /help inside lists the commands.",
+    )
+    _add_model_args(parser)
+    _add_generation_args(parser, max_tokens=1024)
+    return parser
+
+
+def chat_main(argv: list[str] | None = None) -> int:
+    args = setup_chat_parser().parse_args(argv)
+    print(f"Loading {args.model} ...", flush=True)
+    model, tokenizer, drafter = _load(args)
+    session = ChatSession(
+        model, tokenizer, drafter, system=args.system, max_tokens=args.max_tokens, **_generation_kwargs(args)
+    )
+    if sys.stdin.isatty():
+        import readline  # noqa: F401  (line editing and history for input())
+    drafting = "no drafter" if drafter is None else "with its drafter"
+    print(f"Chatting with {args.model} ({drafting}). /help for commands, Ctrl-D to leave.")
+    repl(session)
+    return 0
+
+
+def repl(session: ChatSession) -> None:
+    """Read a line, answer it, until /quit or end of input."""
+    while True:
+        try:
+            line = input(PROMPT).strip()
+        except KeyboardInterrupt:  # at the prompt: drop the line, as a shell does
+            print()
+            continue
+        except EOFError:
+            print()
+            return
+        if not line:
+            continue
+        if line.startswith("/"):
+            if not _command(session, line):
+                return
+            continue
+        _answer(session, line)
+
+
+def _command(session: ChatSession, line: str) -> bool:
+    """Run a /command; False to leave."""
+    name = line.split()[0]
+    if name in ("/quit", "/exit"):
+        return False
+    if name == "/reset":
+        session.reset()
+        print("(new conversation)")
+    elif name == "/stats":
+        print("no answer yet" if session.last is None else stats_line(session.last))
+    elif name == "/help":
+        print(CHAT_HELP)
+    else:
+        print(f"unknown command {name}; /help lists them")
+    return True
+
+
+def _answer(session: ChatSession, text: str) -> None:
+    interrupted = threading.Event()
+    try:
+        with _ctrl_c_cancels(session, interrupted):
+            for r in session.send(text):
+                sys.stdout.write(r.text)
+                sys.stdout.flush()
+                if interrupted.is_set():  # pressed before the stream began: cancel() came too early
+                    break
+    except KeyboardInterrupt:  # a second Ctrl-C, while a forward was running
+        print(" [interrupted]")
+        return
+    finish = session.last.finish_reason if session.last else "stop"
+    print({None: " [stopped]", "length": " [max tokens]"}.get(finish, ""))
+
+
+@contextlib.contextmanager
+def _ctrl_c_cancels(session: ChatSession, interrupted: threading.Event):
+    """While an answer streams, Ctrl-C cancels it: the stream ends after the token being computed
+    and the cache stays consistent. A second Ctrl-C interrupts at once."""
+
+    def on_interrupt(signum, frame):
+        if interrupted.is_set():
+            raise KeyboardInterrupt
+        interrupted.set()
+        session.cancel()
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# --------------------------------------------------------------------------------------------
+# Dispatch
+
+
+def _package_main(package: str):
+    def run(argv: list[str]) -> int:
+        try:
+            module_main = importlib.import_module(package).main
+        except (ImportError, AttributeError) as e:
+            print(
+                f"{PROG} {package}: the {package!r} package is not available ({_one_line(e)}); "
+                "run from the repository root or install it",
+                file=sys.stderr,
+            )
+            return 1
+        return module_main(argv)
+
+    return run
+
+
+COMMANDS = {
+    "convert": (
+        "Hugging Face checkpoint -> MLX pair directory (optionally quantized)",
+        _package_main("convert"),
+    ),
+    "generate": ("generate once from --prompt or stdin", generate_main),
+    "chat": ("chat in the terminal", chat_main),
+    "bench": ("benchmark speculative against plain decoding", _package_main("bench")),
+}
+USAGE = f"usage: {PROG} {{{','.join(COMMANDS)}}} [--help] ...\n\n" + "\n".join(
+    f"  {name:<9} {summary}" for name, (summary, _) in COMMANDS.items()
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"{PROG}: error: unknown command {name!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[name][1](rest)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except (ValueError, OSError, ChatBusyError) as e:  # what loading and arguments raise, as one line
+        print(f"{PROG} {name}: error: {_one_line(e)}", file=sys.stderr)
+        return 1

@@ -1,0 +1,299 @@
+"""Draft-length policies: their decisions with injected costs and acceptance, the loop running
+whatever they choose (k = 0 plain stretches included) exactly, and the on-disk costs."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_gemma_mtp import costs as costs_module
+from mlx_gemma_mtp import load, load_drafter, stream_generate
+from mlx_gemma_mtp.draft_length import MAX_DRAFT, PROBE_FIRST, PROBE_LAST, Auto, Costs, Fixed, Heuristic
+from mlx_gemma_mtp.load import load_target
+from mlx_gemma_mtp.sample import make_sampling
+from mlx_gemma_mtp.speculative import DraftStats, drafter_proposer, plain_tokens, speculative_tokens
+from tests.fixtures import VOCAB_SIZE
+from tests.test_sampling import take
+
+# A GPU's shape (memory-bound: verifying 17 tokens costs little more than 1; a drafter step is a
+# tenth of a target forward) and a CPU's (compute-bound: a forward costs about its token count).
+GPU = Costs(plain=1.0, verify=tuple(1.03 + 0.02 * k for k in range(MAX_DRAFT + 1)), draft=0.1)
+CPU = Costs(plain=1.0, verify=tuple(1.0 + 0.9 * k for k in range(MAX_DRAFT + 1)), draft=0.5)
+
+
+def expected_rate(costs: Costs, acceptance, k: int) -> float:
+    """Tokens per second of a round drafting k, from per-position acceptance a_1..a_k."""
+    return sum(np.prod(acceptance[:i]) for i in range(k + 1)) / costs.round(k)
+
+
+def with_acceptance(policy: Auto, acceptance, rounds: float = 1e6) -> Auto:
+    """As if `rounds` rounds had reached every position and kept position j at rate a_j."""
+    policy.tries = [rounds] * MAX_DRAFT
+    policy.hits = [rounds * a for a in acceptance]
+    policy.probe_due = False
+    return policy
+
+
+# ---------------------------------------------------------------------------------------------
+# Decisions
+
+
+def test_fixed_and_heuristic():
+    assert [Fixed(5).choose(limit) for limit in (9, 5, 2, 0)] == [5, 5, 2, 0]
+    assert Fixed(0).choose(7) == 0 and Fixed(0).plain_run() > 10**9
+    policy = Heuristic()
+    seen = []
+    for accepted_all in [True] * 6 + [False] * 20:
+        k = policy.choose(100)
+        seen.append(k)
+        policy.observe(k, k if accepted_all else 0)
+    # +2 after a full accept, -1 otherwise, within 1..MAX_DRAFT (transformers' "heuristic").
+    assert seen[:7] == [6, 8, 10, 12, 14, 16, 16] and seen[7:10] == [15, 14, 13] and seen[-1] == 1
+    assert policy.choose(0) == 0
+
+
+@pytest.mark.parametrize("costs", [GPU, CPU], ids=["gpu", "cpu"])
+@pytest.mark.parametrize("shape", ["flat 0.8", "flat 0.5", "decaying", "flat 0.98"])
+def test_auto_picks_the_best_expected_rate(costs, shape):
+    acceptance = {
+        "flat 0.8": [0.8] * MAX_DRAFT,
+        "flat 0.5": [0.5] * MAX_DRAFT,
+        "decaying": [0.95 * 0.85**j for j in range(MAX_DRAFT)],
+        "flat 0.98": [0.98] * MAX_DRAFT,
+    }[shape]
+    policy = with_acceptance(Auto(costs), acceptance)
+    rates = [expected_rate(costs, acceptance, k) for k in range(MAX_DRAFT + 1)]
+    assert policy.choose(MAX_DRAFT) == int(np.argmax(rates))
+    for limit in (0, 1, 3):  # never past what is left to generate
+        assert policy.choose(limit) == int(np.argmax(rates[: limit + 1]))
+
+
+def test_auto_acceptance_estimates():
+    policy = Auto(GPU)
+    assert policy.acceptance() == [0.5] * MAX_DRAFT  # the prior, before any round
+    for _ in range(300):  # positions 1-2 always kept, position 3 never
+        policy.observe(4, 2)
+    a = policy.acceptance()
+    assert a[0] > 0.95 and a[1] > 0.95 and a[2] < 0.05
+    assert a[3] == pytest.approx(a[2])  # never reached: leans on the position before
+
+
+def test_auto_plain_when_drafting_does_not_pay():
+    """A drafter that is never right, or that costs as much as the target: k = 0, probing again
+    after 16, 32, ... 256 plain tokens, with the best k >= 1."""
+    costly = Costs(plain=1.0, verify=GPU.verify, draft=1.0)
+    for costs, acceptance in ((GPU, [0.0] * MAX_DRAFT), (costly, [0.6] * MAX_DRAFT)):
+        policy = with_acceptance(Auto(costs), acceptance)
+        assert policy.choose(100) == 0
+        gaps = []
+        for _ in range(7):
+            gaps.append(policy.plain_run())
+            assert policy.choose(100) >= 1  # the probe
+            assert policy.choose(100) == 0
+        assert gaps == [PROBE_FIRST * 2**i for i in range(5)] + [PROBE_LAST] * 2
+
+
+def simulate(policy, costs: Costs, acceptance, tokens: int, seed: int) -> float:
+    """Seconds to generate `tokens` tokens when draft j is kept with probability a_j."""
+    rng = np.random.RandomState(seed)
+    made, seconds = 1, 0.0  # the first token comes from the prefill
+    while made < tokens:
+        limit = tokens - made - 1
+        k = policy.choose(limit)
+        assert 0 <= k <= min(limit, MAX_DRAFT)
+        if k == 0:
+            n = min(policy.plain_run(), limit + 1)
+            made, seconds = made + n, seconds + n * costs.plain
+            continue
+        m = 0
+        while m < k and rng.random_sample() < acceptance[m]:
+            m += 1
+        policy.observe(k, m)
+        made, seconds = made + m + 1, seconds + costs.round(k)
+    return seconds
+
+
+def test_auto_with_a_useless_drafter_is_within_2_percent_of_plain():
+    tokens = 4000
+    for costs in (GPU, CPU):
+        auto = simulate(Auto(costs), costs, [0.0] * MAX_DRAFT, tokens, seed=0)
+        plain = (tokens - 1) * costs.plain
+        assert auto <= 1.02 * plain, f"auto {auto / plain:.3f} x plain"
+
+
+@pytest.mark.parametrize("costs", [GPU, CPU], ids=["gpu", "cpu"])
+@pytest.mark.parametrize("shape", ["flat 0.8", "decaying", "alternating"])
+def test_auto_matches_the_best_fixed_k(costs, shape):
+    """Simulated, with the same acceptance draws: auto is within 3% of the best fixed k (which
+    it cannot know in advance; on the CPU shape that is plain decoding)."""
+    acceptance = {
+        "flat 0.8": [0.8] * MAX_DRAFT,
+        "decaying": [0.95 * 0.85**j for j in range(MAX_DRAFT)],
+        "alternating": [0.9, 0.3] * (MAX_DRAFT // 2),
+    }[shape]
+    tokens = 20000
+    auto = simulate(Auto(costs), costs, acceptance, tokens, seed=1)
+    best = min(simulate(Fixed(k), costs, acceptance, tokens, seed=1) for k in range(MAX_DRAFT + 1))
+    print(f"\n{shape}: auto {tokens / auto:.3f} tokens per unit, best fixed k {tokens / best:.3f}")
+    assert auto <= 1.03 * best
+
+
+def test_auto_follows_a_change_of_acceptance():
+    """The drafter goes bad mid-generation (e.g. from prose to a table of numbers), then good."""
+    policy = with_acceptance(Auto(GPU), [0.9] * MAX_DRAFT, rounds=50)
+    assert policy.choose(100) > 5
+    for _ in range(100):
+        policy.observe(policy.choose(100) or 1, 0)
+    assert policy.choose(100) == 0
+    recovered = None
+    for n in range(2000):
+        k = policy.choose(100)
+        if k == 0:
+            policy.plain_run()
+            continue
+        policy.observe(k, k)  # good again
+        if k > 5:
+            recovered = n
+            break
+    assert recovered is not None, "never went back to drafting"
+
+
+def test_auto_rejects_costs_of_the_wrong_length():
+    with pytest.raises(ValueError, match="costs.verify has 3 entries"):
+        Auto(Costs(plain=1.0, verify=(1.0, 1.0, 1.0), draft=0.1))
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop runs what a policy chooses
+
+
+class Script:
+    """A policy that plays a given sequence of (k, plain run) forever."""
+
+    def __init__(self, moves):
+        self.moves = itertools.cycle(moves)
+        self.run = 1
+
+    def choose(self, limit):
+        k, self.run = next(self.moves)
+        return min(k, limit)
+
+    def plain_run(self):
+        return self.run
+
+    def observe(self, k, accepted):
+        pass
+
+
+MOVES = [(3, 0), (0, 5), (7, 0), (0, 1), (1, 0), (0, 12), (16, 0), (2, 0), (0, 2)]
+
+
+@pytest.fixture(scope="module")
+def dense(loaded):
+    return loaded["dense"]
+
+
+def _prompt(seed):
+    return mx.array(np.random.RandomState(seed).randint(4, VOCAB_SIZE, size=(1, 30)), dtype=mx.int32)
+
+
+def test_every_move_is_exact(dense):
+    """Plain stretches between drafting rounds of every size: still the plain greedy output, and
+    a stop anywhere leaves the cache ready to continue."""
+    target, drafter = dense
+    prompt, n = _prompt(0), 120
+    plain = take(plain_tokens(target, prompt, target.make_cache(MAX_DRAFT + 1)), n)
+    stats, requests = DraftStats(), []
+    propose = drafter_proposer(drafter, target)
+
+    def recording(request, cache):
+        requests.append(request)
+        return propose(request, cache)
+
+    cache = target.make_cache(MAX_DRAFT + 1)
+    assert take(speculative_tokens(target, prompt, cache, recording, Script(MOVES), n, stats), n) == plain
+    assert all(stats.k_histogram[k] for k, _ in MOVES) and stats.accepted > 0
+    # Every round, after a plain stretch or not, drafts from the right token and hidden state.
+    sequence = np.array(prompt)[0].tolist() + plain
+    hidden = target(mx.array([sequence]), target.make_cache(MAX_DRAFT + 1))[0]  # [len, H]
+    for request in requests:
+        assert request.token.item() == sequence[request.position]
+        assert np.allclose(np.array(request.hidden[0, 0]), np.array(hidden[request.position - 1]), atol=1e-4)
+    for stop in (4, 9, 17, 40):  # inside plain stretches and rounds alike
+        cache = target.make_cache(MAX_DRAFT + 1)
+        head = take(speculative_tokens(target, prompt, cache, propose, Script(MOVES), n, DraftStats()), stop)
+        assert all(c.offset == prompt.shape[1] + stop - 1 for c in cache)
+        assert head + take(plain_tokens(target, mx.array([[head[-1]]]), cache), n - stop) == plain
+
+
+def test_every_move_samples_with_one_token_left(dense):
+    """Sampling through the same moves, with top_k = 1 (p a point mass): the greedy output."""
+    target, drafter = dense
+    prompt, n = _prompt(1), 80
+    plain = take(plain_tokens(target, prompt, target.make_cache(MAX_DRAFT + 1)), n)
+    tokens = speculative_tokens(
+        target, prompt, target.make_cache(MAX_DRAFT + 1), drafter_proposer(drafter, target), Script(MOVES), n,
+        DraftStats(), sampling=make_sampling(temperature=1.0, top_k=1), key=mx.random.key(0),
+    )  # fmt: skip
+    assert take(tokens, n) == plain
+
+
+@pytest.mark.parametrize("schedule", ["auto", "heuristic"])
+def test_stream_generate_schedules(schedule, checkpoints, random_checkpoints):
+    """Through the public API: exact, and the last response's statistics add up."""
+    for pair in (checkpoints, random_checkpoints):
+        model, tokenizer = load(pair["e2b"][0])
+        drafter = load_drafter(pair["e2b"][1], model)
+        prompt = np.array(_prompt(2))[0].tolist()
+        plain = [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=60)]
+        out = list(stream_generate(model, tokenizer, prompt, drafter, 60, schedule))
+        assert [r.token for r in out] == plain
+        last = out[-1]
+        histogram = last.draft_lengths
+        assert len(histogram) == MAX_DRAFT + 1
+        rounds = sum(histogram[1:])
+        drafted = sum(k * histogram[k] for k in range(MAX_DRAFT + 1))
+        assert drafted == last.drafted
+        assert last.acceptance_rate == pytest.approx(last.accepted / max(last.drafted, 1))
+        assert last.mean_accepted == pytest.approx(last.accepted / rounds if rounds else 0.0)
+        if last.finish_reason == "length":  # every token accounted for: prefill, rounds, plain steps
+            assert last.generation_tokens == 1 + last.accepted + rounds + histogram[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Costs on disk
+
+
+def test_costs_are_measured_once_and_kept(dense, tmp_path, monkeypatch):
+    target, drafter = dense
+    first = costs_module.load_costs(target, drafter, tmp_path)
+    assert len(first.verify) == MAX_DRAFT + 1 and first.plain > 0 and first.draft > 0
+    assert all(t > 0 for t in first.verify)
+    [path] = tmp_path.glob("costs-*.json")
+    saved = json.loads(path.read_text())
+    assert saved["mlx"] == mx.__version__ and "cpu" in saved["device"].lower()
+
+    def measure(*_):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(costs_module, "measure_costs", measure)
+    assert costs_module.load_costs(target, drafter, tmp_path) == first
+    path.write_text("{")  # a damaged file (a write cut short) is measured again
+    monkeypatch.undo()
+    again = costs_module.load_costs(target, drafter, tmp_path)
+    assert len(again.verify) == MAX_DRAFT + 1 and json.loads(path.read_text())["plain"] == again.plain
+
+
+def test_cost_key_tells_models_apart(checkpoints):
+    target = load_target(checkpoints["dense"][0])
+    drafter = load_drafter(checkpoints["dense"][1], target)
+    key = costs_module.cost_key(target, drafter)
+    assert costs_module.cost_key(target, drafter) == key
+    half = load_target(checkpoints["dense"][0], dtype=mx.bfloat16)
+    assert costs_module.cost_key(half, drafter) != key
+    e2b = load_target(checkpoints["e2b"][0])
+    assert costs_module.cost_key(e2b, load_drafter(checkpoints["e2b"][1], e2b)) != key
