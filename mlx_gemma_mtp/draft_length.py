@@ -1,7 +1,8 @@
 """How many tokens to draft each round: fixed, the reference heuristic, or a cost model.
 
-A policy is asked `choose(limit)` before every round and told `observe(k, accepted)` after
-each drafting round. Choosing 0 means "decode plainly": the loop then runs `plain_run()`
+A policy is asked `choose(limit)` before every round, told `observe(k, accepted)` after
+each drafting round and `observe_time(k, seconds)` of what each round (k >= 1) or plainly
+decoded token (k = 0) really took. Choosing 0 means "decode plainly": the loop then runs `plain_run()`
 tokens of pipelined plain decoding before it asks again.
 
 `Auto` maximises expected tokens per second. A round drafting k tokens costs
@@ -25,6 +26,7 @@ HEURISTIC_START = 6  # Google's assistants ship num_assistant_tokens = 6 (genera
 PRIOR_ACCEPTANCE = 0.5  # a_1 before any round is observed
 PRIOR_WEIGHT = 2.0  # pseudo-rounds behind each prior: a_j leans on a_{j-1} until j is tried
 DECAY = 0.98  # per observed round: acceptance counts remember about the last 50 rounds
+SLOWDOWN_RATE = 0.2  # weight of each new timing in the observed/measured cost ratio
 PROBE_FIRST = 16  # plain tokens before drafting is tried again ...
 PROBE_LAST = 256  # ... doubling after each failed probe, up to this
 
@@ -38,6 +40,10 @@ class DraftLength(Protocol):
 
     def observe(self, k: int, accepted: int) -> None:
         """A round drafted k >= 1 tokens and the first `accepted` of them were kept."""
+
+    def observe_time(self, k: int, seconds: float) -> None:
+        """A round drafting k >= 1 tokens took `seconds` on the host's clock; k = 0: seconds
+        per plainly decoded token."""
 
 
 @dataclass
@@ -59,6 +65,9 @@ class Fixed:
     def observe(self, k: int, accepted: int) -> None:
         pass
 
+    def observe_time(self, k: int, seconds: float) -> None:
+        pass
+
 
 @dataclass
 class Heuristic:
@@ -78,6 +87,9 @@ class Heuristic:
 
     def observe(self, k: int, accepted: int) -> None:
         self.k = min(self.k + 2, self.high) if accepted == k else max(self.k - 1, self.low)
+
+    def observe_time(self, k: int, seconds: float) -> None:
+        pass
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,6 +117,11 @@ class Auto:
         self.hits = [0.0] * MAX_DRAFT  # ... and kept it
         self.probe_gap = PROBE_FIRST
         self.probe_due = True  # the first round drafts, whatever the prior says
+        # Observed / measured cost, for drafting rounds and for plain tokens. The measurement
+        # times each forward alone; in the loop a round also pays its host sync and Python,
+        # and plain decoding hides its Python behind the device (seen on MLX CUDA: rounds
+        # about 1.5x their measured cost). The model learns that from the clock.
+        self.slowdown = {"draft": 1.0, "plain": 1.0}
 
     def acceptance(self) -> list[float]:
         """a_j for j = 1..MAX_DRAFT: each position's kept / reached, shrunk towards the
@@ -123,7 +140,7 @@ class Auto:
             if k:
                 reach *= a[k - 1]
                 expected += reach
-            out.append(expected / self.costs.round(k))
+            out.append(expected / (self.costs.round(k) * self.slowdown["draft" if k else "plain"]))
         return out
 
     def choose(self, limit: int) -> int:
@@ -153,3 +170,8 @@ class Auto:
             self.tries[j] += 1
         for j in range(accepted):
             self.hits[j] += 1
+
+    def observe_time(self, k: int, seconds: float) -> None:
+        kind = "draft" if k else "plain"
+        ratio = seconds / self.costs.round(k)
+        self.slowdown[kind] += SLOWDOWN_RATE * (ratio - self.slowdown[kind])

@@ -15,6 +15,7 @@ the next turn can continue from it.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -250,9 +251,12 @@ def speculative_tokens(
             k = min(policy.choose(limit), limit, MAX_DRAFT)  # sliding caches keep room for MAX_DRAFT
             if k == 0:
                 run = min(policy.plain_run(), limit + 1)
-                emitted = yield from _plain_run(target, cache, cursor, run, sampling, stats)
+                emitted, per_token = yield from _plain_run(target, cache, cursor, run, sampling, stats)
+                policy.observe_time(0, per_token)
             else:
+                started = time.perf_counter()
                 emitted = _draft_round(target, cache, propose, cursor, k, sampling, stats)
+                policy.observe_time(k, time.perf_counter() - started)
                 policy.observe(k, len(emitted) - 1)
     finally:
         settle(cache, start, prompt.shape[1], cursor.generated)
@@ -268,6 +272,8 @@ def _draft_round(target, cache, propose, cursor: _Cursor, k: int, sampling: Samp
     )  # fmt: skip
     draft = propose(request, cache)
     drafts = draft.tokens.astype(mx.int32)  # [1, k]
+    # The device drafts while the host builds the verify graph (not a sync: nothing waits).
+    mx.async_eval(drafts, *(a for a in (draft.q, draft.q_ids) if a is not None))
     verify_hidden = target(mx.concatenate([cursor.token, drafts], axis=1), cache)  # [1, k+1, H]
     logits = sampling.process(target.logits(verify_hidden)[0], cursor.history, drafts[0])  # [k+1, V]
     drafted, m, follow = _resolve(logits, drafts[0], draft, sampling, judge_key)
@@ -298,8 +304,10 @@ def _resolve(logits, drafts, draft: Draft, sampling: Sampling, key) -> tuple[lis
 
 def _plain_run(target, cache, cursor: _Cursor, n: int, sampling: Sampling, stats: DraftStats):
     """n tokens of plain decoding, pipelined as mlx-lm's generate_step: the next forward is
-    queued (async_eval) before the host waits for the current token. Yields all but the last,
-    which it returns as the next round's emitted token, `cursor` on it."""
+    queued (async_eval) before the host waits for the current token. Yields all but the last;
+    returns the last as the next round's emitted token (`cursor` on it) and the seconds per
+    token the run took, time spent at the caller's side of a yield excluded."""
+    started, busy = time.perf_counter(), 0.0
     key, pick_key = _split(cursor.key)
     hidden = target(cursor.token, cache)  # [1, 1, H]: predicts the token after cursor.token
     token = sampling.pick(sampling.process(target.logits(hidden)[0], cursor.history), pick_key)[None]
@@ -315,12 +323,15 @@ def _plain_run(target, cache, cursor: _Cursor, n: int, sampling: Sampling, stats
         cursor.token, cursor.hidden, cursor.history = token, hidden, history
         cursor.position += 1
         cursor.generated += 1  # counted before the yield: a stop there has received it
+        busy += time.perf_counter() - started
         yield value, False
+        started = time.perf_counter()
         token, hidden = next_token, next_hidden
     stats.record(0, 0)
     value = token.item()
+    busy += time.perf_counter() - started
     cursor.advance([value], hidden, key)
-    return [(value, False)]
+    return [(value, False)], busy / max(n, 1)
 
 
 def plain_tokens(

@@ -188,6 +188,9 @@ class Script:
     def observe(self, k, accepted):
         pass
 
+    def observe_time(self, k, seconds):
+        pass
+
 
 MOVES = [(3, 0), (0, 5), (7, 0), (0, 1), (1, 0), (0, 12), (16, 0), (2, 0), (0, 2)]
 
@@ -297,3 +300,19 @@ def test_cost_key_tells_models_apart(checkpoints):
     assert costs_module.cost_key(half, drafter) != key
     e2b = load_target(checkpoints["e2b"][0])
     assert costs_module.cost_key(e2b, load_drafter(checkpoints["e2b"][1], e2b)) != key
+
+
+def test_auto_learns_what_rounds_really_cost():
+    """Measured costs say drafting pays at this acceptance; the clock says rounds take twice
+    as long in the loop: auto must turn to plain decoding."""
+    costs = Costs(plain=1.0, verify=tuple(1.1 + 0.02 * i for i in range(MAX_DRAFT + 1)), draft=0.05)
+    naive, timed = Auto(costs), Auto(costs)
+    for policy in (naive, timed):
+        for _ in range(40):
+            k = policy.choose(100) or 2
+            policy.observe(k, 1 if k > 1 else 0)  # the first draft kept, the second never
+            if policy is timed:
+                policy.observe_time(k, 2 * costs.round(k))
+                policy.observe_time(0, costs.plain)
+    assert naive.choose(100) > 0
+    assert timed.choose(100) == 0 or timed.probe_due
