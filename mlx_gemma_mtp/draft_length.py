@@ -63,10 +63,10 @@ class Fixed:
         return UNLIMITED if self.k == 0 else 1
 
     def observe(self, k: int, accepted: int) -> None:
-        pass
+        """A fixed k ignores acceptance."""
 
     def observe_time(self, k: int, seconds: float) -> None:
-        pass
+        """... and timing."""
 
 
 @dataclass
@@ -89,7 +89,7 @@ class Heuristic:
         self.k = min(self.k + 2, self.high) if accepted == k else max(self.k - 1, self.low)
 
     def observe_time(self, k: int, seconds: float) -> None:
-        pass
+        """The schedule follows acceptance only, as transformers' does."""
 
 
 @dataclass(frozen=True, kw_only=True)
