@@ -22,11 +22,10 @@ from .models import build
 def _per_token(tokens, n: int) -> float:
     next(tokens)
     start = time.perf_counter()
-    for _ in itertools.islice(tokens, n - 1):
-        pass
+    generated = sum(1 for _ in itertools.islice(tokens, n - 1))
     elapsed = time.perf_counter() - start
     tokens.close()
-    return elapsed * 1e3 / (n - 1)
+    return elapsed * 1e3 / generated
 
 
 def _bare_verify_loop(target, prompt, k: int, n: int) -> float:

@@ -125,14 +125,17 @@ def _fill(model: nn.Module, weights: dict[str, mx.array], where: Path, dtype) ->
     mx.eval(model.state)  # parameters and buffers (rope frequencies): a model made here runs on any thread
 
 
-def load_target(model_dir: Path, dtype=None) -> Target:
-    config = load_target_config(model_dir)
-    weights = read_safetensors(model_dir)
-    model = Target(config)
-    weights = model.sanitize(weights)
-    if config.quantization:
-        _quantize(model, config.quantization, weights)
+def _load_weights(model: Target | Drafter, model_dir: Path, dtype) -> None:
+    """Read, sanitize, quantize as the checkpoint was, and load strictly: target or drafter."""
+    weights = model.sanitize(read_safetensors(model_dir))
+    if model.config.quantization:
+        _quantize(model, model.config.quantization, weights)
     _fill(model, weights, model_dir, dtype)
+
+
+def load_target(model_dir: Path, dtype=None) -> Target:
+    model = Target(load_target_config(model_dir))
+    _load_weights(model, model_dir, dtype)
     return model
 
 
@@ -162,12 +165,8 @@ def load_drafter(path_or_id: str | Path, model: Target, dtype=None) -> Drafter:
         model_dir = model_dir / pair["drafter"]
     config = load_drafter_config(model_dir)
     check_fit(config, model, model_dir)
-    weights = read_safetensors(model_dir)
     drafter = Drafter(config)
-    weights = drafter.sanitize(weights)
-    if config.quantization:
-        _quantize(drafter, config.quantization, weights)
-    _fill(drafter, weights, model_dir, dtype)
+    _load_weights(drafter, model_dir, dtype)
     return drafter
 
 

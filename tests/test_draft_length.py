@@ -186,10 +186,10 @@ class Script:
         return self.run
 
     def observe(self, k, accepted):
-        pass
+        """A script does not adapt."""
 
     def observe_time(self, k, seconds):
-        pass
+        """... to acceptance or to timing."""
 
 
 MOVES = [(3, 0), (0, 5), (7, 0), (0, 1), (1, 0), (0, 12), (16, 0), (2, 0), (0, 2)]
