@@ -83,7 +83,7 @@ def bench_shape(shape: str, bits: str, args) -> dict:
     if "baseline" in args.parts:
         runs = [measure.mlx_lm_run(target, prompt, args.tokens) for _ in range(args.trials + 1)][1:]
         # bf16 rounding differs between two implementations: record where the outputs part.
-        result["mlx_lm_same_tokens"] = _common_prefix(runs[0].tokens, plain.tokens)
+        result["mlx_lm_same_tokens"] = measure.common_prefix(runs[0].tokens, plain.tokens)
         result["mlx_lm_ms_per_token"] = statistics.median(r.ms_per_token for r in runs)
     if "e2e" in args.parts:
         result["e2e"] = _e2e(target, drafter, prompt, plain.tokens, result, args)
@@ -117,7 +117,7 @@ def _e2e(target, drafter, prompt, plain_tokens, result, args) -> list[dict]:
                 "accepted_per_round": stats.accepted / max(stats.rounds, 1),
                 "chosen_k": {i: n for i, n in enumerate(stats.k_histogram) if n},
                 "peak_gb": max(r.peak_gb for r in runs),
-                "same_as_plain": _common_prefix(continuation, plain_tokens),
+                "same_as_plain": measure.common_prefix(continuation, plain_tokens),
                 "replay_passes": passes,
             }
             if isinstance(k, int) and k + 1 in verify:
@@ -154,13 +154,6 @@ def _cell_line(result, cell) -> str:
         f"{result['shape']} {result['bits']} alpha={cell['alpha']:.1f} k={cell['k']}: "
         f"{cell['speedup']:.2f}x{ideal}, {cell['accepted_per_round']:.2f} accepted/round"
     )
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
 
 
 def main(argv: list[str] | None = None) -> int:

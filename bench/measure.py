@@ -113,20 +113,25 @@ def drafter_head_bytes(drafter: Drafter) -> dict[str, int]:
 
 def replay_proposer(drafter: Drafter, target: Target, continuation: list[int], alpha: float, seed: int):
     """The real drafter runs every step; its proposal is then replaced by the known
-    continuation with probability alpha per position (else a wrong token)."""
+    continuation with probability alpha per position (else a wrong token).
+
+    Which positions hit is drawn once, up front, and the replacement is gathered on the device
+    at the round's position: the host never reads anything, so the rounds stay pipelined as
+    they are with a real drafter."""
     real = drafter_proposer(drafter, target)
     rng = np.random.RandomState(seed)
     vocab = target.args.vocab_size
+    known = np.array(continuation + [0] * (MAX_DRAFT + 1), dtype=np.int64)
+    hits = rng.random_sample(known.shape[0]) < alpha
+    replayed = mx.array(np.where(hits, known, (known + 1) % vocab), dtype=mx.int32)
 
     def propose(request: DraftRequest, cache: list) -> Draft:
         drafted = real(request, cache).tokens
-        g = request.generated
-        known = continuation[g : g + request.k]
-        hits = rng.random_sample(request.k) < alpha
-        replaced = [t if hit else (t + 1) % vocab for t, hit in zip(known, hits)]
+        # continuation[g] follows the g-th emitted token; `generated` counts the round's first.
+        indices = request.generated + mx.arange(request.k, dtype=mx.int32)
         # `drafted * 0` keeps the drafter's work in the graph: it is computed, then discarded.
         # q=None: the replayed tokens are deterministic (greedy runs only).
-        return Draft(tokens=mx.array([replaced], dtype=mx.int32) + drafted * 0)
+        return Draft(tokens=mx.take(replayed, indices)[None] + drafted * 0)
 
     return propose
 
@@ -186,3 +191,10 @@ def ideal_speedup(alpha: float, k: int, c_draft: float, verify: dict[int, float]
     tokens = k + 1 if alpha == 1.0 else (1 - alpha ** (k + 1)) / (1 - alpha)
     return tokens * verify[1] / (k * c_draft + verify[k + 1])
 
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two outputs share."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n

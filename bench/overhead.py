@@ -1,7 +1,11 @@
 """Where a speculative round's time goes beyond the cost curve: the real loop against
-stripped-down loops over the same model (all greedy, acceptance 0, ms per token).
+stripped-down loops over the same model (all greedy, ms per token, replayed acceptance alpha).
 
-    python -m bench.overhead --shape E2B
+"read back each round" runs the same loop with a logits processor that changes nothing: a
+processor needs the history on the host, so every round is read back before the next one is
+built; the difference to the plain "loop" row is what pipelining the rounds saves.
+
+    python -m bench.overhead --shape E2B --alphas 0 1
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import time
 
 import mlx.core as mx
 
+from mlx_gemma_mtp.sample import make_sampling
 from mlx_gemma_mtp.speculative import MAX_DRAFT, Draft, DraftStats, greedy, prefill, speculative_tokens
 
 from . import measure
@@ -48,28 +53,43 @@ def main(argv=None) -> int:
     p.add_argument("--bits", type=int)
     p.add_argument("--tokens", type=int, default=48)
     p.add_argument("--ks", nargs="+", type=int, default=[1, 3])
+    p.add_argument("--alphas", nargs="+", type=float, default=[0.0])
+    p.add_argument("--out", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     target, drafter = build(args.shape, bits=args.bits)
     prompt = measure.random_tokens(256, target.args.vocab_size, seed=3)
     n = args.tokens
-    plain = measure.plain_run(target, prompt, n)
+    plain = measure.plain_run(target, prompt, n + MAX_DRAFT + 1)
     rows = {"plain": min(measure.plain_run(target, prompt, n).ms_per_token for _ in range(3))}
-    for k in args.ks:
-        real = measure.replay_proposer(drafter, target, plain.tokens, 0.0, 0)
+    read_back = make_sampling(logits_processors=[lambda tokens, logits: logits])
 
-        def constant(request, cache, k=k):
+    def loop(propose, k, sampling=None):
+        runs = [
+            _per_token(speculative_tokens(
+                target, prompt, target.make_cache(MAX_DRAFT + 1), propose, k, n, DraftStats(),
+                **({} if sampling is None else {"sampling": sampling}),
+            ), n)
+            for _ in range(4)
+        ]  # fmt: skip
+        return min(runs[1:])
+
+    for k in args.ks:
+        for alpha in args.alphas:
+            real = measure.replay_proposer(drafter, target, plain.tokens, alpha, 0)
+            rows[f"k={k} a={alpha} loop, drafter"] = loop(real, k)
+            rows[f"k={k} a={alpha} loop, drafter, read back each round"] = loop(real, k, read_back)
+
+        def constant(request, cache):
             return Draft(tokens=mx.zeros((1, request.k), mx.int32))
 
-        for name, propose in (("drafter", real), ("no drafter", constant)):
-            runs = [
-                _per_token(speculative_tokens(target, prompt, target.make_cache(MAX_DRAFT + 1), propose, k, n, DraftStats()), n)
-                for _ in range(4)
-            ]
-            rows[f"k={k} loop, {name}"] = min(runs[1:])
+        rows[f"k={k} a=0 loop, no drafter"] = loop(constant, k)
         rows[f"k={k} bare verify"] = min(_bare_verify_loop(target, prompt, k, n) for _ in range(4))
     for name, ms in rows.items():
-        print(f"{args.shape} {args.bits or 'bf16'} {name:28s} {ms:7.2f} ms/token", flush=True)
+        print(f"{args.shape} {args.bits or 'bf16'} {name:48s} {ms:7.2f} ms/token", flush=True)
     print(json.dumps(rows))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"shape": args.shape, "bits": args.bits, "tokens": n, "ms_per_token": rows}, f, indent=1)
     return 0
 
 

@@ -6,8 +6,8 @@ decoded token (k = 0) really took. Choosing 0 means "decode plainly": the loop t
 tokens of pipelined plain decoding before it asks again.
 
 `Auto` maximises expected tokens per second. A round drafting k tokens costs
-`k * draft + verify[k]` seconds and yields 1 + a_1 + a_1 a_2 + ... + a_1 ... a_k tokens on
-average, where a_j is the chance that draft j is accepted once drafts 1..j-1 were; plain
+`k * draft + verify[k]` seconds (as measured, until the loop has timed such rounds) and yields
+1 + a_1 + a_1 a_2 + ... + a_1 ... a_k tokens on average, where a_j is the chance that draft j is accepted once drafts 1..j-1 were; plain
 decoding yields one token per `plain` seconds. The costs are measured once per device
 (`costs.py`), the a_j are tracked online, and k = 0 is chosen when no k beats plain decoding
 (probing again after 16, 32, ... 256 plain tokens).
@@ -27,6 +27,8 @@ PRIOR_ACCEPTANCE = 0.5  # a_1 before any round is observed
 PRIOR_WEIGHT = 2.0  # pseudo-rounds behind each prior: a_j leans on a_{j-1} until j is tried
 DECAY = 0.98  # per observed round: acceptance counts remember about the last 50 rounds
 SLOWDOWN_RATE = 0.2  # weight of each new timing in the observed/measured cost ratio
+OBSERVED_RATE = 0.3  # weight of each new timing in the observed cost of its own k
+OUTLIER = 3.0  # a timing over 3x the estimate is a compile or a hiccup: counted as 3x
 PROBE_FIRST = 16  # plain tokens before drafting is tried again ...
 PROBE_LAST = 256  # ... doubling after each failed probe, up to this
 
@@ -118,10 +120,12 @@ class Auto:
         self.probe_gap = PROBE_FIRST
         self.probe_due = True  # the first round drafts, whatever the prior says
         # Observed / measured cost, for drafting rounds and for plain tokens. The measurement
-        # times each forward alone; in the loop a round also pays its host sync and Python,
-        # and plain decoding hides its Python behind the device (seen on MLX CUDA: rounds
-        # about 1.5x their measured cost). The model learns that from the clock.
+        # times each forward alone; in the loop a round's host work overlaps the previous
+        # round or not, and a shared GPU drifts (seen on MLX CUDA: rounds 0.7-2x their
+        # measured cost). The model learns that from the clock: one ratio for every k, and
+        # each k's own cost once it has been timed (the measured curve is noisy per k).
         self.slowdown = {"draft": 1.0, "plain": 1.0}
+        self.observed: dict[int, float] = {}  # k -> seconds per round (k = 0: per plain token)
 
     def acceptance(self) -> list[float]:
         """a_j for j = 1..MAX_DRAFT: each position's kept / reached, shrunk towards the
@@ -140,8 +144,15 @@ class Auto:
             if k:
                 reach *= a[k - 1]
                 expected += reach
-            out.append(expected / (self.costs.round(k) * self.slowdown["draft" if k else "plain"]))
+            out.append(expected / self.cost(k))
         return out
+
+    def cost(self, k: int) -> float:
+        """Seconds a round drafting k tokens takes (k = 0: one plain token): as timed in this
+        generation, else as measured times the ratio seen so far."""
+        if k in self.observed:
+            return self.observed[k]
+        return self.costs.round(k) * self.slowdown["draft" if k else "plain"]
 
     def choose(self, limit: int) -> int:
         limit = min(limit, MAX_DRAFT)
@@ -172,6 +183,8 @@ class Auto:
             self.hits[j] += 1
 
     def observe_time(self, k: int, seconds: float) -> None:
+        seconds = min(seconds, OUTLIER * self.cost(k))
         kind = "draft" if k else "plain"
-        ratio = seconds / self.costs.round(k)
-        self.slowdown[kind] += SLOWDOWN_RATE * (ratio - self.slowdown[kind])
+        self.slowdown[kind] += SLOWDOWN_RATE * (seconds / self.costs.round(k) - self.slowdown[kind])
+        before = self.observed.get(k, seconds)
+        self.observed[k] = before + OBSERVED_RATE * (seconds - before)

@@ -77,21 +77,22 @@ class Drafter(nn.Module):
     def __call__(
         self,
         inputs: mx.array,
-        shared_kv: dict[str, tuple[mx.array, mx.array]],
-        position: int,
+        shared_kv: dict[str, tuple[mx.array, mx.array, mx.array | None]],
+        position: int | mx.array,
     ) -> tuple[mx.array, mx.array]:
         """One drafting step.
 
         inputs: [B, 1, 2*backbone] = concat(target embedding (scaled), hidden state).
-        shared_kv: per attention type, the target's (keys, values) [B, kv_heads, S, head_dim]
-            of the positions before `position` (sliding: the last `window + 1` of them).
+        shared_kv: per attention type, the target cache's `view()`: (keys, values)
+            [B, kv_heads, S, head_dim] and a [1, S] mask of the positions before `position`
+            (sliding: the last `window + 1` of them); mask None when all S are those.
+        position: where every step of the round runs (a host int or a device scalar).
         Returns (drafter hidden after its final norm [B, 1, h], projected state [B, 1, backbone]).
         """
         h = self.pre_projection(inputs)
         for layer in self.model.layers:
-            # No mask: every position handed in is visible (the target cache holds only
-            # accepted positions before `position`; sliding views are cut to window + 1).
-            h, _, _ = layer(h, None, None, shared_kv=shared_kv[layer.layer_type], offset=position)
+            keys, values, mask = shared_kv[layer.layer_type]
+            h, _, _ = layer(h, mask, None, shared_kv=(keys, values), offset=position)
         h = self.model.norm(h)
         return h, self.post_projection(h)
 

@@ -7,6 +7,13 @@ by `sample.judge` (Leviathan et al. 2023), so every token is distributed as the 
 Either way one host sync per round. A round may also draft nothing (`draft_length.py` chose
 k = 0): then the loop decodes plainly, pipelined as mlx-lm's generate_step, for a while.
 
+Rounds are pipelined too. Everything a round needs from the one before (how many drafts were
+kept, the token after them, its hidden state, where the next write goes) stays on the device,
+so round r+1 is queued before the host reads round r back: the host's graph building and
+kernel launches overlap the device's work instead of adding to it. The caches take the
+device-side position (`cache.py`); the host reads each round one round late. Logits
+processors need the host to know the history, so with them a round is read right away.
+
 Token generators here yield `(token, from_draft)` forever; the caller stops iterating (stop id,
 max tokens, a UI's stop button). Whenever they stop, the cache is left holding the prompt and
 every yielded token but the last (mlx-lm's convention: the last token is the next input), so
@@ -21,6 +28,7 @@ from typing import Callable, Iterator, Sequence
 
 import mlx.core as mx
 
+from .cache import Position
 from .draft_length import MAX_DRAFT, UNLIMITED, DraftLength, Fixed
 from .drafter import Drafter
 from .sample import GREEDY, Sampling, judge, random_key
@@ -35,8 +43,10 @@ class DraftRequest:
 
     token: mx.array  # [1, 1] last accepted token; not in the cache yet
     hidden: mx.array  # [1, 1, hidden] target hidden state (after the final norm) that predicted it
-    position: int  # position of `token`; the cache holds positions 0 .. position-1
-    generated: int  # tokens yielded before this round (scripted proposers index by it)
+    # Position of `token`: the cache holds positions 0 .. position-1. A device scalar when the
+    # round is queued before the previous one is read back (pipelined), else an int.
+    position: Position
+    generated: Position  # tokens emitted before this round, `token` included; int or device scalar
     k: int  # how many tokens to draft
     sampling: Sampling = GREEDY  # what q must share with p: temperature, filters, processors
     key: mx.array | None = None  # PRNG key to draw the drafts with (None when greedy)
@@ -161,10 +171,10 @@ def rewind(cache: list, n: int) -> None:
 
 def settle(cache: list, start: int, prompt_len: int, yielded: int) -> None:
     """Leave the cache holding what it held at `start`, the prompt, and every yielded token but
-    the last, whatever state a round was in (a stop inside an accepted run, an exception
-    mid-forward)."""
+    the last, whatever state a round was in (a stop inside an accepted run, a round still
+    queued, an exception mid-forward)."""
     for c in cache:
-        c.trim(c.offset - (start + prompt_len + max(yielded, 1) - 1))
+        c.seek(start + prompt_len + max(yielded, 1) - 1)
 
 
 def greedy(target: Target, hidden: mx.array) -> mx.array:
@@ -179,19 +189,25 @@ def _split(key: mx.array | None, n: int = 2):
 
 @dataclass
 class _Cursor:
-    """Where a generation stands: `token` is chosen (the last emitted), not yet in the cache."""
+    """Where a generation stands: `token` is chosen (the last emitted), not yet in the cache.
+
+    `position` is a device scalar while a queued round has not been read back; the host
+    then knows only `low <= position <= high`."""
 
     token: mx.array  # [1, 1]
     hidden: mx.array  # [1, 1, H] the target hidden state that predicted `token`
-    position: int  # of `token`; the cache holds 0 .. position-1
+    position: Position  # of `token`; the cache holds 0 .. position-1
     history: mx.array | None  # [n] every token so far, `token` last; None without processors
     key: mx.array | None  # PRNG key for what follows; None when greedy
+    low: int = 0
+    high: int = 0
     generated: int = 0  # tokens yielded
 
     def advance(self, tokens: list[int], hidden: mx.array, key: mx.array | None) -> None:
         self.token = mx.array([tokens[-1:]], dtype=mx.int32)
         self.hidden = hidden
         self.position += len(tokens)
+        self.low = self.high = self.position
         self.history = _extended(self.history, tokens)
         self.key = key
 
@@ -207,14 +223,29 @@ def _start(target, prompt, cache, sampling, key, context) -> tuple[_Cursor, int]
     hidden = prefill(target, prompt, cache)
     key, pick_key = _split(key)
     first = sampling.pick(sampling.process(target.logits(hidden)[0], history), pick_key).item()
+    position = start + prompt.shape[1]
     cursor = _Cursor(
         token=mx.array([[first]], dtype=mx.int32),
         hidden=hidden,
-        position=start + prompt.shape[1],
+        position=position,
         history=_extended(history, [first]),
         key=key,
+        low=position,
+        high=position,
     )
     return cursor, first
+
+
+@dataclass
+class _Queued:
+    """A drafting round queued on the device and not read back yet."""
+
+    k: int
+    start: int | None  # position of its first verified token, once the host knows it
+    drafts: mx.array  # [k] int32
+    kept: mx.array  # [] int32: how many drafts the acceptance rule keeps
+    follow: mx.array  # [] int32: the token after the kept drafts
+    queued_at: float  # perf_counter when it was queued
 
 
 def speculative_tokens(
@@ -239,35 +270,61 @@ def speculative_tokens(
     plain greedy decoding of `target`; sampled output is distributed as plain sampling.
     """
     policy = Fixed(num_draft) if isinstance(num_draft, int) else num_draft
+    pipelined = not sampling.processors  # processors read the history: the host must know it
     start = cache[0].offset  # a reused cache continues where it stands
     cursor, first = _start(target, prompt, cache, sampling, key, context)
-    emitted = [(first, False)]  # this round's tokens; all but the last are in the cache
+    base = cursor.position - 1  # position - base = tokens emitted up to the one at `position`
+    pending: _Queued | None = None  # queued, not read back
+    # Nothing is queued on a guess until a round has been seen: a stretch of drafting starts
+    # with one round read back at once (a probe of a useless drafter costs one round, not two).
+    drafting = False
+    resolved_at = time.perf_counter()
+    emitted = [(first, False)]  # read back, not yielded yet
     try:
         while True:
             for item in emitted:
                 cursor.generated += 1  # counted before the yield: a stop there has received it
                 yield item
-            limit = max(max_tokens - cursor.generated - 1, 0)
+            # Tokens that may be emitted before the next round: those yielded, and a pending
+            # round's at most k + 1. No round drafts past max_tokens.
+            limit = max_tokens - cursor.generated - 1 - (pending.k + 1 if pending else 0)
+            if pending is not None and limit <= 0:
+                emitted, pending = _read_back(pending, cursor, cache, None, policy, stats, resolved_at), None
+                resolved_at = time.perf_counter()
+                continue  # near the end: decide on what is known
+            limit = max(limit, 0)
             k = min(policy.choose(limit), limit, MAX_DRAFT)  # sliding caches keep room for MAX_DRAFT
+            if k == 0 and pending is not None:
+                # Plain decoding starts from an exact position: read the queued round first.
+                emitted, pending = _read_back(pending, cursor, cache, None, policy, stats, resolved_at), None
+                for item in emitted:
+                    cursor.generated += 1
+                    yield item
+                limit = max(max_tokens - cursor.generated - 1, 0)
+                resolved_at = time.perf_counter()
             if k == 0:
                 run = min(policy.plain_run(), limit + 1)
                 emitted, per_token = yield from _plain_run(target, cache, cursor, run, sampling, stats)
                 policy.observe_time(0, per_token)
-            else:
-                started = time.perf_counter()
-                emitted = _draft_round(target, cache, propose, cursor, k, sampling, stats)
-                policy.observe_time(k, time.perf_counter() - started)
-                policy.observe(k, len(emitted) - 1)
+                resolved_at, drafting = time.perf_counter(), False
+                continue
+            queued = _queue_round(target, cache, propose, cursor, k, sampling, base)
+            if pending is None and pipelined and drafting:
+                pending, emitted = queued, []  # nothing to read back yet: queue the next round
+                continue
+            done, pending = (pending, queued) if pending is not None else (queued, None)
+            emitted = _read_back(done, cursor, cache, pending, policy, stats, resolved_at)
+            resolved_at, drafting = time.perf_counter(), True
     finally:
         settle(cache, start, prompt.shape[1], cursor.generated)
 
 
-def _draft_round(target, cache, propose, cursor: _Cursor, k: int, sampling: Sampling, stats: DraftStats):
-    """Draft k, verify them in one forward, keep what the rule keeps; rewind the rest.
-    Returns the round's tokens [(token, from_draft)] and advances `cursor` past them."""
+def _queue_round(target, cache, propose, cursor: _Cursor, k: int, sampling: Sampling, base: int) -> _Queued:
+    """Draft k and verify them in one forward, all on the device: the acceptance rule's
+    outcome stays there, `cursor` and the caches move to where the next round starts."""
     key, draft_key, judge_key = _split(cursor.key, 3)
     request = DraftRequest(
-        token=cursor.token, hidden=cursor.hidden, position=cursor.position, generated=cursor.generated,
+        token=cursor.token, hidden=cursor.hidden, position=cursor.position, generated=cursor.position - base,
         k=k, sampling=sampling, key=draft_key, history=cursor.history,
     )  # fmt: skip
     draft = propose(request, cache)
@@ -276,30 +333,63 @@ def _draft_round(target, cache, propose, cursor: _Cursor, k: int, sampling: Samp
     mx.async_eval(drafts, *(a for a in (draft.q, draft.q_ids) if a is not None))
     verify_hidden = target(mx.concatenate([cursor.token, drafts], axis=1), cache)  # [1, k+1, H]
     logits = sampling.process(target.logits(verify_hidden)[0], cursor.history, drafts[0])  # [k+1, V]
-    drafted, m, follow = _resolve(logits, drafts[0], draft, sampling, judge_key)
-    rewind(cache, k - m)
-    stats.record(k, m)
-    cursor.advance(drafted[:m] + [follow], verify_hidden[:, m : m + 1], key)
-    return [(t, True) for t in drafted[:m]] + [(follow, False)]
+    kept, follow = _accept(logits, drafts[0], draft, sampling, judge_key)
+    queued = _Queued(
+        k=k, start=cursor.position if isinstance(cursor.position, int) else None,
+        drafts=drafts[0], kept=kept, follow=follow, queued_at=time.perf_counter(),
+    )  # fmt: skip
+    cursor.token = follow.reshape(1, 1)
+    cursor.hidden = mx.take(verify_hidden, kept.reshape(1), axis=1)
+    cursor.position = cursor.position + kept + 1
+    cursor.low, cursor.high = cursor.low + 1, cursor.high + k + 1
+    cursor.key = key
+    for c in cache:
+        c.seek(cursor.position, cursor.low, cursor.high)
+    mx.async_eval(queued.drafts, kept, follow, cursor.hidden, cursor.position)
+    return queued
 
 
-def _resolve(logits, drafts, draft: Draft, sampling: Sampling, key) -> tuple[list[int], int, int]:
-    """The round's one host sync: (the drafted tokens, how many are kept, the token after them).
+def _accept(logits, drafts, draft: Draft, sampling: Sampling, key) -> tuple[mx.array, mx.array]:
+    """How many drafts the rule keeps and the token after them, both [] int32 on the device.
 
     logits: [k+1, V] the target's processed logits at the drafted positions and the next.
     """
     k = drafts.shape[0]
     if sampling.greedy:
         targets = mx.argmax(logits, axis=-1).astype(mx.int32)  # the target's own token per row
-        both = mx.concatenate([drafts, targets]).tolist()
-        drafted, targets = both[:k], both[k:]
-        m = next((i for i in range(k) if drafted[i] != targets[i]), k)
-        return drafted, m, targets[m]
-    kept, follows = judge(sampling.log_probs(logits), drafts, draft.q, draft.q_ids, key)
-    both = mx.concatenate([drafts, kept.astype(mx.int32), follows.astype(mx.int32)]).tolist()
-    drafted, kept, follows = both[:k], both[k : 2 * k], both[2 * k :]
-    m = next((i for i in range(k) if not kept[i]), k)
-    return drafted, m, follows[m]
+        keeps, follows = drafts == targets[:k], targets
+    else:
+        keeps, follows = judge(sampling.log_probs(logits), drafts, draft.q, draft.q_ids, key)
+    kept = mx.sum(mx.cumprod(keeps.astype(mx.int32)))  # drafts before the first rejection
+    return kept, mx.take(follows.astype(mx.int32), kept)
+
+
+def _read_back(done: _Queued, cursor: _Cursor, cache, pending: _Queued | None, policy, stats, since: float):
+    """The round's one host sync: read `done` back, tell the policy and the statistics, and
+    tighten what the host knows of the positions after it. Returns its tokens
+    [(token, from_draft)]."""
+    values = mx.concatenate([done.drafts, done.kept[None], done.follow[None]]).tolist()
+    drafted, m, follow = values[: done.k], values[done.k], values[done.k + 1]
+    stats.record(done.k, m)
+    policy.observe(done.k, m)
+    if pending is not None or done.queued_at >= since:
+        # Its time: since it was queued, or, queued behind the round read back at `since`,
+        # since then (the device ran them back to back). A round drained with nothing behind
+        # it ran while the host was away: its time is unknown and is not reported.
+        policy.observe_time(done.k, time.perf_counter() - max(since, done.queued_at))
+    after = done.start + m + 1  # where the next round started
+    if pending is None:
+        # Nothing queued after `done`: the cursor and the caches become exact again.
+        cursor.position = cursor.low = cursor.high = after
+        cursor.history = _extended(cursor.history, drafted[:m] + [follow])
+        for c in cache:
+            c.seek(after)
+    else:
+        pending.start = after
+        cursor.low, cursor.high = after + 1, after + pending.k + 1
+        for c in cache:
+            c.seek(cursor.position, cursor.low, cursor.high)
+    return [(t, True) for t in drafted[:m]] + [(follow, False)]
 
 
 def _plain_run(target, cache, cursor: _Cursor, n: int, sampling: Sampling, stats: DraftStats):

@@ -44,7 +44,7 @@ def test_sliding_rewind_is_exact_within_room_and_raises_beyond():
     cache.update_and_fetch(*_kv(cache.offset, ROOM + 1))  # a verify of ROOM + 1 positions
     cache.trim(ROOM)
     assert cache.offset == 51
-    keys, _ = cache.view()
+    keys, _, _ = cache.view()
     assert _positions(keys) == list(range(51 - WINDOW - 1, 51))  # the drafter's window + 1
     # Continue after the rewind: the fetched window is the right one, the stale tail is gone.
     keys, _ = cache.update_and_fetch(*_kv(51, 1))
@@ -66,7 +66,7 @@ def test_full_rewind_and_view():
     for n in (300, 7, 1):
         cache.update_and_fetch(*_kv(cache.offset, n))
     cache.trim(5)
-    keys, _ = cache.view()
+    keys, _, _ = cache.view()
     assert _positions(keys) == list(range(303))
     with pytest.raises(CacheRewindError):
         cache.trim(304)
@@ -79,7 +79,74 @@ def test_views_share_the_cache_buffer():
         cache.update_and_fetch(k, k + 1)
         mx.eval(cache.state)
         before = mx.get_active_memory()
-        keys, values = cache.view()
+        keys, values, _ = cache.view()
         mx.eval(keys, values)
         assert mx.get_active_memory() - before < 4096, "view copied the buffer"
         assert keys.shape[2] == (1000 if isinstance(cache, FullCache) else 513)
+
+
+def _round_keys(start: int, n: int, round_id: int) -> tuple[mx.array, mx.array]:
+    """Keys position + round_id / 1000: which write a read came from shows in the fraction."""
+    k, v = _kv(start, n)
+    return k + round_id / 1000, v - round_id / 1000
+
+
+@pytest.mark.parametrize("make", [FullCache, lambda: SlidingCache(WINDOW, ROOM)], ids=["full", "sliding"])
+def test_device_positions_read_exactly_what_exact_ones_would(make):
+    """Rounds queued before the previous one is read back: the cache writes at a device
+    position the host only bounds. Every query and every drafter view must see exactly the
+    positions it would with an exact offset, each from its latest write, never a stale one."""
+    rng = np.random.RandomState(0)
+    cache = make()
+    window = getattr(cache, "window", None)
+    reach = getattr(cache, "drafter_reach", None)
+    written = {}  # position -> round id of its latest write
+    cache.update_and_fetch(*_round_keys(0, 30, 0))
+    written.update({p: 0 for p in range(30)})
+    truth, low, high = 30, 30, 30
+    for round_id in range(1, 300):
+        keys, _, mask = cache.view()  # the drafter, drafting at `truth`
+        seen = [k for i, k in enumerate(np.array(keys)[0, 0, :, 0]) if mask is None or bool(np.array(mask)[0, i])]
+        expected = range(0 if reach is None else max(truth - reach, 0), truth)
+        assert [round(k * 1000) for k in seen] == [p * 1000 + written[p] for p in expected], round_id
+        k = rng.randint(1, ROOM)  # a verify of k + 1 positions
+        mask = cache.mask(k + 1)
+        keys, _ = cache.update_and_fetch(*_round_keys(truth, k + 1, round_id))
+        written.update({p: round_id for p in range(truth, truth + k + 1)})
+        for qi, q in enumerate(range(truth, truth + k + 1)):
+            visible = np.array(keys)[0, 0, :, 0]
+            if not isinstance(mask, str) and mask is not None:
+                visible = visible[np.array(mask)[qi]]
+            elif mask == "causal":
+                visible = visible[: len(visible) - k + qi]
+            expected = range(0 if window is None else max(q - window + 1, 0), q + 1)
+            assert [round(v * 1000) for v in visible] == [p * 1000 + written[p] for p in expected], (round_id, q)
+        m = rng.randint(0, k + 1)  # drafts kept: the next round starts after them and a bonus
+        truth, low, high = truth + m + 1, low + 1, high + k + 1
+        if rng.random_sample() < 0.3:  # the host read the round back
+            low = high = truth
+            cache.seek(truth)
+        else:
+            cache.seek(mx.array(truth, dtype=mx.int32), low, high)
+    if window is not None:
+        assert cache.start > 0, "the buffer never compacted"
+
+
+def test_seek_refuses_what_it_cannot_honour():
+    full, sliding = FullCache(), SlidingCache(WINDOW, ROOM)
+    for cache in (full, sliding):
+        cache.update_and_fetch(*_kv(0, 20))
+        with pytest.raises(CacheRewindError):
+            cache.seek(21)  # past what was written
+        with pytest.raises(ValueError, match="bounds"):
+            cache.seek(mx.array(18))  # a device position without host bounds
+        with pytest.raises(CacheRewindError):
+            cache.seek(mx.array(18), 17, 25)
+        cache.seek(mx.array(18), 17, 19)
+        with pytest.raises(CacheRewindError, match="exact"):
+            cache.trim(1)
+    for _ in range(600):
+        sliding.seek(sliding.high)
+        sliding.update_and_fetch(*_kv(sliding.offset, 1))
+    with pytest.raises(CacheRewindError):
+        sliding.seek(mx.array(sliding.start + 2), sliding.start + 2, sliding.high)

@@ -316,3 +316,23 @@ def test_auto_learns_what_rounds_really_cost():
                 policy.observe_time(0, costs.plain)
     assert naive.choose(100) > 0
     assert timed.choose(100) == 0 or timed.probe_due
+
+
+def test_auto_learns_each_draft_lengths_own_cost():
+    """The measured curve is flat, but in the loop every verify of 10 or more tokens takes a
+    slow path (as MLX CUDA's quantized verify of 2-7 rows does): auto must settle below it,
+    and a single hiccup (a kernel compiling) must not throw it off."""
+    costs = Costs(plain=1.0, verify=(1.0,) + (1.2,) * MAX_DRAFT, draft=0.02)
+    policy = Auto(costs)
+    chosen = []
+    for i in range(80):
+        k = policy.choose(100)
+        chosen.append(k)
+        if k == 0:
+            policy.plain_run()
+            policy.observe_time(0, costs.plain)
+            continue
+        policy.observe(k, k)  # every draft kept
+        slow = 10 if k >= 9 else 1
+        policy.observe_time(k, costs.round(k) * slow * (50 if i == 60 else 1))
+    assert 1 <= chosen[-1] <= 8 and all(k <= 8 for k in chosen[-15:]), chosen

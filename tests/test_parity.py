@@ -53,7 +53,7 @@ def test_shared_kv_is_what_transformers_shares(kind, checkpoints, hf_models):
     cache = target.make_cache(room=MAX_DRAFT + 1)
     prefill(target, mx.array(ids), cache)
     for layer_type, layer in target.kv_producers.items():
-        keys, values = cache[layer].view()
+        keys, values, _ = cache[layer].view()
         reach = keys.shape[2]
         ref_k, ref_v = (t[:, :, -reach:].numpy() for t in ref[layer_type])
         assert keys.shape == ref_k.shape

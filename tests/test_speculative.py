@@ -16,6 +16,7 @@ import pytest
 from mlx_gemma_mtp import load, load_drafter, stream_generate
 from mlx_gemma_mtp.load import load_target
 from mlx_gemma_mtp.quantize import quantize
+from mlx_gemma_mtp.sample import make_sampling
 from mlx_gemma_mtp.speculative import (
     MAX_DRAFT,
     Draft,
@@ -189,7 +190,32 @@ def test_long_context_through_cache_compaction(kind, pairs):
     cache = target.make_cache(MAX_DRAFT + 1)
     stats = DraftStats()
     head = _take(speculative_tokens(target, prompt, cache, drafter_proposer(drafter, target), 7, 300, stats), 150)
-    assert max(c.start for c in cache if hasattr(c, "start")) > 0
     rest = speculative_tokens(target, mx.array([[head[-1]]]), cache, drafter_proposer(drafter, target), 5, 300, DraftStats())
     assert head + _take(rest, 150) == plain
+    # The buffers filled up (prompt, then a round at a time) and moved their tails to the front.
+    assert max(c.start for c in cache if hasattr(c, "start")) > 0
     assert stats.accepted > 0
+
+
+def test_rounds_are_queued_before_the_previous_is_read_back(pairs):
+    """The host builds round r+1 while the device runs round r: proposals then see a device
+    position. With logits processors (the history must be on the host) every round is read
+    back first, and the output is the same either way."""
+    target, drafter = pairs["dense"]
+    propose = drafter_proposer(drafter, target)
+    prompt, n = _prompt(3), 40
+    for sampling, pipelined in ((make_sampling(), True), (make_sampling(repetition_penalty=1.0), False)):
+        device_positions = []
+
+        def recording(request, cache):
+            device_positions.append(isinstance(request.position, mx.array))
+            return propose(request, cache)
+
+        cache = target.make_cache(MAX_DRAFT + 1)
+        out = _take(speculative_tokens(target, prompt, cache, recording, 3, n, DraftStats(), sampling=sampling), n)
+        assert out == _plain(target, prompt, n)
+        if pipelined:
+            # The first round starts from the prefill; the last ones drain near max_tokens.
+            assert not device_positions[0] and sum(device_positions) >= len(device_positions) - 3
+        else:
+            assert not any(device_positions)
