@@ -77,8 +77,8 @@ def test_missing_peer_is_one_line(tmp_path):
 def test_peer_process_refuses_an_mlx_lm_from_elsewhere(tmp_path):
     """A peer path without the fork: the runner imports our mlx-lm instead and says so."""
     refused = pytest.raises(SystemExit, match=r"bench.peer: mlx_lm was imported from .* not from ")
-    with refused, peer.peer_process(tmp_path, tmp_path):
-        pass
+    with refused, peer.peer_process(tmp_path, tmp_path) as process:
+        raise AssertionError(f"the runner started against a path without the fork: {process}")
 
 
 @pytest.mark.skipif(not WHEELS, reason="no mlx_lm_broomva wheel in .device/peer/ (see bench/peer.py)")
