@@ -62,9 +62,11 @@ def environment() -> dict:
     }
 
 
-def bench_shape(shape: str, bits: str, args) -> dict:
+def bench_shape(shape: str, bits: str, args, result: dict, save) -> None:
+    """Fill `result` for one shape, calling `save()` whenever a part is done (a run cut short
+    by a time limit keeps what it measured)."""
     target, drafter = build(shape, bits=None if bits == "bf16" else int(bits))
-    result = {"shape": shape, "bits": bits, "target_bytes": nbytes(target), "drafter_bytes": nbytes(drafter)}
+    result |= {"shape": shape, "bits": bits, "target_bytes": nbytes(target), "drafter_bytes": nbytes(drafter)}
     vocab = target.args.vocab_size
     if "cost" in args.parts or "e2e" in args.parts:
         result["verify_ms"], result["verify_python_ms"] = {}, {}
@@ -73,6 +75,7 @@ def bench_shape(shape: str, bits: str, args) -> dict:
             result["verify_ms"][str(ctx)], result["verify_python_ms"][str(ctx)] = costs, python
         result["drafter_ms"] = measure.drafter_costs(target, drafter, args.contexts[0], args.trials)
         result["drafter_head_bytes"] = measure.drafter_head_bytes(drafter)
+        save()
     prompt = measure.random_tokens(args.prompt, vocab, seed=3)
     if "e2e" in args.parts or "baseline" in args.parts or "memory" in args.parts:
         plain = measure.plain_run(target, prompt, args.tokens)  # warm-up and the known continuation
@@ -80,20 +83,22 @@ def bench_shape(shape: str, bits: str, args) -> dict:
         assert all(r.tokens == plain.tokens for r in runs)
         result["plain_ms_per_token"] = statistics.median(r.ms_per_token for r in runs)
         result["plain_peak_gb"] = max(r.peak_gb for r in runs)
+        save()
     if "baseline" in args.parts:
         runs = [measure.mlx_lm_run(target, prompt, args.tokens) for _ in range(args.trials + 1)][1:]
         # bf16 rounding differs between two implementations: record where the outputs part.
         result["mlx_lm_same_tokens"] = measure.common_prefix(runs[0].tokens, plain.tokens)
         result["mlx_lm_ms_per_token"] = statistics.median(r.ms_per_token for r in runs)
+        save()
     if "e2e" in args.parts:
-        result["e2e"] = _e2e(target, drafter, prompt, plain.tokens, result, args)
-    return result
+        result["e2e"] = []
+        _e2e(target, drafter, prompt, plain.tokens, result, args, save)
 
 
-def _e2e(target, drafter, prompt, plain_tokens, result, args) -> list[dict]:
+def _e2e(target, drafter, prompt, plain_tokens, result, args, save) -> None:
+    """Append a cell to result["e2e"] per (alpha, k), saving after each."""
     verify = {int(L): ms for L, ms in result["verify_ms"][str(args.contexts[0])].items()}
     c_draft = min(result["drafter_ms"].values())
-    cells = []
     for alpha in args.alphas:
         for k in args.ks:
             k = k if k in DRAFT_POLICIES else int(k)
@@ -120,12 +125,14 @@ def _e2e(target, drafter, prompt, plain_tokens, result, args) -> list[dict]:
                 "same_as_plain": measure.common_prefix(continuation, plain_tokens),
                 "replay_passes": passes,
             }
+            if k == "auto":
+                cell["auto_costs_ms"] = measure.auto_costs_ms(runs[0].policy)
             if isinstance(k, int) and k + 1 in verify:
                 cell["ideal"] = measure.ideal_speedup(alpha, k, c_draft, verify)
                 cell["of_ideal"] = cell["speedup"] / cell["ideal"]
-            cells.append(cell)
+            result["e2e"].append(cell)
+            save()
             print(_cell_line(result, cell), flush=True)
-    return cells
 
 
 def _replay_fixed_point(target, drafter, prompt, plain_tokens, alpha, k, n, max_passes=8):
@@ -162,11 +169,16 @@ def main(argv: list[str] | None = None) -> int:
         _quick(args)
     report = {"environment": environment(), "arguments": {k: str(v) for k, v in vars(args).items()}, "results": []}
     args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        args.out.write_text(json.dumps(report, indent=1))
+
     for shape in args.shapes:
         for bits in args.bits:
-            result = bench_shape(shape, bits, args)
+            result: dict = {}
             report["results"].append(result)
-            args.out.write_text(json.dumps(report, indent=1))  # after every shape: partial runs keep data
+            bench_shape(shape, bits, args, result, save)
+            save()
             print(_summary(result), flush=True)
             mx.clear_cache()
     try:

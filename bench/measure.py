@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from mlx_gemma_mtp.draft_length import Auto, DraftLength
 from mlx_gemma_mtp.drafter import Drafter
 from mlx_gemma_mtp.generate import draft_length
 from mlx_gemma_mtp.speculative import (
@@ -142,9 +143,10 @@ class Run:
     ms_per_token: float
     stats: DraftStats
     peak_gb: float
+    policy: DraftLength | int | None = None  # what chose the draft lengths, as it ended
 
 
-def _timed(make_tokens, n: int, stats: DraftStats) -> Run:
+def _timed(make_tokens, n: int, stats: DraftStats, policy: DraftLength | int | None = None) -> Run:
     mx.reset_peak_memory()
     tokens = make_tokens()
     first = next(tokens)[0]  # prefill excluded from the timing
@@ -152,7 +154,7 @@ def _timed(make_tokens, n: int, stats: DraftStats) -> Run:
     rest = [t for t, _ in itertools.islice(tokens, n - 1)]
     elapsed = time.perf_counter() - start
     tokens.close()
-    return Run([first] + rest, elapsed * 1e3 / (n - 1), stats, mx.get_peak_memory() / 1e9)
+    return Run([first] + rest, elapsed * 1e3 / (n - 1), stats, mx.get_peak_memory() / 1e9, policy)
 
 
 def plain_run(target: Target, prompt: mx.array, n: int) -> Run:
@@ -168,7 +170,7 @@ def replay_run(target, drafter, prompt, continuation, alpha, k: int | str, n, se
     def make():
         return speculative_tokens(target, prompt, target.make_cache(MAX_DRAFT + 1), propose, num_draft, n, stats)
 
-    return _timed(make, n, stats)
+    return _timed(make, n, stats, num_draft)
 
 
 def mlx_lm_run(target: Target, prompt: mx.array, n: int) -> Run:
@@ -183,6 +185,13 @@ def mlx_lm_run(target: Target, prompt: mx.array, n: int) -> Run:
         return ((int(t), False) for t, _ in steps)
 
     return _timed(make, n, DraftStats())
+
+
+def auto_costs_ms(policy: Auto) -> dict:
+    """What auto started from (the measured costs) and what it learnt from the clock, in ms
+    per round of each k (k = 0: per plain token)."""
+    measured = {k: policy.costs.round(k) * 1e3 for k in range(MAX_DRAFT + 1)}
+    return {"measured": measured, "observed": {k: s * 1e3 for k, s in sorted(policy.observed.items())}}
 
 
 def ideal_speedup(alpha: float, k: int, c_draft: float, verify: dict[int, float]) -> float:

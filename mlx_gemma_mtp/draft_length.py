@@ -2,43 +2,42 @@
 
 A policy is asked `choose(limit)` before every round, told `observe(k, accepted)` after
 each drafting round and `observe_time(k, seconds)` of what each round (k >= 1) or plainly
-decoded token (k = 0) really took. Choosing 0 means "decode plainly": the loop then runs `plain_run()`
-tokens of pipelined plain decoding before it asks again.
+decoded token (k = 0) really took. Choosing 0 means "decode one token plainly". The loop asks
+one round ahead (it queues round r+1 before reading round r back), so a choice never sees the
+outcome of the round just before it.
 
 `Auto` maximises expected tokens per second. A round drafting k tokens costs
 `k * draft + verify[k]` seconds (as measured, until the loop has timed such rounds) and yields
 1 + a_1 + a_1 a_2 + ... + a_1 ... a_k tokens on average, where a_j is the chance that draft j is accepted once drafts 1..j-1 were; plain
 decoding yields one token per `plain` seconds. The costs are measured once per device
 (`costs.py`), the a_j are tracked online, and k = 0 is chosen when no k beats plain decoding
-(probing again after 16, 32, ... 256 plain tokens).
+(probing again after 16 or more, then twice as many, ... up to 256 plain tokens). What rounds really cost in the loop is
+learnt from the clock, per k.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
 MAX_DRAFT = 16  # longest draft a round may use; sliding caches keep this much room
-UNLIMITED = 1 << 62  # plain_run of a policy that never drafts
 
 HEURISTIC_START = 6  # Google's assistants ship num_assistant_tokens = 6 (generation_config.json)
 
 PRIOR_ACCEPTANCE = 0.5  # a_1 before any round is observed
 PRIOR_WEIGHT = 2.0  # pseudo-rounds behind each prior: a_j leans on a_{j-1} until j is tried
 DECAY = 0.98  # per observed round: acceptance counts remember about the last 50 rounds
-SLOWDOWN_RATE = 0.2  # weight of each new timing in the observed/measured cost ratio
 OBSERVED_RATE = 0.3  # weight of each new timing in the observed cost of its own k
 OUTLIER = 3.0  # a timing over 3x the estimate is a compile or a hiccup: counted as 3x
-PROBE_FIRST = 16  # plain tokens before drafting is tried again ...
+PROBE_FIRST = 16  # plain tokens before drafting is tried again (at least) ...
 PROBE_LAST = 256  # ... doubling after each failed probe, up to this
+PROBE_SHARE = 0.03  # ... and at least as many as keep a failed probe's cost within 3% of them
 
 
 class DraftLength(Protocol):
     def choose(self, limit: int) -> int:
         """Drafts for the next round, 0..limit (0: decode plainly)."""
-
-    def plain_run(self) -> int:
-        """After `choose` returned 0: how many tokens to decode plainly before choosing again."""
 
     def observe(self, k: int, accepted: int) -> None:
         """A round drafted k >= 1 tokens and the first `accepted` of them were kept."""
@@ -61,9 +60,6 @@ class Fixed:
     def choose(self, limit: int) -> int:
         return min(self.k, limit)
 
-    def plain_run(self) -> int:
-        return UNLIMITED if self.k == 0 else 1
-
     def observe(self, k: int, accepted: int) -> None:
         """A fixed k ignores acceptance."""
 
@@ -83,9 +79,6 @@ class Heuristic:
 
     def choose(self, limit: int) -> int:
         return min(self.k, limit)
-
-    def plain_run(self) -> int:
-        return 1
 
     def observe(self, k: int, accepted: int) -> None:
         self.k = min(self.k + 2, self.high) if accepted == k else max(self.k - 1, self.low)
@@ -117,15 +110,20 @@ class Auto:
         self.costs = costs
         self.tries = [0.0] * MAX_DRAFT  # rounds (decayed) that reached draft position j + 1
         self.hits = [0.0] * MAX_DRAFT  # ... and kept it
-        self.probe_gap = PROBE_FIRST
-        self.probe_due = True  # the first round drafts, whatever the prior says
-        # Observed / measured cost, for drafting rounds and for plain tokens. The measurement
-        # times each forward alone; in the loop a round's host work overlaps the previous
-        # round or not, and a shared GPU drifts (seen on MLX CUDA: rounds 0.7-2x their
-        # measured cost). The model learns that from the clock: one ratio for every k, and
-        # each k's own cost once it has been timed (the measured curve is noisy per k).
-        self.slowdown = {"draft": 1.0, "plain": 1.0}
+        # A probe that fails costs one round instead of one plain token: where that is dear
+        # (MLX CUDA's quantized verify of 2-7 rows: 2.5x a plain token) probes come rarer.
+        extra = min(costs.round(k) for k in range(1, MAX_DRAFT + 1)) / costs.plain - 1
+        self.probe_first = min(max(PROBE_FIRST, math.ceil(extra / PROBE_SHARE)), PROBE_LAST)
+        self.probe_gap = self.probe_first  # plain tokens between the next probe and the one after
+        self.plain_left = 0  # plain tokens before the next probe: the first round drafts
+        # The measurement times each forward alone; in the loop a round's host work overlaps
+        # the previous round, a shared GPU drifts (seen on MLX CUDA: rounds 0.7-2x their
+        # measured cost) and some lengths take slow kernels. So each k's cost is learnt from
+        # the clock once it has been timed; an untimed k is assumed to cost its measurement
+        # times the best observed/measured ratio of any drafting round: optimistic, so it
+        # gets tried (and learnt) when that would make it the best.
         self.observed: dict[int, float] = {}  # k -> seconds per round (k = 0: per plain token)
+        self.compiled: set[int] = set()  # k whose first, outlying timing was passed over
 
     def acceptance(self) -> list[float]:
         """a_j for j = 1..MAX_DRAFT: each position's kept / reached, shrunk towards the
@@ -149,10 +147,13 @@ class Auto:
 
     def cost(self, k: int) -> float:
         """Seconds a round drafting k tokens takes (k = 0: one plain token): as timed in this
-        generation, else as measured times the ratio seen so far."""
+        generation, else as measured times the best ratio timed drafting rounds have shown."""
         if k in self.observed:
             return self.observed[k]
-        return self.costs.round(k) * self.slowdown["draft" if k else "plain"]
+        if k == 0:
+            return self.costs.plain
+        ratios = [seconds / self.costs.round(j) for j, seconds in self.observed.items() if j]
+        return self.costs.round(k) * min(ratios, default=1.0)
 
     def choose(self, limit: int) -> int:
         limit = min(limit, MAX_DRAFT)
@@ -160,18 +161,15 @@ class Auto:
             return 0
         rates = self.rates(limit)
         best = max(range(limit + 1), key=rates.__getitem__)
-        if best == 0 and self.probe_due:
-            self.probe_due = False
-            return max(range(1, limit + 1), key=rates.__getitem__)  # probe: the best k >= 1
-        if best > 0:
-            self.probe_gap = PROBE_FIRST
-        return best
-
-    def plain_run(self) -> int:
-        gap = self.probe_gap
-        self.probe_gap = min(2 * gap, PROBE_LAST)
-        self.probe_due = True
-        return gap
+        if best > 0:  # should it stop paying: probe_first plain tokens, a probe, then twice as many
+            self.plain_left, self.probe_gap = self.probe_first, min(2 * self.probe_first, PROBE_LAST)
+            return best
+        if self.plain_left > 0:
+            self.plain_left -= 1
+            return 0
+        # A probe: the best k >= 1, then twice as many plain tokens before the next one.
+        self.plain_left, self.probe_gap = self.probe_gap, min(2 * self.probe_gap, PROBE_LAST)
+        return max(range(1, limit + 1), key=rates.__getitem__)
 
     def observe(self, k: int, accepted: int) -> None:
         for j in range(MAX_DRAFT):
@@ -183,8 +181,12 @@ class Auto:
             self.hits[j] += 1
 
     def observe_time(self, k: int, seconds: float) -> None:
-        seconds = min(seconds, OUTLIER * self.cost(k))
-        kind = "draft" if k else "plain"
-        self.slowdown[kind] += SLOWDOWN_RATE * (seconds / self.costs.round(k) - self.slowdown[kind])
-        before = self.observed.get(k, seconds)
-        self.observed[k] = before + OBSERVED_RATE * (seconds - before)
+        estimate = self.cost(k)
+        if k not in self.observed and seconds > OUTLIER * estimate and k not in self.compiled:
+            self.compiled.add(k)  # the first round of this length compiling kernels for its shapes
+            return
+        seconds = min(seconds, OUTLIER * estimate)  # a hiccup counts, but only as 3x
+        if k not in self.observed:
+            self.observed[k] = seconds
+            return
+        self.observed[k] = estimate + OBSERVED_RATE * (seconds - estimate)

@@ -5,14 +5,16 @@ Greedy (temperature 0): a draft is kept only where it equals the target's argmax
 is the target's own greedy output. Sampling: drafts are drawn from the drafter's q and judged
 by `sample.judge` (Leviathan et al. 2023), so every token is distributed as the target's p.
 Either way one host sync per round. A round may also draft nothing (`draft_length.py` chose
-k = 0): then the loop decodes plainly, pipelined as mlx-lm's generate_step, for a while.
+k = 0): it is then one step of plain decoding.
 
 Rounds are pipelined too. Everything a round needs from the one before (how many drafts were
 kept, the token after them, its hidden state, where the next write goes) stays on the device,
 so round r+1 is queued before the host reads round r back: the host's graph building and
 kernel launches overlap the device's work instead of adding to it. The caches take the
-device-side position (`cache.py`); the host reads each round one round late. Logits
-processors need the host to know the history, so with them a round is read right away.
+device-side position (`cache.py`); the host reads each round one round late, so plain steps
+run pipelined as mlx-lm's generate_step does, and a probe round between them drains nothing.
+Logits processors need the host to know the history, so with them a drafting round is read
+right away (a plain step extends the history on the device and stays pipelined).
 
 Token generators here yield `(token, from_draft)` forever; the caller stops iterating (stop id,
 max tokens, a UI's stop button). Whenever they stop, the cache is left holding the prompt and
@@ -29,7 +31,7 @@ from typing import Callable, Iterator, Sequence
 import mlx.core as mx
 
 from .cache import Position
-from .draft_length import MAX_DRAFT, UNLIMITED, DraftLength, Fixed
+from .draft_length import MAX_DRAFT, DraftLength, Fixed
 from .drafter import Drafter
 from .sample import GREEDY, Sampling, judge, random_key
 from .target import Target
@@ -203,14 +205,6 @@ class _Cursor:
     high: int = 0
     generated: int = 0  # tokens yielded
 
-    def advance(self, tokens: list[int], hidden: mx.array, key: mx.array | None) -> None:
-        self.token = mx.array([tokens[-1:]], dtype=mx.int32)
-        self.hidden = hidden
-        self.position += len(tokens)
-        self.low = self.high = self.position
-        self.history = _extended(self.history, tokens)
-        self.key = key
-
 
 def _start(target, prompt, cache, sampling, key, context) -> tuple[_Cursor, int]:
     """Prefill and choose the first token: the cursor on it, and its id (the one host sync)."""
@@ -238,7 +232,7 @@ def _start(target, prompt, cache, sampling, key, context) -> tuple[_Cursor, int]
 
 @dataclass
 class _Queued:
-    """A drafting round queued on the device and not read back yet."""
+    """A round (k = 0: a plain step) queued on the device and not read back yet."""
 
     k: int
     start: int | None  # position of its first verified token, once the host knows it
@@ -268,16 +262,19 @@ def speculative_tokens(
     a sampled run without a key draws one from MLX's global generator). context: the token ids
     the cache already holds before `prompt`, for the logits processors. Greedy output equals
     plain greedy decoding of `target`; sampled output is distributed as plain sampling.
+
+    Every step is a round, plain ones (k = 0: one target forward of one token) included, so a
+    round of drafts can be queued between plain steps without draining the pipeline: a probe
+    of a useless drafter costs one verify of two tokens instead of one, not a round trip.
     """
     policy = Fixed(num_draft) if isinstance(num_draft, int) else num_draft
-    pipelined = not sampling.processors  # processors read the history: the host must know it
     start = cache[0].offset  # a reused cache continues where it stands
     cursor, first = _start(target, prompt, cache, sampling, key, context)
     base = cursor.position - 1  # position - base = tokens emitted up to the one at `position`
     pending: _Queued | None = None  # queued, not read back
-    # Nothing is queued on a guess until a round has been seen: a stretch of drafting starts
-    # with one round read back at once (a probe of a useless drafter costs one round, not two).
-    drafting = False
+    # The first drafting round is read back before the next is chosen: nothing is queued on a
+    # guess before a round has been seen (a useless drafter's first round costs one round).
+    drafted = False
     resolved_at = time.perf_counter()
     emitted = [(first, False)]  # read back, not yielded yet
     try:
@@ -288,64 +285,65 @@ def speculative_tokens(
             # Tokens that may be emitted before the next round: those yielded, and a pending
             # round's at most k + 1. No round drafts past max_tokens.
             limit = max_tokens - cursor.generated - 1 - (pending.k + 1 if pending else 0)
-            if pending is not None and limit <= 0:
+            # A round is queued behind a pending one only when it does not need the pending
+            # one's outcome on the host: logits processors read the history, which a drafting
+            # round extends by a count the host has not read yet.
+            if pending is not None and (limit < 0 or (sampling.processors and pending.k)):
                 emitted, pending = _read_back(pending, cursor, cache, None, policy, stats, resolved_at), None
                 resolved_at = time.perf_counter()
-                continue  # near the end: decide on what is known
+                continue
             limit = max(limit, 0)
             k = min(policy.choose(limit), limit, MAX_DRAFT)  # sliding caches keep room for MAX_DRAFT
-            if k == 0 and pending is not None:
-                # Plain decoding starts from an exact position: read the queued round first.
-                emitted, pending = _read_back(pending, cursor, cache, None, policy, stats, resolved_at), None
-                for item in emitted:
-                    cursor.generated += 1
-                    yield item
-                limit = max(max_tokens - cursor.generated - 1, 0)
-                resolved_at = time.perf_counter()
-            if k == 0:
-                run = min(policy.plain_run(), limit + 1)
-                emitted, per_token = yield from _plain_run(target, cache, cursor, run, sampling, stats)
-                policy.observe_time(0, per_token)
-                resolved_at, drafting = time.perf_counter(), False
-                continue
             queued = _queue_round(target, cache, propose, cursor, k, sampling, base)
-            if pending is None and pipelined and drafting:
+            if pending is None and (k == 0 or drafted):
                 pending, emitted = queued, []  # nothing to read back yet: queue the next round
                 continue
             done, pending = (pending, queued) if pending is not None else (queued, None)
             emitted = _read_back(done, cursor, cache, pending, policy, stats, resolved_at)
-            resolved_at, drafting = time.perf_counter(), True
+            resolved_at, drafted = time.perf_counter(), drafted or done.k > 0
     finally:
         settle(cache, start, prompt.shape[1], cursor.generated)
 
 
 def _queue_round(target, cache, propose, cursor: _Cursor, k: int, sampling: Sampling, base: int) -> _Queued:
-    """Draft k and verify them in one forward, all on the device: the acceptance rule's
-    outcome stays there, `cursor` and the caches move to where the next round starts."""
+    """Draft k (none when k = 0) and verify them in one forward, all on the device: the
+    acceptance rule's outcome stays there, `cursor` and the caches move to where the next
+    round starts."""
     key, draft_key, judge_key = _split(cursor.key, 3)
-    request = DraftRequest(
-        token=cursor.token, hidden=cursor.hidden, position=cursor.position, generated=cursor.position - base,
-        k=k, sampling=sampling, key=draft_key, history=cursor.history,
-    )  # fmt: skip
-    draft = propose(request, cache)
-    drafts = draft.tokens.astype(mx.int32)  # [1, k]
-    # The device drafts while the host builds the verify graph (not a sync: nothing waits).
-    mx.async_eval(drafts, *(a for a in (draft.q, draft.q_ids) if a is not None))
-    verify_hidden = target(mx.concatenate([cursor.token, drafts], axis=1), cache)  # [1, k+1, H]
-    logits = sampling.process(target.logits(verify_hidden)[0], cursor.history, drafts[0])  # [k+1, V]
-    kept, follow = _accept(logits, drafts[0], draft, sampling, judge_key)
+    if k:
+        request = DraftRequest(
+            token=cursor.token, hidden=cursor.hidden, position=cursor.position, generated=cursor.position - base,
+            k=k, sampling=sampling, key=draft_key, history=cursor.history,
+        )  # fmt: skip
+        draft = propose(request, cache)
+        drafts = draft.tokens.astype(mx.int32)  # [1, k]
+        # The device drafts while the host builds the verify graph (not a sync: nothing waits).
+        mx.async_eval(drafts, *(a for a in (draft.q, draft.q_ids) if a is not None))
+        verify_hidden = target(mx.concatenate([cursor.token, drafts], axis=1), cache)  # [1, k+1, H]
+        logits = sampling.process(target.logits(verify_hidden)[0], cursor.history, drafts[0])  # [k+1, V]
+        kept, follow = _accept(logits, drafts[0], draft, sampling, judge_key)
+        hidden = mx.take(verify_hidden, kept.reshape(1), axis=1)
+    else:  # a plain step: the next token as plain decoding picks it
+        drafts = mx.zeros((1, 0), mx.int32)
+        hidden = target(cursor.token, cache)  # [1, 1, H]
+        logits = sampling.process(target.logits(hidden)[0], cursor.history)  # [1, V]
+        kept, follow = mx.array(0, mx.int32), sampling.pick(logits, judge_key)[0].astype(mx.int32)
     queued = _Queued(
         k=k, start=cursor.position if isinstance(cursor.position, int) else None,
         drafts=drafts[0], kept=kept, follow=follow, queued_at=time.perf_counter(),
     )  # fmt: skip
     cursor.token = follow.reshape(1, 1)
-    cursor.hidden = mx.take(verify_hidden, kept.reshape(1), axis=1)
-    cursor.position = cursor.position + kept + 1
+    cursor.hidden = hidden
+    cursor.position = cursor.position + (kept + 1 if k else 1)  # a plain step keeps an int an int
     cursor.low, cursor.high = cursor.low + 1, cursor.high + k + 1
     cursor.key = key
+    if not k:
+        # Its one token is known to follow, read or not: the history can take it now, so the
+        # next round can be queued behind this one even with logits processors.
+        cursor.history = _extended(cursor.history, cursor.token[0])
     for c in cache:
         c.seek(cursor.position, cursor.low, cursor.high)
-    mx.async_eval(queued.drafts, kept, follow, cursor.hidden, cursor.position)
+    mx.async_eval(follow, cursor.hidden, *([queued.drafts, kept, cursor.position] if k else []))
     return queued
 
 
@@ -371,7 +369,8 @@ def _read_back(done: _Queued, cursor: _Cursor, cache, pending: _Queued | None, p
     values = mx.concatenate([done.drafts, done.kept[None], done.follow[None]]).tolist()
     drafted, m, follow = values[: done.k], values[done.k], values[done.k + 1]
     stats.record(done.k, m)
-    policy.observe(done.k, m)
+    if done.k:
+        policy.observe(done.k, m)
     if pending is not None or done.queued_at >= since:
         # Its time: since it was queued, or, queued behind the round read back at `since`,
         # since then (the device ran them back to back). A round drained with nothing behind
@@ -381,47 +380,18 @@ def _read_back(done: _Queued, cursor: _Cursor, cache, pending: _Queued | None, p
     if pending is None:
         # Nothing queued after `done`: the cursor and the caches become exact again.
         cursor.position = cursor.low = cursor.high = after
-        cursor.history = _extended(cursor.history, drafted[:m] + [follow])
+        if done.k:  # a plain step's token went into the history when it was queued
+            cursor.history = _extended(cursor.history, drafted[:m] + [follow])
         for c in cache:
             c.seek(after)
     else:
         pending.start = after
         cursor.low, cursor.high = after + 1, after + pending.k + 1
+        if pending.k == 0:
+            cursor.position = after + 1  # behind a plain step the position is known exactly
         for c in cache:
             c.seek(cursor.position, cursor.low, cursor.high)
     return [(t, True) for t in drafted[:m]] + [(follow, False)]
-
-
-def _plain_run(target, cache, cursor: _Cursor, n: int, sampling: Sampling, stats: DraftStats):
-    """n tokens of plain decoding, pipelined as mlx-lm's generate_step: the next forward is
-    queued (async_eval) before the host waits for the current token. Yields all but the last;
-    returns the last as the next round's emitted token (`cursor` on it) and the seconds per
-    token the run took, time spent at the caller's side of a yield excluded."""
-    started, busy = time.perf_counter(), 0.0
-    key, pick_key = _split(cursor.key)
-    hidden = target(cursor.token, cache)  # [1, 1, H]: predicts the token after cursor.token
-    token = sampling.pick(sampling.process(target.logits(hidden)[0], cursor.history), pick_key)[None]
-    mx.async_eval(token)
-    for _ in range(n - 1):
-        history = _extended(cursor.history, token[0])
-        key, pick_key = _split(key)
-        next_hidden = target(token, cache)
-        next_token = sampling.pick(sampling.process(target.logits(next_hidden)[0], history), pick_key)[None]
-        mx.async_eval(next_token)
-        stats.record(0, 0)
-        value = token.item()
-        cursor.token, cursor.hidden, cursor.history = token, hidden, history
-        cursor.position += 1
-        cursor.generated += 1  # counted before the yield: a stop there has received it
-        busy += time.perf_counter() - started
-        yield value, False
-        started = time.perf_counter()
-        token, hidden = next_token, next_hidden
-    stats.record(0, 0)
-    value = token.item()
-    busy += time.perf_counter() - started
-    cursor.advance([value], hidden, key)
-    return [(value, False)], busy / max(n, 1)
 
 
 def plain_tokens(
@@ -434,14 +404,32 @@ def plain_tokens(
     context: Sequence[int] = (),
     stats: DraftStats | None = None,
 ) -> Iterator[tuple[int, bool]]:
-    """Plain decoding (greedy, or sampled as `sampling` says), pipelined: yields
-    (token, False) forever."""
+    """Plain decoding (greedy, or sampled as `sampling` says), pipelined as mlx-lm's
+    generate_step: the next forward is queued (async_eval) before the host waits for the
+    current token. Yields (token, False) forever. The baseline the speculative loop is held to."""
     stats = DraftStats() if stats is None else stats
     start = cache[0].offset
     cursor, first = _start(target, prompt, cache, sampling, key, context)
     try:
         cursor.generated += 1
         yield first, False
-        yield from _plain_run(target, cache, cursor, UNLIMITED, sampling, stats)
+        key = cursor.key
+
+        def step(token: mx.array, history: mx.array | None) -> tuple[mx.array, mx.array | None]:
+            """Queue the forward after `token` [1, 1]: the next token [1, 1] and its history."""
+            nonlocal key
+            key, pick_key = _split(key)
+            logits = sampling.process(target.logits(target(token, cache))[0], history)
+            following = sampling.pick(logits, pick_key)[None]
+            mx.async_eval(following)
+            return following, _extended(history, following[0])
+
+        token, history = step(cursor.token, cursor.history)
+        while True:
+            following = step(token, history)
+            stats.record(0, 0)
+            cursor.generated += 1  # counted before the yield: a stop there has received it
+            yield token.item(), False
+            token, history = following
     finally:
         settle(cache, start, prompt.shape[1], cursor.generated)

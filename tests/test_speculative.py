@@ -219,3 +219,46 @@ def test_rounds_are_queued_before_the_previous_is_read_back(pairs):
             assert not device_positions[0] and sum(device_positions) >= len(device_positions) - 3
         else:
             assert not any(device_positions)
+
+
+class _Watching:
+    """A policy playing `moves` forever that notes, at each choice, how many rounds the loop
+    had read back (`stats` counts a round when it is read back)."""
+
+    def __init__(self, moves, stats: DraftStats):
+        self.moves, self.stats, self.read_back = itertools.cycle(moves), stats, []
+
+    def choose(self, limit):
+        self.read_back.append(sum(self.stats.k_histogram))
+        return min(next(self.moves), limit)
+
+    def observe(self, k, accepted):
+        """Watching only."""
+
+    def observe_time(self, k, seconds):
+        """Watching only."""
+
+
+def test_plain_steps_and_probes_between_them_stay_pipelined(pairs):
+    """A plain step (k = 0) is a round like any other: the next one is chosen and queued while
+    it runs, a probe round between plain steps drains nothing, and with logits processors
+    plain steps stay pipelined too (their token joins the history on the device) while a
+    drafting round is read back before the next is queued."""
+    target, drafter = pairs["dense"]
+    propose = drafter_proposer(drafter, target)
+    prompt, n = _prompt(4), 48
+    moves = [0] * 6 + [2] + [0] * 4 + [1]
+    for sampling in (make_sampling(), make_sampling(repetition_penalty=1.0)):
+        stats = DraftStats()
+        policy = _Watching(moves, stats)
+        cache = target.make_cache(MAX_DRAFT + 1)
+        assert _take(speculative_tokens(target, prompt, cache, propose, policy, n, stats, sampling=sampling), n) == (
+            _plain(target, prompt, n)
+        )
+        assert stats.k_histogram[1] and stats.k_histogram[2] and stats.rounds
+        # Choice c (0-based) is made with rounds 0..c-2 read back: round c-1 still runs, ...
+        behind = [c - seen for c, seen in enumerate(policy.read_back)]
+        after_drafting = [c for c in range(1, len(moves) * 3) if moves[(c - 1) % len(moves)]]
+        for c in range(1, len(moves) * 3):
+            expected = 0 if sampling.processors and c in after_drafting else 1  # ... except here
+            assert behind[c] == expected, (c, behind)
