@@ -56,8 +56,14 @@ def cost_key(target: Target, drafter: Drafter) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+# What names the device in the cost key: MLX CUDA's device_info also reports free memory,
+# which changes from one generation to the next and would have every one measure again.
+DEVICE_KEYS = ("device_name", "architecture", "memory_size", "total_memory")
+
+
 def _device() -> str:
-    return f"{mx.default_device()} {json.dumps(mx.device_info(), sort_keys=True)}"
+    info = {k: v for k, v in mx.device_info().items() if k in DEVICE_KEYS}
+    return f"{mx.default_device()} {json.dumps(info, sort_keys=True)}"
 
 
 def _write(path: Path, data: dict) -> None:

@@ -18,6 +18,8 @@ learnt from the clock, per k.
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,8 +30,8 @@ HEURISTIC_START = 6  # Google's assistants ship num_assistant_tokens = 6 (genera
 PRIOR_ACCEPTANCE = 0.5  # a_1 before any round is observed
 PRIOR_WEIGHT = 2.0  # pseudo-rounds behind each prior: a_j leans on a_{j-1} until j is tried
 DECAY = 0.98  # per observed round: acceptance counts remember about the last 50 rounds
-OBSERVED_RATE = 0.3  # weight of each new timing in the observed cost of its own k
-OUTLIER = 3.0  # a timing over 3x the estimate is a compile or a hiccup: counted as 3x
+TIMINGS = 9  # a k's cost is the median of its last 9 timings: one hiccup moves nothing
+OUTLIER = 3.0  # the first timing of a k over 3x its estimate is a compile: passed over
 PROBE_FIRST = 16  # plain tokens before drafting is tried again (at least) ...
 PROBE_LAST = 256  # ... doubling after each failed probe, up to this
 PROBE_SHARE = 0.03  # ... and at least as many as keep a failed probe's cost within 3% of them
@@ -122,8 +124,13 @@ class Auto:
         # the clock once it has been timed; an untimed k is assumed to cost its measurement
         # times the best observed/measured ratio of any drafting round: optimistic, so it
         # gets tried (and learnt) when that would make it the best.
-        self.observed: dict[int, float] = {}  # k -> seconds per round (k = 0: per plain token)
+        # (A median, not a running mean: seen on MLX CUDA, one plain step's hiccup inflated
+        # the plain cost until drafting with a useless drafter looked cheaper, and as plain
+        # steps were then no longer chosen, nothing corrected it.)
+        self.timings: dict[int, deque[float]] = {}  # k -> its last TIMINGS timings
+        self.observed: dict[int, float] = {}  # k -> their median, seconds per round (k = 0: per plain token)
         self.compiled: set[int] = set()  # k whose first, outlying timing was passed over
+        self.best_ratio = 1.0  # the least observed / measured cost of any timed drafting k
 
     def acceptance(self) -> list[float]:
         """a_j for j = 1..MAX_DRAFT: each position's kept / reached, shrunk towards the
@@ -147,13 +154,14 @@ class Auto:
 
     def cost(self, k: int) -> float:
         """Seconds a round drafting k tokens takes (k = 0: one plain token): as timed in this
-        generation, else as measured times the best ratio timed drafting rounds have shown."""
-        if k in self.observed:
-            return self.observed[k]
+        generation, else as measured times the best ratio timed drafting rounds have shown;
+        at least a plain token's and k drafter steps'."""
         if k == 0:
-            return self.costs.plain
-        ratios = [seconds / self.costs.round(j) for j, seconds in self.observed.items() if j]
-        return self.costs.round(k) * min(ratios, default=1.0)
+            return self.observed.get(0, self.costs.plain)
+        seconds = self.observed[k] if k in self.observed else self.costs.round(k) * self.best_ratio
+        # A round is at least a plain step and k drafter steps (timings are noisy; believing
+        # a round cheaper would have auto draft with a useless drafter).
+        return max(seconds, self.cost(0) + k * self.costs.draft)
 
     def choose(self, limit: int) -> int:
         limit = min(limit, MAX_DRAFT)
@@ -181,12 +189,11 @@ class Auto:
             self.hits[j] += 1
 
     def observe_time(self, k: int, seconds: float) -> None:
-        estimate = self.cost(k)
-        if k not in self.observed and seconds > OUTLIER * estimate and k not in self.compiled:
+        if k not in self.timings and k not in self.compiled and seconds > OUTLIER * self.cost(k):
             self.compiled.add(k)  # the first round of this length compiling kernels for its shapes
             return
-        seconds = min(seconds, OUTLIER * estimate)  # a hiccup counts, but only as 3x
-        if k not in self.observed:
-            self.observed[k] = seconds
-            return
-        self.observed[k] = estimate + OBSERVED_RATE * (seconds - estimate)
+        window = self.timings.setdefault(k, deque(maxlen=TIMINGS))
+        window.append(seconds)
+        self.observed[k] = statistics.median(window)
+        if k:  # kept here, not in cost(): choose() runs before every token, plain ones too
+            self.best_ratio = min(self.observed[j] / self.costs.round(j) for j in self.observed if j)

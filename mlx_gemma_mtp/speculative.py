@@ -235,10 +235,12 @@ class _Queued:
     """A round (k = 0: a plain step) queued on the device and not read back yet."""
 
     k: int
+    exact: bool  # queued at a position the host knew (not behind an unread drafting round)
     start: int | None  # position of its first verified token, once the host knows it
-    drafts: mx.array  # [k] int32
-    kept: mx.array  # [] int32: how many drafts the acceptance rule keeps
-    follow: mx.array  # [] int32: the token after the kept drafts
+    # [k + 2] int32: the drafts, how many the acceptance rule keeps, the token after them.
+    # Built and scheduled with the round: an op made at read-back time would queue behind
+    # the next round, and reading it would wait for that one too (the pipeline lost).
+    outcome: mx.array
     queued_at: float  # perf_counter when it was queued
 
 
@@ -328,9 +330,10 @@ def _queue_round(target, cache, propose, cursor: _Cursor, k: int, sampling: Samp
         hidden = target(cursor.token, cache)  # [1, 1, H]
         logits = sampling.process(target.logits(hidden)[0], cursor.history)  # [1, V]
         kept, follow = mx.array(0, mx.int32), sampling.pick(logits, judge_key)[0].astype(mx.int32)
+    exact = isinstance(cursor.position, int)
     queued = _Queued(
-        k=k, start=cursor.position if isinstance(cursor.position, int) else None,
-        drafts=drafts[0], kept=kept, follow=follow, queued_at=time.perf_counter(),
+        k=k, exact=exact, start=cursor.position if exact else None,
+        outcome=mx.concatenate([drafts[0], kept[None], follow[None]]), queued_at=time.perf_counter(),
     )  # fmt: skip
     cursor.token = follow.reshape(1, 1)
     cursor.hidden = hidden
@@ -343,7 +346,7 @@ def _queue_round(target, cache, propose, cursor: _Cursor, k: int, sampling: Samp
         cursor.history = _extended(cursor.history, cursor.token[0])
     for c in cache:
         c.seek(cursor.position, cursor.low, cursor.high)
-    mx.async_eval(follow, cursor.hidden, *([queued.drafts, kept, cursor.position] if k else []))
+    mx.async_eval(queued.outcome, follow, cursor.hidden, *([cursor.position] if k else []))
     return queued
 
 
@@ -366,15 +369,16 @@ def _read_back(done: _Queued, cursor: _Cursor, cache, pending: _Queued | None, p
     """The round's one host sync: read `done` back, tell the policy and the statistics, and
     tighten what the host knows of the positions after it. Returns its tokens
     [(token, from_draft)]."""
-    values = mx.concatenate([done.drafts, done.kept[None], done.follow[None]]).tolist()
+    values = done.outcome.tolist()
     drafted, m, follow = values[: done.k], values[done.k], values[done.k + 1]
     stats.record(done.k, m)
     if done.k:
         policy.observe(done.k, m)
-    if pending is not None or done.queued_at >= since:
-        # Its time: since it was queued, or, queued behind the round read back at `since`,
-        # since then (the device ran them back to back). A round drained with nothing behind
-        # it ran while the host was away: its time is unknown and is not reported.
+    # Its time: since it was queued, or, queued behind the round read back at `since`, since
+    # then (the device ran them back to back). Not reported: a round drained with nothing
+    # behind it (it ran while the host was away), and a plain step queued behind a drafting
+    # round (it reads a masked cache: not what a plain token costs).
+    if (pending is not None or done.queued_at >= since) and (done.k or done.exact):
         policy.observe_time(done.k, time.perf_counter() - max(since, done.queued_at))
     after = done.start + m + 1  # where the next round started
     if pending is None:

@@ -289,6 +289,19 @@ def test_costs_are_measured_once_and_kept(dense, tmp_path, monkeypatch):
     assert len(again.verify) == MAX_DRAFT + 1 and json.loads(path.read_text())["plain"] == again.plain
 
 
+def test_cost_key_ignores_what_changes_between_generations(dense, monkeypatch):
+    """MLX CUDA's device_info reports free memory: the key must not follow it (every
+    generation would measure again)."""
+    target, drafter = dense
+    info = dict(mx.device_info())
+    monkeypatch.setattr(mx, "device_info", lambda: info | {"free_memory": 1})
+    key = costs_module.cost_key(target, drafter)
+    monkeypatch.setattr(mx, "device_info", lambda: info | {"free_memory": 2})
+    assert costs_module.cost_key(target, drafter) == key
+    monkeypatch.setattr(mx, "device_info", lambda: info | {"device_name": "another"})
+    assert costs_module.cost_key(target, drafter) != key
+
+
 def test_cost_key_tells_models_apart(checkpoints):
     target = load_target(checkpoints["dense"][0])
     drafter = load_drafter(checkpoints["dense"][1], target)
@@ -314,6 +327,30 @@ def test_auto_learns_what_rounds_really_cost():
                 policy.observe_time(0, costs.plain)
     assert np.argmax(naive.rates(MAX_DRAFT)) > 0
     assert np.argmax(timed.rates(MAX_DRAFT)) == 0
+
+
+def test_auto_never_drafts_with_a_useless_drafter_whatever_the_clock_says():
+    """A noisy timing says a one-draft round is cheaper than a plain token: with nothing ever
+    accepted drafting cannot pay, so auto still decodes plainly (bar its probes)."""
+    policy = with_acceptance(Auto(GPU), [0.0] * MAX_DRAFT)
+    policy.observed = {0: 2.0, 1: 1.0, 2: 1.5}
+    assert [policy.choose(100) for _ in range(PROBE_FIRST)] == [0] * PROBE_FIRST
+
+
+def test_a_hiccup_on_a_plain_step_does_not_start_useless_drafting():
+    """Seen on MLX CUDA (31B, nothing accepted): one slow plain step made plain decoding look
+    dearer than a round, auto drafted, and with no plain steps chosen nothing corrected it."""
+    policy = Auto(GPU)
+    chosen = []
+    for i in range(300):
+        k = policy.choose(1000)
+        chosen.append(k)
+        if k:
+            policy.observe(k, 0)
+            policy.observe_time(k, GPU.round(k))
+        else:
+            policy.observe_time(0, GPU.plain * (2.5 if i == 40 else 1.0))
+    assert sum(k > 0 for k in chosen[40:]) <= 4, chosen  # its probes, no more
 
 
 def test_auto_learns_each_draft_lengths_own_cost():

@@ -226,7 +226,7 @@ class _Watching:
     had read back (`stats` counts a round when it is read back)."""
 
     def __init__(self, moves, stats: DraftStats):
-        self.moves, self.stats, self.read_back = itertools.cycle(moves), stats, []
+        self.moves, self.stats, self.read_back, self.timed = itertools.cycle(moves), stats, [], []
 
     def choose(self, limit):
         self.read_back.append(sum(self.stats.k_histogram))
@@ -236,7 +236,7 @@ class _Watching:
         """Watching only."""
 
     def observe_time(self, k, seconds):
-        """Watching only."""
+        self.timed.append(k)
 
 
 def test_plain_steps_and_probes_between_them_stay_pipelined(pairs):
@@ -262,3 +262,23 @@ def test_plain_steps_and_probes_between_them_stay_pipelined(pairs):
         for c in range(1, len(moves) * 3):
             expected = 0 if sampling.processors and c in after_drafting else 1  # ... except here
             assert behind[c] == expected, (c, behind)
+
+
+def test_a_plain_step_behind_a_drafting_round_is_not_timed_as_plain(pairs):
+    """It reads a masked cache at a device position: its time is not what a plain token costs,
+    and a policy told so would think plain decoding dearer than it is."""
+    target, drafter = pairs["dense"]
+    stats = DraftStats()
+    policy = _Watching([2, 0, 0, 0], stats)
+    n = 41
+    tokens = speculative_tokens(
+        target, _prompt(5), target.make_cache(MAX_DRAFT + 1), drafter_proposer(drafter, target), policy, n, stats
+    )
+    _take(tokens, n)
+    plain_steps, drafting_rounds = stats.k_histogram[0], stats.rounds
+    assert plain_steps >= 2 * drafting_rounds > 0
+    # Every drafting round but the first (read back at once, nothing behind it) is timed; of
+    # the plain steps, all but the one right after each drafting round.
+    assert policy.timed.count(2) >= drafting_rounds - 2
+    assert policy.timed.count(0) <= plain_steps - drafting_rounds + 1
+    assert policy.timed.count(0) >= plain_steps - drafting_rounds - 2
