@@ -62,7 +62,11 @@ HEADER = (
 def main(paths: list[str]) -> int:
     print(HEADER)
     for path in paths:
-        for result in json.loads(Path(path).read_text())["results"]:
+        report = json.loads(Path(path).read_text())
+        if "results" not in report:  # bench.overhead / bench.peer / bench.exactness write other reports
+            print(f"{path}: not a `python -m bench` report, left out", file=sys.stderr)
+            continue
+        for result in report["results"]:
             print(row(result))
     return 0
 
