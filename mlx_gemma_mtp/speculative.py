@@ -340,12 +340,15 @@ def _queue_round(target, cache, propose, cursor: _Cursor, k: int, sampling: Samp
     cursor.position = cursor.position + (kept + 1 if k else 1)  # a plain step keeps an int an int
     cursor.low, cursor.high = cursor.low + 1, cursor.high + k + 1
     cursor.key = key
-    if not k:
-        # Its one token is known to follow, read or not: the history can take it now, so the
-        # next round can be queued behind this one even with logits processors.
+    if k:
+        for c in cache:
+            c.seek(cursor.position, cursor.low, cursor.high)
+    else:
+        # Its forward moved every cache one position on, as the cursor: no seek (a loop over
+        # every layer per plain token). Its one token is known to follow, read or not: the
+        # history can take it now, so the next round can be queued behind this one even with
+        # logits processors.
         cursor.history = _extended(cursor.history, cursor.token[0])
-    for c in cache:
-        c.seek(cursor.position, cursor.low, cursor.high)
     mx.async_eval(queued.outcome, follow, cursor.hidden, *([cursor.position] if k else []))
     return queued
 
