@@ -55,26 +55,32 @@ def filled_cache(target: Target, context: int) -> list:
     return cache
 
 
-def verify_costs(target: Target, context: int, lengths, trials: int) -> tuple[dict, dict]:
+def verify_costs(target: Target, context: int, lengths, trials: int, warmup: int = 2) -> tuple[dict, dict]:
     """ms of one target forward over L new tokens (argmax of every row, as a verify does), and
-    of its Python part alone (building the lazy graph; the rest is launching and running it)."""
-    cache = filled_cache(target, context)
-    costs, build_costs = {}, {}
-    for L in lengths:
-        tokens = random_tokens(L, target.args.vocab_size, seed=L)
-        build_times = []
+    of its Python part alone (building the lazy graph; the rest is launching and running it).
 
-        def forward():
+    The lengths are timed round-robin, one forward of each per trial, so a shared card's drift
+    over the minutes this takes lands on every L alike (timed one L after another, a drift
+    had made a 5-token verify cheaper than a 1-token one)."""
+    cache = filled_cache(target, context)
+    lengths = list(lengths)
+    tokens = {L: random_tokens(L, target.args.vocab_size, seed=L) for L in lengths}
+    times: dict[int, list[float]] = {L: [] for L in lengths}
+    build_times: dict[int, list[float]] = {L: [] for L in lengths}
+    for trial in range(warmup + trials):
+        for L in lengths:
             start = time.perf_counter()
-            out = greedy(target, target(tokens, cache))
-            build_times.append((time.perf_counter() - start) * 1e3)
+            out = greedy(target, target(tokens[L], cache))
+            built = time.perf_counter()
             mx.eval(out)
+            end = time.perf_counter()
             for c in cache:
                 c.trim(L)
-
-        costs[L] = median_ms(forward, trials)
-        build_costs[L] = statistics.median(build_times)
-    return costs, build_costs
+            if trial >= warmup:
+                times[L].append((end - start) * 1e3)
+                build_times[L].append((built - start) * 1e3)
+    costs = {L: statistics.median(times[L]) for L in lengths}
+    return costs, {L: statistics.median(build_times[L]) for L in lengths}
 
 
 def drafter_costs(target: Target, drafter: Drafter, context: int, trials: int) -> dict[str, float]:

@@ -30,11 +30,12 @@ HEURISTIC_START = 6  # Google's assistants ship num_assistant_tokens = 6 (genera
 PRIOR_ACCEPTANCE = 0.5  # a_1 before any round is observed
 PRIOR_WEIGHT = 2.0  # pseudo-rounds behind each prior: a_j leans on a_{j-1} until j is tried
 DECAY = 0.98  # per observed round: acceptance counts remember about the last 50 rounds
-TIMINGS = 9  # a k's cost is the median of its last 9 timings: one hiccup moves nothing
+TIMINGS = 9  # a k's cost is the median of its last 9 timings: one hiccup moves nothing ...
+MIN_TIMINGS = 3  # ... once it has 3 (the median of 2 is their mean: a hiccup would count half)
 OUTLIER = 3.0  # the first timing of a k over 3x its estimate is a compile: passed over
 PROBE_FIRST = 16  # plain tokens before drafting is tried again (at least) ...
 PROBE_LAST = 256  # ... doubling after each failed probe, up to this
-PROBE_SHARE = 0.03  # ... and at least as many as keep a failed probe's cost within 3% of them
+PROBE_SHARE = 0.02  # ... and at least as many as keep a failed probe's cost within 2% of them
 
 
 class DraftLength(Protocol):
@@ -121,16 +122,21 @@ class Auto:
         # The measurement times each forward alone; in the loop a round's host work overlaps
         # the previous round, a shared GPU drifts (seen on MLX CUDA: rounds 0.7-2x their
         # measured cost) and some lengths take slow kernels. So each k's cost is learnt from
-        # the clock once it has been timed; an untimed k is assumed to cost its measurement
-        # times the best observed/measured ratio of any drafting round: optimistic, so it
-        # gets tried (and learnt) when that would make it the best.
+        # the clock once it has been timed MIN_TIMINGS times; until then it is assumed to cost
+        # its measurement times the best observed/measured ratio (median of its timings so
+        # far) of any length, plain steps included: the card's drift carries over (a loop
+        # whose plain tokens cost 8% over their measurement drafted with a useless drafter,
+        # its rounds taken at their bare measurement), optimistically, so an untimed k gets
+        # tried (and learnt) when that would make it the best.
         # (A median, not a running mean: seen on MLX CUDA, one plain step's hiccup inflated
         # the plain cost until drafting with a useless drafter looked cheaper, and as plain
         # steps were then no longer chosen, nothing corrected it.)
         self.timings: dict[int, deque[float]] = {}  # k -> its last TIMINGS timings
-        self.observed: dict[int, float] = {}  # k -> their median, seconds per round (k = 0: per plain token)
+        # k -> their median once there are MIN_TIMINGS, seconds per round (k = 0: per plain token)
+        self.observed: dict[int, float] = {}
         self.compiled: set[int] = set()  # k whose first, outlying timing was passed over
-        self.best_ratio = 1.0  # the least observed / measured cost of any timed drafting k
+        self.ratios: dict[int, float] = {}  # k -> median of its timings so far / its measured cost
+        self.best_ratio = 1.0  # the least of them
 
     def acceptance(self) -> list[float]:
         """a_j for j = 1..MAX_DRAFT: each position's kept / reached, shrunk towards the
@@ -154,7 +160,7 @@ class Auto:
 
     def cost(self, k: int) -> float:
         """Seconds a round drafting k tokens takes (k = 0: one plain token): as timed in this
-        generation, else as measured times the best ratio timed drafting rounds have shown;
+        generation, else as measured times the best ratio timed rounds have shown;
         at least a plain token's and k drafter steps'."""
         if k == 0:
             return self.observed.get(0, self.costs.plain)
@@ -194,6 +200,8 @@ class Auto:
             return
         window = self.timings.setdefault(k, deque(maxlen=TIMINGS))
         window.append(seconds)
-        self.observed[k] = statistics.median(window)
-        if k:  # kept here, not in cost(): choose() runs before every token, plain ones too
-            self.best_ratio = min(self.observed[j] / self.costs.round(j) for j in self.observed if j)
+        if len(window) >= MIN_TIMINGS:
+            self.observed[k] = statistics.median(window)
+        # Kept here, not in cost(): choose() runs before every token, plain ones too.
+        self.ratios[k] = statistics.median(window) / self.costs.round(k)
+        self.best_ratio = min(self.ratios.values())

@@ -236,12 +236,16 @@ class _Queued:
 
     k: int
     exact: bool  # queued at a position the host knew (not behind an unread drafting round)
+    # Queued while another round ran: read back one round late, its time is the interval
+    # between two read-backs of a full pipeline. A round queued into an empty pipeline also
+    # waits for its own graph to be built and launched (seen on MLX CUDA: a plain step timed
+    # so took 2x, and made plain decoding look dearer than useless drafting).
+    behind: bool
     start: int | None  # position of its first verified token, once the host knows it
     # [k + 2] int32: the drafts, how many the acceptance rule keeps, the token after them.
     # Built and scheduled with the round: an op made at read-back time would queue behind
     # the next round, and reading it would wait for that one too (the pipeline lost).
     outcome: mx.array
-    queued_at: float  # perf_counter when it was queued
 
 
 def speculative_tokens(
@@ -296,7 +300,7 @@ def speculative_tokens(
                 continue
             limit = max(limit, 0)
             k = min(policy.choose(limit), limit, MAX_DRAFT)  # sliding caches keep room for MAX_DRAFT
-            queued = _queue_round(target, cache, propose, cursor, k, sampling, base)
+            queued = _queue_round(target, cache, propose, cursor, k, sampling, base, behind=pending is not None)
             if pending is None and (k == 0 or drafted):
                 pending, emitted = queued, []  # nothing to read back yet: queue the next round
                 continue
@@ -307,7 +311,9 @@ def speculative_tokens(
         settle(cache, start, prompt.shape[1], cursor.generated)
 
 
-def _queue_round(target, cache, propose, cursor: _Cursor, k: int, sampling: Sampling, base: int) -> _Queued:
+def _queue_round(
+    target, cache, propose, cursor: _Cursor, k: int, sampling: Sampling, base: int, *, behind: bool
+) -> _Queued:
     """Draft k (none when k = 0) and verify them in one forward, all on the device: the
     acceptance rule's outcome stays there, `cursor` and the caches move to where the next
     round starts."""
@@ -332,8 +338,8 @@ def _queue_round(target, cache, propose, cursor: _Cursor, k: int, sampling: Samp
         kept, follow = mx.array(0, mx.int32), sampling.pick(logits, judge_key)[0].astype(mx.int32)
     exact = isinstance(cursor.position, int)
     queued = _Queued(
-        k=k, exact=exact, start=cursor.position if exact else None,
-        outcome=mx.concatenate([drafts[0], kept[None], follow[None]]), queued_at=time.perf_counter(),
+        k=k, exact=exact, behind=behind, start=cursor.position if exact else None,
+        outcome=mx.concatenate([drafts[0], kept[None], follow[None]]),
     )  # fmt: skip
     cursor.token = follow.reshape(1, 1)
     cursor.hidden = hidden
@@ -377,12 +383,14 @@ def _read_back(done: _Queued, cursor: _Cursor, cache, pending: _Queued | None, p
     stats.record(done.k, m)
     if done.k:
         policy.observe(done.k, m)
-    # Its time: since it was queued, or, queued behind the round read back at `since`, since
-    # then (the device ran them back to back). Not reported: a round drained with nothing
-    # behind it (it ran while the host was away), and a plain step queued behind a drafting
-    # round (it reads a masked cache: not what a plain token costs).
-    if (pending is not None or done.queued_at >= since) and (done.k or done.exact):
-        policy.observe_time(done.k, time.perf_counter() - max(since, done.queued_at))
+    # Its time, reported only where the pipeline was full around it (queued behind the round
+    # read back at `since`, with the next one queued behind it): since that read-back, as the
+    # device ran the two back to back. Not reported: a round queued into an empty pipeline or
+    # drained with nothing behind it (the host's own latency, or its time away, in the
+    # interval), and a plain step queued behind a drafting round (it reads a masked cache:
+    # not what a plain token costs).
+    if done.behind and pending is not None and (done.k or done.exact):
+        policy.observe_time(done.k, time.perf_counter() - since)
     after = done.start + m + 1  # where the next round started
     if pending is None:
         # Nothing queued after `done`: the cursor and the caches become exact again.

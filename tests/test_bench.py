@@ -13,16 +13,18 @@ def test_quick_benchmark_runs_and_replays_exactly(tmp_path):
     out = tmp_path / "bench.json"
     argv = [
         "--shapes", "tiny", "--bits", "bf16", "--contexts", "48", "--max-l", "4", "--prompt", "32",
-        "--alphas", "0", "1", "--ks", "2", "auto", "--tokens", "16", "--trials", "1", "--out", str(out),
+        "--alphas", "0", "1", "--ks", "0", "2", "auto", "--tokens", "16", "--trials", "1", "--out", str(out),
     ]  # fmt: skip
     assert bench.main(argv) == 0
     result = json.loads(out.read_text())["results"][0]
     assert set(result["verify_ms"]["48"]) == {"1", "2", "3", "4"}
     assert result["drafter_head_bytes"]["clustered"] < result["drafter_head_bytes"]["dense"]
     assert result["mlx_lm_same_tokens"] == 16  # mlx-lm's own greedy decoding agrees with ours
+    assert result["plain_vs_mlx_lm"] > 0  # paired trials: the median of mlx-lm's ms over ours
     cells = {(c["alpha"], c["k"]): c for c in result["e2e"]}
     for cell in cells.values():
         assert cell["same_as_plain"] == 16 and cell["replay_passes"] == 1
     assert cells[(0.0, 2)]["accepted_per_round"] == 0
     assert cells[(1.0, 2)]["accepted_per_round"] == 2  # every replayed draft accepted
     assert 0 < cells[(1.0, 2)]["ideal"]
+    assert cells[(1.0, 0)]["chosen_k"] == {"0": 15} and cells[(1.0, 0)]["ideal"] == 1  # k = 0: the loop, no drafts

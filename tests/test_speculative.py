@@ -282,3 +282,22 @@ def test_a_plain_step_behind_a_drafting_round_is_not_timed_as_plain(pairs):
     assert policy.timed.count(2) >= drafting_rounds - 2
     assert policy.timed.count(0) <= plain_steps - drafting_rounds + 1
     assert policy.timed.count(0) >= plain_steps - drafting_rounds - 2
+
+
+def test_only_rounds_in_a_full_pipeline_are_timed(pairs):
+    """A round queued into an empty pipeline waits for its own graph to be built and launched
+    (seen on MLX CUDA: such a plain step took 2x a pipelined one, and auto, told so, drafted
+    with a useless drafter): only rounds queued behind one and read back with one behind them
+    are timed."""
+    target, drafter = pairs["dense"]
+    stats = DraftStats()
+    policy = _Watching([2] + [0] * 100, stats)
+    n = 30
+    tokens = speculative_tokens(
+        target, _prompt(6), target.make_cache(MAX_DRAFT + 1), drafter_proposer(drafter, target), policy, n, stats
+    )
+    _take(tokens, n)
+    assert stats.k_histogram[2] == 1 and stats.k_histogram[0] > 20
+    # Not timed: the drafting round (read back at once), the plain step queued after it into
+    # an empty pipeline, and the last, drained with nothing behind it.
+    assert policy.timed == [0] * (stats.k_histogram[0] - 2)
