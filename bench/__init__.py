@@ -125,6 +125,7 @@ def _e2e(target, drafter, prompt, plain_tokens, result, args, save) -> None:
                 "ms_per_token": ms,
                 "plain_ms_per_token": statistics.median(plain_ms),
                 "speedup": statistics.median(p / r.ms_per_token for p, r in zip(plain_ms, runs)),
+                "trials_ms": [[p, r.ms_per_token] for p, r in zip(plain_ms, runs)],  # (plain, ours) per pair
                 "accepted_per_round": stats.accepted / max(stats.rounds, 1),
                 "chosen_k": {i: n for i, n in enumerate(stats.k_histogram) if n},
                 "peak_gb": max(r.peak_gb for r in runs),
