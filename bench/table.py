@@ -15,7 +15,7 @@ def _cells(result: dict, alpha: float) -> list[dict]:
 
 
 def _best_fixed(result: dict, alpha: float) -> str:
-    fixed = [c for c in _cells(result, alpha) if isinstance(c["k"], int)]
+    fixed = [c for c in _cells(result, alpha) if isinstance(c["k"], int) and c["k"] > 0]  # k = 0: the loop alone
     if not fixed:
         return "–"
     best = max(fixed, key=lambda c: c["speedup"])
@@ -28,7 +28,9 @@ def _policy(result: dict, alpha: float, name: str) -> str:
 
 
 def _of_ideal(result: dict) -> str:
-    ratios = [c["of_ideal"] for c in result.get("e2e", []) if 0.5 <= c["alpha"] <= 0.9 and "of_ideal" in c]
+    ratios = [
+        c["of_ideal"] for c in result.get("e2e", []) if 0.5 <= c["alpha"] <= 0.9 and "of_ideal" in c and c["k"] != 0
+    ]
     return "–" if not ratios else f"{min(ratios):.0%}–{max(ratios):.0%}"
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import bench
 
 
@@ -28,3 +30,16 @@ def test_quick_benchmark_runs_and_replays_exactly(tmp_path):
     assert cells[(1.0, 2)]["accepted_per_round"] == 2  # every replayed draft accepted
     assert 0 < cells[(1.0, 2)]["ideal"]
     assert cells[(1.0, 0)]["chosen_k"] == {"0": 15} and cells[(1.0, 0)]["ideal"] == 1  # k = 0: the loop, no drafts
+
+
+def test_profile_splits_a_verify_into_its_parts(tmp_path):
+    from bench import profile
+
+    out = tmp_path / "profile.json"
+    argv = ["--shape", "tiny", "--context", "80", "--lengths", "1", "3", "--trials", "1", "--out", str(out)]
+    assert profile.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"forward", "body", "head", "projections", "attention"}
+    assert all(set(by_length) == {"1", "3"} and min(by_length.values()) > 0 for by_length in rows.values())
+    with pytest.raises(SystemExit):  # past what a verify may hold
+        profile.main(["--shape", "tiny", "--lengths", "18"])

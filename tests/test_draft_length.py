@@ -300,6 +300,9 @@ def test_cost_key_ignores_what_changes_between_generations(dense, monkeypatch):
     assert costs_module.cost_key(target, drafter) == key
     monkeypatch.setattr(mx, "device_info", lambda: info | {"device_name": "another"})
     assert costs_module.cost_key(target, drafter) != key
+    monkeypatch.setattr(mx, "device_info", lambda: info)
+    monkeypatch.setattr(costs_module, "METHOD", costs_module.METHOD - 1)  # costs measured otherwise
+    assert costs_module.cost_key(target, drafter) != key
 
 
 def test_cost_key_tells_models_apart(checkpoints):
