@@ -200,8 +200,9 @@ class Auto:
             return
         window = self.timings.setdefault(k, deque(maxlen=TIMINGS))
         window.append(seconds)
+        median = statistics.median(window)
         if len(window) >= MIN_TIMINGS:
-            self.observed[k] = statistics.median(window)
+            self.observed[k] = median
         # Kept here, not in cost(): choose() runs before every token, plain ones too.
-        self.ratios[k] = statistics.median(window) / self.costs.round(k)
+        self.ratios[k] = median / self.costs.round(k)
         self.best_ratio = min(self.ratios.values())
