@@ -38,8 +38,15 @@ def _ms(fn, trials: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def _input_width(linear: nn.Module) -> int:
+    """Features a (possibly quantized) linear layer takes: its packed weight holds 32 / bits
+    values per uint32."""
+    packed = linear.weight.shape[1]
+    return packed * 32 // linear.bits if isinstance(linear, nn.QuantizedLinear) else packed
+
+
 def _projections(target, L: int):
-    """Every linear layer of every decoder layer at L rows: (inputs, modules)."""
+    """A call running every linear layer of every decoder layer on L random rows."""
     modules = [
         m
         for layer in target.model.layers
@@ -47,22 +54,19 @@ def _projections(target, L: int):
         if isinstance(m, (nn.Linear, nn.QuantizedLinear))
     ]
     dtype = target.model.norm.weight.dtype
-    inputs = {}
-    for m in modules:
-        width = m.weight.shape[1] * (32 // m.bits if isinstance(m, nn.QuantizedLinear) else 1)
-        inputs.setdefault(width, mx.random.normal((1, L, width)).astype(dtype))
+    inputs = {width: mx.random.normal((1, L, width)).astype(dtype) for width in {_input_width(m) for m in modules}}
     mx.eval(inputs)
-    return lambda: [m(inputs[m.weight.shape[1] * (32 // m.bits if isinstance(m, nn.QuantizedLinear) else 1)]) for m in modules]
+    return lambda: [m(inputs[_input_width(m)]) for m in modules]
 
 
 def _attention(target, cache, L: int):
     """Each layer's fused attention at L queries over the cache's keys, with the cache's mask."""
     calls = []
     dtype = target.model.norm.weight.dtype
+    context = cache[0].offset
     for layer in target.model.layers:
         attn = layer.self_attn
         mask = cache[target.kv_producers[layer.layer_type]].mask(L)
-        context = cache[0].offset
         if isinstance(mask, mx.array):
             keys = mask.shape[-1]
         elif attn.is_sliding:

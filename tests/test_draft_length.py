@@ -340,19 +340,25 @@ def test_auto_never_drafts_with_a_useless_drafter_whatever_the_clock_says():
     assert [policy.choose(100) for _ in range(PROBE_FIRST)] == [0] * PROBE_FIRST
 
 
-def test_a_hiccup_on_a_plain_step_does_not_start_useless_drafting():
-    """Seen on MLX CUDA (31B, nothing accepted): one slow plain step made plain decoding look
-    dearer than a round, auto drafted, and with no plain steps chosen nothing corrected it."""
-    policy = Auto(GPU)
+def useless_drafter_choices(policy: Auto, costs: Costs, steps: int, plain_factor) -> list[int]:
+    """What auto chooses over `steps` choices when no draft is ever kept, every round costs as
+    measured and the plain step of choice i costs `plain_factor(i)` times its measurement."""
     chosen = []
-    for i in range(300):
+    for i in range(steps):
         k = policy.choose(1000)
         chosen.append(k)
         if k:
             policy.observe(k, 0)
-            policy.observe_time(k, GPU.round(k))
+            policy.observe_time(k, costs.round(k))
         else:
-            policy.observe_time(0, GPU.plain * (2.5 if i == 40 else 1.0))
+            policy.observe_time(0, costs.plain * plain_factor(i))
+    return chosen
+
+
+def test_a_hiccup_on_a_plain_step_does_not_start_useless_drafting():
+    """Seen on MLX CUDA (31B, nothing accepted): one slow plain step made plain decoding look
+    dearer than a round, auto drafted, and with no plain steps chosen nothing corrected it."""
+    chosen = useless_drafter_choices(Auto(GPU), GPU, 300, lambda i: 2.5 if i == 40 else 1.0)
     assert sum(k > 0 for k in chosen[40:]) <= 4, chosen  # its probes, no more
 
 
@@ -364,15 +370,7 @@ def test_a_slow_first_plain_step_does_not_start_useless_drafting():
     costs = Costs(plain=1.0, verify=(1.0,) + (1.4,) * MAX_DRAFT, draft=0.05)
     policy = Auto(costs)
     policy.observe(policy.choose(100), 0)  # the first round: nothing kept
-    chosen = []
-    for i in range(40):
-        k = policy.choose(100)
-        chosen.append(k)
-        if k:
-            policy.observe(k, 0)
-            policy.observe_time(k, costs.round(k))
-        else:
-            policy.observe_time(0, costs.plain * (2.0 if i == 0 else 1.0))
+    chosen = useless_drafter_choices(policy, costs, 40, lambda i: 2.0 if i == 0 else 1.0)
     assert chosen[:PROBE_FIRST] == [0] * PROBE_FIRST and sum(k > 0 for k in chosen) <= 2, chosen  # probes only
 
 
