@@ -86,11 +86,17 @@ def bench_shape(shape: str, bits: str, args, result: dict, save) -> None:
         save()
     if "baseline" in args.parts:
         measure.mlx_lm_run(target, prompt, args.tokens)  # warm-up
-        # Paired trials, as the end-to-end cells: the card's drift cancels in each pair's ratio.
-        pairs = [
-            (measure.plain_run(target, prompt, args.tokens), measure.mlx_lm_run(target, prompt, args.tokens))
-            for _ in range(args.trials)
-        ]
+        # Paired trials, as the end-to-end cells: the card's drift cancels in each pair's ratio,
+        # and a trend over the pair (clocks settling) in the alternating order.
+        pairs = []
+        for trial in range(args.trials):
+            if trial % 2 == 0:
+                ours = measure.plain_run(target, prompt, args.tokens)
+                theirs = measure.mlx_lm_run(target, prompt, args.tokens)
+            else:
+                theirs = measure.mlx_lm_run(target, prompt, args.tokens)
+                ours = measure.plain_run(target, prompt, args.tokens)
+            pairs.append((ours, theirs))
         # bf16 rounding differs between two implementations: record where the outputs part.
         result["mlx_lm_same_tokens"] = measure.common_prefix(pairs[0][1].tokens, plain.tokens)
         result["mlx_lm_ms_per_token"] = statistics.median(theirs.ms_per_token for _, theirs in pairs)

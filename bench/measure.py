@@ -179,18 +179,19 @@ def replay_run(target, drafter, prompt, continuation, alpha, k: int | str, n, se
     return _timed(make, n, stats, num_draft)
 
 
-def mlx_lm_run(target: Target, prompt: mx.array, n: int) -> Run:
-    """mlx-lm's own generate_step on the same weights (its model class, its caches)."""
+def mlx_lm_generator(target: Target, prompt: mx.array, n: int):
+    """mlx-lm's own generate_step on the same weights (its model class, its caches), yielding
+    (token, False) as our generators do."""
     gemma4_text = importlib.import_module("mlx_lm.models.gemma4_text")
     generate = importlib.import_module("mlx_lm.generate")
     model = gemma4_text.Model(target.args)
     model.model = target.model  # share the weights; the fresh random ones were never evaluated
+    steps = generate.generate_step(prompt[0], model, max_tokens=n, sampler=lambda x: mx.argmax(x, -1))
+    return ((int(t), False) for t, _ in steps)
 
-    def make():
-        steps = generate.generate_step(prompt[0], model, max_tokens=n, sampler=lambda x: mx.argmax(x, -1))
-        return ((int(t), False) for t, _ in steps)
 
-    return _timed(make, n, DraftStats())
+def mlx_lm_run(target: Target, prompt: mx.array, n: int) -> Run:
+    return _timed(lambda: mlx_lm_generator(target, prompt, n), n, DraftStats())
 
 
 def auto_costs_ms(policy: Auto) -> dict:

@@ -119,6 +119,11 @@ class Auto:
         self.probe_first = min(max(PROBE_FIRST, math.ceil(extra / PROBE_SHARE)), PROBE_LAST)
         self.probe_gap = self.probe_first  # plain tokens between the next probe and the one after
         self.plain_left = 0  # plain tokens before the next probe: the first round drafts
+        # The loop asks one round ahead. Until the first drafting round is seen, the next
+        # choice knows nothing more than the first did: a plain step goes behind it (a guess
+        # that drafts again would cost a useless drafter two rounds; reading the first back
+        # before choosing would drain the pipeline).
+        self.awaiting_first = False  # a drafting round was chosen, and none seen yet
         # The measurement times each forward alone; in the loop a round's host work overlaps
         # the previous round, a shared GPU drifts (seen on MLX CUDA: rounds 0.7-2x their
         # measured cost) and some lengths take slow kernels. So each k's cost is learnt from
@@ -171,21 +176,23 @@ class Auto:
 
     def choose(self, limit: int) -> int:
         limit = min(limit, MAX_DRAFT)
-        if limit <= 0:
+        if limit <= 0 or self.awaiting_first:
             return 0
         rates = self.rates(limit)
         best = max(range(limit + 1), key=rates.__getitem__)
         if best > 0:  # should it stop paying: probe_first plain tokens, a probe, then twice as many
             self.plain_left, self.probe_gap = self.probe_first, min(2 * self.probe_first, PROBE_LAST)
-            return best
-        if self.plain_left > 0:
+        elif self.plain_left > 0:
             self.plain_left -= 1
             return 0
-        # A probe: the best k >= 1, then twice as many plain tokens before the next one.
-        self.plain_left, self.probe_gap = self.probe_gap, min(2 * self.probe_gap, PROBE_LAST)
-        return max(range(1, limit + 1), key=rates.__getitem__)
+        else:  # a probe: the best k >= 1, then twice as many plain tokens before the next one
+            self.plain_left, self.probe_gap = self.probe_gap, min(2 * self.probe_gap, PROBE_LAST)
+            best = max(range(1, limit + 1), key=rates.__getitem__)
+        self.awaiting_first = not any(self.tries)  # no round observed yet
+        return best
 
     def observe(self, k: int, accepted: int) -> None:
+        self.awaiting_first = False
         for j in range(MAX_DRAFT):
             self.tries[j] *= DECAY
             self.hits[j] *= DECAY

@@ -278,19 +278,24 @@ def speculative_tokens(
     cursor, first = _start(target, prompt, cache, sampling, key, context)
     base = cursor.position - 1  # position - base = tokens emitted up to the one at `position`
     pending: _Queued | None = None  # queued, not read back
-    # The first drafting round is read back before the next is chosen: nothing is queued on a
-    # guess before a round has been seen (a useless drafter's first round costs one round).
-    drafted = False
     resolved_at = time.perf_counter()
     emitted = [(first, False)]  # read back, not yielded yet
+
+    def release():
+        """Yield what was read back (the generator's caller may stop at any of them)."""
+        nonlocal emitted
+        handed, emitted = emitted, []
+        for item in handed:
+            cursor.generated += 1  # counted before the yield: a stop there has received it
+            yield item
+
     try:
         while True:
-            for item in emitted:
-                cursor.generated += 1  # counted before the yield: a stop there has received it
-                yield item
-            # Tokens that may be emitted before the next round: those yielded, and a pending
-            # round's at most k + 1. No round drafts past max_tokens.
-            limit = max_tokens - cursor.generated - 1 - (pending.k + 1 if pending else 0)
+            if pending is not None:
+                yield from release()  # the device runs `pending` while the caller takes them
+            # Tokens that may be emitted before the next round: those read back, and a
+            # pending round's at most k + 1. No round drafts past max_tokens.
+            limit = max_tokens - (cursor.generated + len(emitted)) - 1 - (pending.k + 1 if pending else 0)
             # A round is queued behind a pending one only when it does not need the pending
             # one's outcome on the host: logits processors read the history, which a drafting
             # round extends by a count the host has not read yet.
@@ -301,12 +306,16 @@ def speculative_tokens(
             limit = max(limit, 0)
             k = min(policy.choose(limit), limit, MAX_DRAFT)  # sliding caches keep room for MAX_DRAFT
             queued = _queue_round(target, cache, propose, cursor, k, sampling, base, behind=pending is not None)
-            if pending is None and (k == 0 or drafted):
-                pending, emitted = queued, []  # nothing to read back yet: queue the next round
+            # Into an empty pipeline (the first token, or after a drain): what was read back is
+            # handed over once the device has the next round to run (as mlx-lm's
+            # generate_step queues its second forward before yielding the first token).
+            yield from release()
+            if pending is None:
+                pending = queued  # nothing to read back yet: queue the next round
                 continue
-            done, pending = (pending, queued) if pending is not None else (queued, None)
+            done, pending = pending, queued
             emitted = _read_back(done, cursor, cache, pending, policy, stats, resolved_at)
-            resolved_at, drafted = time.perf_counter(), drafted or done.k > 0
+            resolved_at = time.perf_counter()
     finally:
         settle(cache, start, prompt.shape[1], cursor.generated)
 
@@ -426,8 +435,6 @@ def plain_tokens(
     start = cache[0].offset
     cursor, first = _start(target, prompt, cache, sampling, key, context)
     try:
-        cursor.generated += 1
-        yield first, False
         key = cursor.key
 
         def step(token: mx.array, history: mx.array | None) -> tuple[mx.array, mx.array | None]:
@@ -439,7 +446,9 @@ def plain_tokens(
             mx.async_eval(following)
             return following, _extended(history, following[0])
 
-        token, history = step(cursor.token, cursor.history)
+        token, history = step(cursor.token, cursor.history)  # runs while the caller takes the first
+        cursor.generated += 1
+        yield first, False
         while True:
             following = step(token, history)
             stats.record(0, 0)

@@ -43,3 +43,15 @@ def test_profile_splits_a_verify_into_its_parts(tmp_path):
     assert all(set(by_length) == {"1", "3"} and min(by_length.values()) > 0 for by_length in rows.values())
     with pytest.raises(SystemExit):  # past what a verify may hold
         profile.main(["--shape", "tiny", "--lengths", "18"])
+
+
+def test_timeline_times_every_yield_of_every_variant(tmp_path):
+    from bench import timeline
+
+    out = tmp_path / "timeline.json"
+    assert timeline.main(["--shape", "tiny", "--alpha", "1", "--tokens", "12", "--runs", "2", "--out", str(out)]) == 0
+    runs = json.loads(out.read_text())["yield_ms"]
+    assert set(runs) == {"plain", "mlx-lm", "k=0", "auto"}
+    assert all(len(ms) == 2 and all(len(one) == 11 for one in ms) for ms in runs.values())
+    assert all(ms > 0 for one in runs["plain"] for ms in one)  # plain tokens are never drafts
+    assert any(ms < 0 for one in runs["auto"] for ms in one)  # alpha = 1: auto keeps drafts

@@ -165,6 +165,19 @@ def test_auto_follows_a_change_of_acceptance():
     assert recovered is not None, "never went back to drafting"
 
 
+def test_auto_decodes_plainly_until_its_first_round_is_seen():
+    """The loop asks one round ahead: the choice after the first drafting round is made before
+    that round is read back. It knows nothing the first did not, so it is a plain step (two
+    rounds on the prior would cost a useless drafter two rounds); from the first observation
+    on, auto chooses as before."""
+    policy = Auto(GPU)
+    first = policy.choose(100)
+    assert first > 0
+    assert [policy.choose(100) for _ in range(3)] == [0, 0, 0]
+    policy.observe(first, first)  # all kept
+    assert policy.choose(100) > 0 and policy.choose(100) > 0  # now one round ahead, on what it saw
+
+
 def test_auto_rejects_costs_of_the_wrong_length():
     with pytest.raises(ValueError, match="costs.verify has 3 entries"):
         Auto(Costs(plain=1.0, verify=(1.0, 1.0, 1.0), draft=0.1))

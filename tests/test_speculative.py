@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from mlx_gemma_mtp import load, load_drafter, stream_generate
+from mlx_gemma_mtp.draft_length import Auto, Costs
 from mlx_gemma_mtp.load import load_target
 from mlx_gemma_mtp.quantize import quantize
 from mlx_gemma_mtp.sample import make_sampling
@@ -264,6 +265,40 @@ def test_plain_steps_and_probes_between_them_stay_pipelined(pairs):
             assert behind[c] == expected, (c, behind)
 
 
+class _WatchingAuto(_Watching):
+    """Auto, noting at each choice how many rounds the loop had read back."""
+
+    def __init__(self, auto: Auto, stats: DraftStats):
+        super().__init__([0], stats)
+        self.auto, self.chosen = auto, []
+
+    def choose(self, limit):
+        self.read_back.append(sum(self.stats.k_histogram))
+        self.chosen.append(self.auto.choose(limit))
+        return self.chosen[-1]
+
+    def observe(self, k, accepted):
+        self.auto.observe(k, accepted)
+
+
+def test_the_first_round_is_queued_before_the_first_token_and_never_drained(pairs):
+    """The first round runs while the caller takes the first token (as mlx-lm's generate_step
+    queues its second forward), and auto's first drafting round is not read back before the
+    next round is queued: a plain step goes behind it (seen on MLX CUDA, 31B: reading it back
+    at once restarted the pipeline, +17 ms per generation)."""
+    target, drafter = pairs["dense"]
+    stats = DraftStats()
+    drafting_pays = Costs(plain=1.0, verify=tuple(1.03 + 0.02 * k for k in range(MAX_DRAFT + 1)), draft=0.1)
+    policy = _WatchingAuto(Auto(drafting_pays), stats)
+    prompt, n = _prompt(7), 40
+    tokens = speculative_tokens(target, prompt, target.make_cache(MAX_DRAFT + 1), drafter_proposer(drafter, target), policy, n, stats)
+    first = next(tokens)[0]
+    assert len(policy.chosen) == 1 and policy.chosen[0] > 0  # queued before the first token came
+    assert [first] + _take(tokens, n - 1) == _plain(target, prompt, n)
+    assert policy.chosen[1] == 0 and policy.read_back[:3] == [0, 0, 1]  # behind round 0, unread
+    assert stats.accepted > 0
+
+
 def test_a_plain_step_behind_a_drafting_round_is_not_timed_as_plain(pairs):
     """It reads a masked cache at a device position: its time is not what a plain token costs,
     and a policy told so would think plain decoding dearer than it is."""
@@ -277,8 +312,8 @@ def test_a_plain_step_behind_a_drafting_round_is_not_timed_as_plain(pairs):
     _take(tokens, n)
     plain_steps, drafting_rounds = stats.k_histogram[0], stats.rounds
     assert plain_steps >= 2 * drafting_rounds > 0
-    # Every drafting round but the first (read back at once, nothing behind it) is timed; of
-    # the plain steps, all but the one right after each drafting round.
+    # Every drafting round but the first (queued into an empty pipeline) is timed; of the
+    # plain steps, all but the one right after each drafting round.
     assert policy.timed.count(2) >= drafting_rounds - 2
     assert policy.timed.count(0) <= plain_steps - drafting_rounds + 1
     assert policy.timed.count(0) >= plain_steps - drafting_rounds - 2
@@ -298,6 +333,6 @@ def test_only_rounds_in_a_full_pipeline_are_timed(pairs):
     )
     _take(tokens, n)
     assert stats.k_histogram[2] == 1 and stats.k_histogram[0] > 20
-    # Not timed: the drafting round (read back at once), the plain step queued after it into
-    # an empty pipeline, and the last, drained with nothing behind it.
+    # Not timed: the drafting round (queued into an empty pipeline), the plain step behind
+    # it (a masked cache at a device position), and the last, drained with nothing behind it.
     assert policy.timed == [0] * (stats.k_histogram[0] - 2)

@@ -1,0 +1,100 @@
+"""When each token came out: plain decoding, mlx-lm's generate_step, and the speculative loop
+(k = 0 and auto, replayed acceptance alpha) on one model, run after run in turn, every yield
+timestamped. Where auto loses to plain at alpha = 0, the slow yields say which rounds cost it.
+
+    python -m bench.timeline --shape 31B --bits 4 --alpha 0 --runs 5 --out timeline.json
+
+Prints per variant the median ms per token and, of its median run, the yields that took over
+1.5x that run's median (index, ms, whether the token was a kept draft). The JSON holds every
+run's per-yield ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import time
+
+from mlx_gemma_mtp.generate import draft_length
+from mlx_gemma_mtp.speculative import MAX_DRAFT, DraftStats, plain_tokens, speculative_tokens
+
+from . import measure
+from .models import build
+
+SLOW = 1.5  # a yield over this times its run's median is listed
+
+
+def yield_times(tokens, n: int) -> tuple[list[int], list[float]]:
+    """The first n tokens of a (token, from_draft) generator and the ms before each yield after
+    the first (the prefill's); from_draft tokens are marked with a negative ms."""
+    out = [next(tokens)[0]]
+    ms, last = [], time.perf_counter()
+    for token, from_draft in itertools.islice(tokens, n - 1):
+        now = time.perf_counter()
+        out.append(token)
+        ms.append((now - last) * 1e3 * (-1 if from_draft else 1))
+        last = now
+    tokens.close()
+    return out, ms
+
+
+def variants(target, drafter, prompt, continuation: list[int], alpha: float) -> dict:
+    """name -> a function making a fresh (token, from_draft) generator."""
+
+    def fresh_cache():
+        return target.make_cache(MAX_DRAFT + 1)
+
+    def loop(k):
+        def make():
+            propose = measure.replay_proposer(drafter, target, continuation, alpha, seed=0)
+            policy = draft_length(k, target, drafter) if isinstance(k, str) else k
+            return speculative_tokens(target, prompt, fresh_cache(), propose, policy, len(continuation), DraftStats())
+
+        return make
+
+    def mlx_lm():
+        return measure.mlx_lm_generator(target, prompt, len(continuation))
+
+    return {"plain": lambda: plain_tokens(target, prompt, fresh_cache()), "mlx-lm": mlx_lm, "k=0": loop(0), "auto": loop("auto")}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="E2B")
+    p.add_argument("--bits", type=int)
+    p.add_argument("--alpha", type=float, default=0.0)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--out", help="also write every run's per-yield ms to this JSON file")
+    args = p.parse_args(argv)
+    target, drafter = build(args.shape, bits=args.bits)
+    prompt = measure.random_tokens(256, target.args.vocab_size, seed=3)
+    n = args.tokens
+    continuation = measure.plain_run(target, prompt, n).tokens
+    makers = variants(target, drafter, prompt, continuation, args.alpha)
+    for make in makers.values():  # warm-up: kernels, auto's costs
+        yield_times(make(), n)
+    runs = {name: [] for name in makers}
+    for _ in range(args.runs):  # in turn, so a drift lands on every variant alike
+        for name, make in makers.items():
+            tokens, ms = yield_times(make(), n)
+            assert name == "mlx-lm" or tokens == continuation, f"{name}: output differs from plain"
+            runs[name].append(ms)
+    plain_ms = statistics.median(sum(map(abs, ms)) / len(ms) for ms in runs["plain"])
+    for name, all_ms in runs.items():
+        totals = [sum(map(abs, ms)) for ms in all_ms]
+        median_run = all_ms[sorted(range(len(totals)), key=totals.__getitem__)[len(totals) // 2]]
+        per_token = statistics.median(totals) / (n - 1)
+        typical = statistics.median(map(abs, median_run))
+        slow = [(i, round(ms, 1)) for i, ms in enumerate(median_run) if abs(ms) > SLOW * typical]
+        print(f"{name:7s} {per_token:6.2f} ms/token ({plain_ms / per_token:.3f}x plain)  slow yields: {slow}", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"shape": args.shape, "bits": args.bits, "alpha": args.alpha, "yield_ms": runs}, f)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
