@@ -201,11 +201,11 @@ def auto_costs_ms(policy: Auto) -> dict:
     return {"measured": measured, "observed": {k: s * 1e3 for k, s in sorted(policy.observed.items())}}
 
 
-def ideal_speedup(alpha: float, k: int, c_draft: float, verify: dict[int, float]) -> float:
-    """Leviathan et al. 2023: expected tokens per round over the round's cost, against plain
-    decoding at verify[1] per token."""
+def ideal_speedup(alpha: float, k: int, plain: float, round_cost: float) -> float:
+    """Leviathan et al. 2023: expected tokens per round of k drafts over the round's cost,
+    against plain decoding at `plain` per token (any unit, the same for both)."""
     tokens = k + 1 if alpha == 1.0 else (1 - alpha ** (k + 1)) / (1 - alpha)
-    return tokens * verify[1] / (k * c_draft + verify[k + 1])
+    return tokens * plain / round_cost
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

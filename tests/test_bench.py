@@ -28,7 +28,10 @@ def test_quick_benchmark_runs_and_replays_exactly(tmp_path):
         assert cell["same_as_plain"] == 16 and cell["replay_passes"] == 1
     assert cells[(0.0, 2)]["accepted_per_round"] == 0
     assert cells[(1.0, 2)]["accepted_per_round"] == 2  # every replayed draft accepted
-    assert 0 < cells[(1.0, 2)]["ideal"]
+    # The ideal from the costs as the loop runs them (alpha = 1: k + 1 tokens per round) ...
+    loop = result["loop_costs_ms"]
+    assert cells[(1.0, 2)]["ideal"] == pytest.approx(3 * loop["plain"] / (loop["verify"][2] + 2 * loop["draft"]))
+    assert cells[(1.0, 2)]["ideal_one_at_a_time"] > 0  # ... and from the cost curve's forwards
     assert cells[(1.0, 0)]["chosen_k"] == {"0": 15} and cells[(1.0, 0)]["ideal"] == 1  # k = 0: the loop, no drafts
 
 
