@@ -66,7 +66,7 @@ def _attention(target, cache, L: int):
     context = cache[0].offset
     for layer in target.model.layers:
         attn = layer.self_attn
-        mask = cache[target.kv_producers[layer.layer_type]].mask(L)
+        mask = cache[target.kv_producers[layer.layer_type]].mask(L, dtype)
         if isinstance(mask, mx.array):
             keys = mask.shape[-1]
         elif attn.is_sliding:

@@ -13,7 +13,7 @@ r+1 writes at a position the host does not know yet; the host knows bounds for i
 a query at position q sees keys at positions <= q (and > q - window when sliding), so stale
 ones from rejected drafts are invisible. With an exact offset a single-token fetch is cut to
 exactly the visible keys (no mask: the fast attention kernel); otherwise the fetch spans the
-host-known range and a boolean mask computed on the device picks the visible keys.
+host-known range and a mask computed on the device picks the visible keys.
 
 Both caches expose the interface mlx-lm's Gemma 4 attention calls (`offset`,
 `update_and_fetch`) and, for the drafter, zero-copy views of what they hold (`view`).
@@ -49,15 +49,23 @@ def _write(buffer: mx.array, new: mx.array, index: Position) -> mx.array:
     return mx.slice_update(buffer, new, mx.reshape(index, (1,)), axes=(2,))
 
 
-def _visible(queries: mx.array, first_key: int, last_key: int, window: int | None) -> mx.array:
-    """[len(queries), last_key - first_key] bool: which keys (positions first_key ..
+def _additive(seen: mx.array, dtype) -> mx.array:
+    """A boolean mask as the additive one (0 where seen, -inf elsewhere) in the attention's
+    dtype. MLX CUDA's fused attention takes no boolean mask: it converts one at every call
+    (three kernels per layer); converted here, once per forward (or drafting round), every
+    layer of the kind shares it. Adding 0 leaves a score unchanged: the same result."""
+    return mx.where(seen, mx.array(0.0, dtype), mx.array(-mx.inf, dtype))
+
+
+def _visible(queries: mx.array, first_key: int, last_key: int, window: int | None, dtype) -> mx.array:
+    """[len(queries), last_key - first_key] additive mask: which keys (positions first_key ..
     last_key - 1) each query position sees: causal, and within `window` when sliding."""
     keys = mx.arange(first_key, last_key)[None]
     queries = queries[:, None]
     seen = keys <= queries
     if window is not None:
         seen = seen & (queries - keys < window)
-    return seen
+    return _additive(seen, dtype)
 
 
 class _Positions:
@@ -122,12 +130,13 @@ class FullCache(_Positions):
         self._advance(L)
         return self.keys[..., :end, :], self.values[..., :end, :]
 
-    def mask(self, L: int):
-        """Mask for the next L queries over the keys `update_and_fetch` returns for them."""
+    def mask(self, L: int, dtype):
+        """Mask for the next L queries over the keys `update_and_fetch` returns for them
+        (additive, in the attention's `dtype`, where it is an array)."""
         if self.exact:
             # mx.fast.scaled_dot_product_attention aligns "causal" to the last query.
             return "causal" if L > 1 else None
-        return _visible(self._queries(L), 0, self.high + L, None)
+        return _visible(self._queries(L), 0, self.high + L, None, dtype)
 
     def seek(self, offset: Position, low: int | None = None, high: int | None = None) -> None:
         """Make `offset` the next write; positions before it must have been written."""
@@ -138,7 +147,7 @@ class FullCache(_Positions):
         """Keys, values (slices of the buffer, no copy) and mask of the positions before
         `offset`, as the drafter drafting at `offset` reads them."""
         end = self.high
-        mask = None if self.exact else mx.arange(end)[None] < self.offset
+        mask = None if self.exact else _additive(mx.arange(end)[None] < self.offset, self.keys.dtype)
         return self.keys[..., :end, :], self.values[..., :end, :], mask
 
     @property
@@ -192,11 +201,12 @@ class SlidingCache(_Positions):
         self.values = _copy_into(None if self.values is None else self.values[..., held, :], like, capacity)
         self.start = keep_from
 
-    def mask(self, L: int):
-        """Mask for the next L queries over the keys `update_and_fetch` returns for them."""
+    def mask(self, L: int, dtype):
+        """Mask for the next L queries over the keys `update_and_fetch` returns for them
+        (additive, in the attention's `dtype`, where it is an array)."""
         if self.exact and L == 1:
             return None  # the fetch cuts the keys to exactly the window
-        return _visible(self._queries(L), self._first_visible(), self.high + L, self.window)
+        return _visible(self._queries(L), self._first_visible(), self.high + L, self.window, dtype)
 
     def seek(self, offset: Position, low: int | None = None, high: int | None = None) -> None:
         """Make `offset` the next write; raises if the buffer lost what reads from there need."""
@@ -217,7 +227,8 @@ class SlidingCache(_Positions):
         mask = None
         if not self.exact:
             positions = mx.arange(begin, end)[None]
-            mask = (positions < self.offset) & (positions >= self.offset - self.drafter_reach)
+            seen = (positions < self.offset) & (positions >= self.offset - self.drafter_reach)
+            mask = _additive(seen, self.keys.dtype)
         held = slice(begin - self.start, end - self.start)
         return self.keys[..., held, :], self.values[..., held, :], mask
 

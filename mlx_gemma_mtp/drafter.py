@@ -84,8 +84,8 @@ class Drafter(nn.Module):
 
         inputs: [B, 1, 2*backbone] = concat(target embedding (scaled), hidden state).
         shared_kv: per attention type, the target cache's `view()`: (keys, values)
-            [B, kv_heads, S, head_dim] and a [1, S] mask of the positions before `position`
-            (sliding: the last `window + 1` of them); mask None when all S are those.
+            [B, kv_heads, S, head_dim] and a [1, S] additive mask (0 / -inf) of the positions
+            before `position` (sliding: the last `window + 1` of them); None when all S are those.
         position: where every step of the round runs (a host int or a device scalar).
         Returns (drafter hidden after its final norm [B, 1, h], projected state [B, 1, backbone]).
         """

@@ -87,7 +87,7 @@ class Target(nn.Module):
         L = tokens.shape[1]
         masks = {}
         for layer_type, producer in self.kv_producers.items():
-            masks[layer_type] = cache[producer].mask(L)
+            masks[layer_type] = cache[producer].mask(L, h.dtype)
 
         shared = [None] * len(m.layers)  # (keys, values) each layer computed
         offsets = [None] * len(m.layers)

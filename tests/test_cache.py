@@ -27,13 +27,13 @@ def test_sliding_fetch_and_mask_match_the_window(chunks):
     cache = SlidingCache(WINDOW, ROOM)
     for n in chunks:
         first = cache.offset
-        mask = cache.mask(n)
+        mask = cache.mask(n, mx.float32)
         keys, values = cache.update_and_fetch(*_kv(first, n))
         got = _positions(keys)
         assert got[-1] == first + n - 1 and got == list(range(got[0], got[-1] + 1))
         assert np.array_equal(np.array(values), -np.array(keys))
         for qi, q in enumerate(range(first, first + n)):
-            visible = {k for ki, k in enumerate(got) if mask is None or bool(np.array(mask)[qi, ki])}
+            visible = {k for ki, k in enumerate(got) if mask is None or np.array(mask)[qi, ki] == 0}
             assert visible == set(range(max(q - WINDOW + 1, 0), q + 1)), (q, sorted(visible))
 
 
@@ -106,17 +106,17 @@ def test_device_positions_read_exactly_what_exact_ones_would(make):
     truth, low, high = 30, 30, 30
     for round_id in range(1, 300):
         keys, _, mask = cache.view()  # the drafter, drafting at `truth`
-        seen = [k for i, k in enumerate(np.array(keys)[0, 0, :, 0]) if mask is None or bool(np.array(mask)[0, i])]
+        seen = [k for i, k in enumerate(np.array(keys)[0, 0, :, 0]) if mask is None or np.array(mask)[0, i] == 0]
         expected = range(0 if reach is None else max(truth - reach, 0), truth)
         assert [round(k * 1000) for k in seen] == [p * 1000 + written[p] for p in expected], round_id
         k = rng.randint(1, ROOM)  # a verify of k + 1 positions
-        mask = cache.mask(k + 1)
+        mask = cache.mask(k + 1, mx.float32)
         keys, _ = cache.update_and_fetch(*_round_keys(truth, k + 1, round_id))
         written.update({p: round_id for p in range(truth, truth + k + 1)})
         for qi, q in enumerate(range(truth, truth + k + 1)):
             visible = np.array(keys)[0, 0, :, 0]
             if not isinstance(mask, str) and mask is not None:
-                visible = visible[np.array(mask)[qi]]
+                visible = visible[np.array(mask)[qi] == 0]  # additive: 0 seen, -inf not
             elif mask == "causal":
                 visible = visible[: len(visible) - k + qi]
             expected = range(0 if window is None else max(q - window + 1, 0), q + 1)
