@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from mlx_gemma_mtp.draft_length import Auto, DraftLength
+from mlx_gemma_mtp.draft_length import Auto, Costs, DraftLength
 from mlx_gemma_mtp.drafter import Drafter
 from mlx_gemma_mtp.generate import draft_length
 from mlx_gemma_mtp.speculative import (
@@ -206,6 +206,12 @@ def ideal_speedup(alpha: float, k: int, plain: float, round_cost: float) -> floa
     against plain decoding at `plain` per token (any unit, the same for both)."""
     tokens = k + 1 if alpha == 1.0 else (1 - alpha ** (k + 1)) / (1 - alpha)
     return tokens * plain / round_cost
+
+
+def predicted_speedup(k_histogram: list[int], costs: Costs, tokens: int) -> float:
+    """Plain decoding's time for `tokens` over the time the rounds of `k_histogram` (rounds
+    per k, k = 0 a plain step) cost at `costs`."""
+    return tokens * costs.plain / sum(n * costs.round(k) for k, n in enumerate(k_histogram))
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

@@ -50,14 +50,18 @@ def variants(target, drafter, prompt, continuation: list[int], alpha: float) -> 
         def make():
             propose = measure.replay_proposer(drafter, target, continuation, alpha, seed=0)
             policy = draft_length(k, target, drafter) if isinstance(k, str) else k
-            return speculative_tokens(target, prompt, fresh_cache(), propose, policy, len(continuation), DraftStats())
+            n = len(continuation)
+            return speculative_tokens(target, prompt, fresh_cache(), propose, policy, n, DraftStats())
 
         return make
 
     def mlx_lm():
         return measure.mlx_lm_generator(target, prompt, len(continuation))
 
-    return {"plain": lambda: plain_tokens(target, prompt, fresh_cache()), "mlx-lm": mlx_lm, "k=0": loop(0), "auto": loop("auto")}
+    def plain():
+        return plain_tokens(target, prompt, fresh_cache())
+
+    return {"plain": plain, "mlx-lm": mlx_lm, "k=0": loop(0), "auto": loop("auto")}
 
 
 def main(argv=None) -> int:
@@ -89,7 +93,8 @@ def main(argv=None) -> int:
         per_token = statistics.median(totals) / (n - 1)
         typical = statistics.median(map(abs, median_run))
         slow = [(i, round(ms, 1)) for i, ms in enumerate(median_run) if abs(ms) > SLOW * typical]
-        print(f"{name:7s} {per_token:6.2f} ms/token ({plain_ms / per_token:.3f}x plain)  slow yields: {slow}", flush=True)
+        ratio = plain_ms / per_token
+        print(f"{name:7s} {per_token:6.2f} ms/token ({ratio:.3f}x plain)  slow yields: {slow}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"shape": args.shape, "bits": args.bits, "alpha": args.alpha, "yield_ms": runs}, f)

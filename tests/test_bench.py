@@ -9,6 +9,7 @@ import json
 import pytest
 
 import bench
+from bench import table
 
 
 def test_quick_benchmark_runs_and_replays_exactly(tmp_path):
@@ -30,9 +31,18 @@ def test_quick_benchmark_runs_and_replays_exactly(tmp_path):
     assert cells[(1.0, 2)]["accepted_per_round"] == 2  # every replayed draft accepted
     # The ideal from the costs as the loop runs them (alpha = 1: k + 1 tokens per round) ...
     loop = result["loop_costs_ms"]
-    assert cells[(1.0, 2)]["ideal"] == pytest.approx(3 * loop["plain"] / (loop["verify"][2] + 2 * loop["draft"]))
+    round_cost = loop["verify"][2] + 2 * loop["draft"]
+    assert cells[(1.0, 2)]["ideal"] == pytest.approx(3 * loop["plain"] / round_cost)
     assert cells[(1.0, 2)]["ideal_one_at_a_time"] > 0  # ... and from the cost curve's forwards
+    # The prediction for the rounds the run drafted: k = 0, plain steps only, predicts plain ...
+    assert cells[(1.0, 0)]["predicted"] == pytest.approx(1.0)
+    # ... and for k = 2 at alpha = 1 about the ideal (the last rounds are cut short).
+    assert cells[(1.0, 2)]["predicted"] == pytest.approx(cells[(1.0, 2)]["ideal"], rel=0.2)
     assert cells[(1.0, 0)]["chosen_k"] == {"0": 15} and cells[(1.0, 0)]["ideal"] == 1  # k = 0: the loop, no drafts
+    # The README's table row: a column per header, "–" where this run has no cell (alpha 0.8, 0.5-0.9).
+    row = table.row(result).strip("| ").split(" | ")
+    assert len(row) == table.HEADER.splitlines()[0].count("|") - 1
+    assert "–" not in row[:4] + row[8:] and row[4:8] == ["–"] * 4
 
 
 def test_profile_splits_a_verify_into_its_parts(tmp_path):
