@@ -163,18 +163,28 @@ def _timed(make_tokens, n: int, stats: DraftStats, policy: DraftLength | int | N
     return Run([first] + rest, elapsed * 1e3 / (n - 1), stats, mx.get_peak_memory() / 1e9, policy)
 
 
+def plain_generator(target: Target, prompt: mx.array):
+    """Our plain decoding from `prompt` on a fresh cache."""
+    return plain_tokens(target, prompt, target.make_cache(MAX_DRAFT + 1))
+
+
 def plain_run(target: Target, prompt: mx.array, n: int) -> Run:
-    return _timed(lambda: plain_tokens(target, prompt, target.make_cache(MAX_DRAFT + 1)), n, DraftStats())
+    return _timed(lambda: plain_generator(target, prompt), n, DraftStats())
+
+
+def replay_generator(target, drafter, prompt, continuation, alpha, num_draft, n, stats, seed=0):
+    """The speculative loop on a fresh cache, its drafts replayed (`replay_proposer`)."""
+    propose = replay_proposer(drafter, target, continuation, alpha, seed)
+    return speculative_tokens(target, prompt, target.make_cache(MAX_DRAFT + 1), propose, num_draft, n, stats)
 
 
 def replay_run(target, drafter, prompt, continuation, alpha, k: int | str, n, seed=0) -> Run:
     """k: drafts per round, or "auto" / "heuristic" (a fresh policy per run)."""
     stats = DraftStats()
-    propose = replay_proposer(drafter, target, continuation, alpha, seed)
     num_draft = draft_length(k, target, drafter) if isinstance(k, str) else k
 
     def make():
-        return speculative_tokens(target, prompt, target.make_cache(MAX_DRAFT + 1), propose, num_draft, n, stats)
+        return replay_generator(target, drafter, prompt, continuation, alpha, num_draft, n, stats, seed)
 
     return _timed(make, n, stats, num_draft)
 

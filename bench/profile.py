@@ -7,7 +7,7 @@ Rows: `forward` (what a verify runs: body, head, argmax), `body` (the decoder la
 norm), `head` (tied LM head, soft-cap, argmax of L rows), `projections` (every linear layer of
 every decoder layer applied to L rows, nothing else), `attention` (the fused attention of every
 layer against the context, with the mask the cache gives at that L: none for one exact row,
-"causal" for full layers and a boolean array for sliding ones beyond). On MLX CUDA a verify of
+"causal" for full layers and an additive array for sliding ones beyond). On MLX CUDA a verify of
 2 tokens costs 1.7x one (E2B bf16); this says which part takes the step.
 """
 

@@ -5,8 +5,8 @@ timestamped. Where auto loses to plain at alpha = 0, the slow yields say which r
     python -m bench.timeline --shape 31B --bits 4 --alpha 0 --runs 5 --out timeline.json
 
 Prints per variant the median ms per token and, of its median run, the yields that took over
-1.5x that run's median (index, ms, whether the token was a kept draft). The JSON holds every
-run's per-yield ms.
+1.5x that run's median (index, ms). The JSON holds every run's per-yield ms and which yields
+were kept drafts.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import statistics
 import time
 
 from mlx_gemma_mtp.generate import draft_length
-from mlx_gemma_mtp.speculative import MAX_DRAFT, DraftStats, plain_tokens, speculative_tokens
+from mlx_gemma_mtp.speculative import DraftStats
 
 from . import measure
 from .models import build
@@ -26,42 +26,39 @@ from .models import build
 SLOW = 1.5  # a yield over this times its run's median is listed
 
 
-def yield_times(tokens, n: int) -> tuple[list[int], list[float]]:
-    """The first n tokens of a (token, from_draft) generator and the ms before each yield after
-    the first (the prefill's); from_draft tokens are marked with a negative ms."""
+def yield_times(tokens, n: int) -> tuple[list[int], list[float], list[bool]]:
+    """The first n tokens of a (token, from_draft) generator, the ms before each yield after
+    the first (the prefill's), and whether each of those was a kept draft."""
     out = [next(tokens)[0]]
-    ms, last = [], time.perf_counter()
+    ms, drafted, last = [], [], time.perf_counter()
     for token, from_draft in itertools.islice(tokens, n - 1):
         now = time.perf_counter()
         out.append(token)
-        ms.append((now - last) * 1e3 * (-1 if from_draft else 1))
+        ms.append((now - last) * 1e3)
+        drafted.append(from_draft)
         last = now
     tokens.close()
-    return out, ms
+    return out, ms, drafted
 
 
 def variants(target, drafter, prompt, continuation: list[int], alpha: float) -> dict:
     """name -> a function making a fresh (token, from_draft) generator."""
-
-    def fresh_cache():
-        return target.make_cache(MAX_DRAFT + 1)
+    n = len(continuation)
 
     def loop(k):
         def make():
-            propose = measure.replay_proposer(drafter, target, continuation, alpha, seed=0)
             policy = draft_length(k, target, drafter) if isinstance(k, str) else k
-            n = len(continuation)
-            return speculative_tokens(target, prompt, fresh_cache(), propose, policy, n, DraftStats())
+            stats = DraftStats()
+            return measure.replay_generator(target, drafter, prompt, continuation, alpha, policy, n, stats)
 
         return make
 
-    def mlx_lm():
-        return measure.mlx_lm_generator(target, prompt, len(continuation))
-
-    def plain():
-        return plain_tokens(target, prompt, fresh_cache())
-
-    return {"plain": plain, "mlx-lm": mlx_lm, "k=0": loop(0), "auto": loop("auto")}
+    return {
+        "plain": lambda: measure.plain_generator(target, prompt),
+        "mlx-lm": lambda: measure.mlx_lm_generator(target, prompt, n),
+        "k=0": loop(0),
+        "auto": loop("auto"),
+    }
 
 
 def main(argv=None) -> int:
@@ -80,24 +77,27 @@ def main(argv=None) -> int:
     makers = variants(target, drafter, prompt, continuation, args.alpha)
     for make in makers.values():  # warm-up: kernels, auto's costs
         yield_times(make(), n)
-    runs = {name: [] for name in makers}
+    runs = {name: [] for name in makers}  # per variant, per run: the ms of each yield
+    drafts = {name: [] for name in makers}  # ... and whether it was a kept draft
     for _ in range(args.runs):  # in turn, so a drift lands on every variant alike
         for name, make in makers.items():
-            tokens, ms = yield_times(make(), n)
+            tokens, ms, drafted = yield_times(make(), n)
             assert name == "mlx-lm" or tokens == continuation, f"{name}: output differs from plain"
             runs[name].append(ms)
-    plain_ms = statistics.median(sum(map(abs, ms)) / len(ms) for ms in runs["plain"])
+            drafts[name].append(drafted)
+    plain_ms = statistics.median(statistics.mean(ms) for ms in runs["plain"])
     for name, all_ms in runs.items():
-        totals = [sum(map(abs, ms)) for ms in all_ms]
+        totals = [sum(ms) for ms in all_ms]
         median_run = all_ms[sorted(range(len(totals)), key=totals.__getitem__)[len(totals) // 2]]
         per_token = statistics.median(totals) / (n - 1)
-        typical = statistics.median(map(abs, median_run))
-        slow = [(i, round(ms, 1)) for i, ms in enumerate(median_run) if abs(ms) > SLOW * typical]
+        typical = statistics.median(median_run)
+        slow = [(i, round(ms, 1)) for i, ms in enumerate(median_run) if ms > SLOW * typical]
         ratio = plain_ms / per_token
         print(f"{name:7s} {per_token:6.2f} ms/token ({ratio:.3f}x plain)  slow yields: {slow}", flush=True)
     if args.out:
+        report = {"shape": args.shape, "bits": args.bits, "alpha": args.alpha}
         with open(args.out, "w") as f:
-            json.dump({"shape": args.shape, "bits": args.bits, "alpha": args.alpha, "yield_ms": runs}, f)
+            json.dump(report | {"yield_ms": runs, "from_draft": drafts}, f)
     return 0
 
 

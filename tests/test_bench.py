@@ -39,7 +39,7 @@ def test_quick_benchmark_runs_and_replays_exactly(tmp_path):
     # ... and for k = 2 at alpha = 1 about the ideal (the last rounds are cut short).
     assert cells[(1.0, 2)]["predicted"] == pytest.approx(cells[(1.0, 2)]["ideal"], rel=0.2)
     assert cells[(1.0, 0)]["chosen_k"] == {"0": 15} and cells[(1.0, 0)]["ideal"] == 1  # k = 0: the loop, no drafts
-    # The README's table row: a column per header, "–" where this run has no cell (alpha 0.8, 0.5-0.9).
+    # The README's table row: a column per header, "–" where no cell is (alpha 0.8, 0.5-0.9).
     row = table.row(result).strip("| ").split(" | ")
     assert len(row) == table.HEADER.splitlines()[0].count("|") - 1
     assert "–" not in row[:4] + row[8:] and row[4:8] == ["–"] * 4
@@ -62,9 +62,12 @@ def test_timeline_times_every_yield_of_every_variant(tmp_path):
     from bench import timeline
 
     out = tmp_path / "timeline.json"
-    assert timeline.main(["--shape", "tiny", "--alpha", "1", "--tokens", "12", "--runs", "2", "--out", str(out)]) == 0
-    runs = json.loads(out.read_text())["yield_ms"]
-    assert set(runs) == {"plain", "mlx-lm", "k=0", "auto"}
+    argv = ["--shape", "tiny", "--alpha", "1", "--tokens", "12", "--runs", "2", "--out", str(out)]
+    assert timeline.main(argv) == 0
+    report = json.loads(out.read_text())
+    runs, drafts = report["yield_ms"], report["from_draft"]
+    assert set(runs) == set(drafts) == {"plain", "mlx-lm", "k=0", "auto"}
     assert all(len(ms) == 2 and all(len(one) == 11 for one in ms) for ms in runs.values())
-    assert all(ms > 0 for one in runs["plain"] for ms in one)  # plain tokens are never drafts
-    assert any(ms < 0 for one in runs["auto"] for ms in one)  # alpha = 1: auto keeps drafts
+    assert all(ms > 0 for one in runs["auto"] for ms in one)
+    assert not any(d for one in drafts["plain"] for d in one)  # plain tokens are never drafts
+    assert any(d for one in drafts["auto"] for d in one)  # alpha = 1: auto keeps drafts
