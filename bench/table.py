@@ -36,7 +36,8 @@ def _range(result: dict, key: str) -> str:
 def row(result: dict) -> str:
     plain = result.get("plain_ms_per_token")
     mlx_lm = result.get("mlx_lm_ms_per_token")
-    drafter = " / ".join(f"{v:.2f}" for v in result.get("drafter_ms", {}).values())
+    steps = result.get("drafter_ms", {})
+    drafter = " / ".join(f"{steps[head]:.2f}" for head in ("dense", "clustered") if head in steps)
     peak = [c["peak_gb"] for c in result.get("e2e", [])]
     memory = "–" if not peak or "plain_peak_gb" not in result else f"{result['plain_peak_gb']:.1f} / {max(peak):.1f}"
     cells = [

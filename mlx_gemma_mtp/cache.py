@@ -16,7 +16,9 @@ exactly the visible keys (no mask: the fast attention kernel); otherwise the fet
 host-known range and a mask computed on the device picks the visible keys.
 
 Both caches expose the interface mlx-lm's Gemma 4 attention calls (`offset`,
-`update_and_fetch`) and, for the drafter, zero-copy views of what they hold (`view`).
+`update_and_fetch`) and, for the drafter, zero-copy views of what they hold (`view`): the whole
+buffer and a mask of what the drafter sees, so a view's shape changes only when the buffer grows
+or is compacted (the drafter's step is compiled, and traced again for each new shape).
 """
 
 from __future__ import annotations
@@ -143,12 +145,11 @@ class FullCache(_Positions):
         self.low, self.high = self._check_seek(offset, low, high)
         self.offset = offset
 
-    def view(self) -> tuple[mx.array, mx.array, mx.array | None]:
-        """Keys, values (slices of the buffer, no copy) and mask of the positions before
-        `offset`, as the drafter drafting at `offset` reads them."""
-        end = self.high
-        mask = None if self.exact else _additive(mx.arange(end)[None] < self.offset, self.keys.dtype)
-        return self.keys[..., :end, :], self.values[..., :end, :], mask
+    def view(self) -> tuple[mx.array, mx.array, mx.array]:
+        """Keys, values (the whole buffer, no copy) and the mask of the positions before
+        `offset` among them, as the drafter drafting at `offset` reads them."""
+        seen = mx.arange(self.keys.shape[2])[None] < self.offset
+        return self.keys, self.values, _additive(seen, self.keys.dtype)
 
     @property
     def state(self) -> list[mx.array]:
@@ -195,7 +196,10 @@ class SlidingCache(_Positions):
         """Move what any later query or rewind may need to the front of a fresh buffer with
         room for L more positions: from `drafter_reach` before the lowest possible offset."""
         keep_from = max(self.start, self.low - self.drafter_reach)
-        capacity = self.high - keep_from + L + STEP
+        # Decoding (L <= room, high - low <= room) always compacts to the same capacity, so the
+        # drafter's view keeps one shape and its compiled step one trace.
+        held = self.high - keep_from
+        capacity = max(held, self.drafter_reach + self.room) + max(L, self.room) + STEP
         held = slice(keep_from - self.start, self.high - self.start)
         self.keys = _copy_into(None if self.keys is None else self.keys[..., held, :], like, capacity)
         self.values = _copy_into(None if self.values is None else self.values[..., held, :], like, capacity)
@@ -219,18 +223,12 @@ class SlidingCache(_Positions):
             )
         self.offset, self.low, self.high = offset, low, high
 
-    def view(self) -> tuple[mx.array, mx.array, mx.array | None]:
-        """Keys, values (slices of the buffer, no copy) and mask of the `window + 1` positions
-        before `offset`, as the drafter drafting at `offset` reads them."""
-        begin = max(self.start, self.low - self.drafter_reach)
-        end = self.high
-        mask = None
-        if not self.exact:
-            positions = mx.arange(begin, end)[None]
-            seen = (positions < self.offset) & (positions >= self.offset - self.drafter_reach)
-            mask = _additive(seen, self.keys.dtype)
-        held = slice(begin - self.start, end - self.start)
-        return self.keys[..., held, :], self.values[..., held, :], mask
+    def view(self) -> tuple[mx.array, mx.array, mx.array]:
+        """Keys, values (the whole buffer, no copy) and the mask of the `window + 1` positions
+        before `offset` among them, as the drafter drafting at `offset` reads them."""
+        positions = self.start + mx.arange(self.keys.shape[2])[None]
+        seen = (positions < self.offset) & (positions >= self.offset - self.drafter_reach)
+        return self.keys, self.values, _additive(seen, self.keys.dtype)
 
     @property
     def state(self) -> list[mx.array]:

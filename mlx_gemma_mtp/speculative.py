@@ -32,7 +32,7 @@ import mlx.core as mx
 
 from .cache import Position
 from .draft_length import MAX_DRAFT, DraftLength, Fixed
-from .drafter import Drafter
+from .drafter import Drafter, compiled_step
 from .sample import GREEDY, Sampling, judge, random_key
 from .target import Target
 
@@ -107,16 +107,25 @@ def drafter_proposer(drafter: Drafter, target: Target) -> Proposer:
     """Drafts from an MTP drafter reading the target cache's K/V in place: greedy, or sampled
     from its q after the request's transforms."""
 
+    # Compiled once per proposer (a generation); the greedy one with the head inside.
+    greedy_step = compiled_step(drafter, target.embed, drafter.greedy_token)
+    forward = compiled_step(drafter, target.embed)
+
     def propose(request: DraftRequest, cache: list) -> Draft:
         shared_kv = {kind: cache[layer].view() for kind, layer in target.kv_producers.items()}
         token, hidden, history = request.token, request.hidden, request.history
+        # A device scalar either way: a host int would be traced as a constant, once per value.
+        position = mx.array(request.position, mx.int32)
         keys = None if request.sampling.greedy else mx.random.split(request.key, request.k)
         steps = []
         for i in range(request.k):
-            inputs = mx.concatenate([target.embed(token), hidden], axis=-1)
-            h, hidden = drafter(inputs, shared_kv, request.position)
-            step = _draft_step(drafter, h, request.sampling, history, None if keys is None else keys[i])
-            token = step[0]
+            if request.sampling.greedy and not request.sampling.processors:
+                token, hidden = greedy_step(token, hidden, position, shared_kv)
+                step = (token, None, None)
+            else:
+                h, hidden = forward(token, hidden, position, shared_kv)
+                step = _draft_step(drafter, h, request.sampling, history, None if keys is None else keys[i])
+                token = step[0]
             history = _extended(history, token.reshape(1))
             steps.append(step)
         tokens, q, q_ids = (list(column) for column in zip(*steps))

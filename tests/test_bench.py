@@ -16,7 +16,7 @@ def test_quick_benchmark_runs_and_replays_exactly(tmp_path):
     out = tmp_path / "bench.json"
     argv = [
         "--shapes", "tiny", "--bits", "bf16", "--contexts", "48", "--max-l", "4", "--prompt", "32",
-        "--alphas", "0", "1", "--ks", "0", "2", "auto", "--tokens", "16", "--trials", "1", "--out", str(out),
+        "--alphas", "0", "0.5", "1", "--ks", "0", "2", "auto", "--tokens", "16", "--trials", "2", "--out", str(out),
     ]  # fmt: skip
     assert bench.main(argv) == 0
     result = json.loads(out.read_text())["results"][0]
@@ -27,8 +27,11 @@ def test_quick_benchmark_runs_and_replays_exactly(tmp_path):
     cells = {(c["alpha"], c["k"]): c for c in result["e2e"]}
     for cell in cells.values():
         assert cell["same_as_plain"] == 16 and cell["replay_passes"] == 1
-    assert cells[(0.0, 2)]["accepted_per_round"] == 0
+    assert cells[(0.0, 2)]["accepted_per_round"] == 0 == cells[(0.0, 2)]["acceptance"]
     assert cells[(1.0, 2)]["accepted_per_round"] == 2  # every replayed draft accepted
+    assert cells[(1.0, 2)]["acceptance"] == 1
+    # Each trial draws its own hits: at alpha = 0.5 the trials keep different drafts.
+    assert len(set(cells[(0.5, 2)]["accepted_per_trial"])) == 2
     # The ideal from the costs as the loop runs them (alpha = 1: k + 1 tokens per round) ...
     loop = result["loop_costs_ms"]
     round_cost = loop["verify"][2] + 2 * loop["draft"]
@@ -38,11 +41,11 @@ def test_quick_benchmark_runs_and_replays_exactly(tmp_path):
     assert cells[(1.0, 0)]["predicted"] == pytest.approx(1.0)
     # ... and for k = 2 at alpha = 1 about the ideal (the last rounds are cut short).
     assert cells[(1.0, 2)]["predicted"] == pytest.approx(cells[(1.0, 2)]["ideal"], rel=0.2)
-    assert cells[(1.0, 0)]["chosen_k"] == {"0": 15} and cells[(1.0, 0)]["ideal"] == 1  # k = 0: the loop, no drafts
+    assert cells[(1.0, 0)]["chosen_k"] == {"0": 30} and cells[(1.0, 0)]["ideal"] == 1  # k = 0: the loop, no drafts
     # The README's table row: a column per header, "–" where no cell is (alpha 0.8, 0.5-0.9).
     row = table.row(result).strip("| ").split(" | ")
     assert len(row) == table.HEADER.splitlines()[0].count("|") - 1
-    assert "–" not in row[:4] + row[8:] and row[4:8] == ["–"] * 4
+    assert "–" not in row[:4] + row[6:] and row[4:6] == ["–"] * 2  # no alpha 0.8 cells
 
 
 def test_profile_splits_a_verify_into_its_parts(tmp_path):

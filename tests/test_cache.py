@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_gemma_mtp.cache import CacheRewindError, FullCache, SlidingCache
+from mlx_gemma_mtp.cache import STEP, CacheRewindError, FullCache, SlidingCache
 
 WINDOW, ROOM = 8, 4
 
@@ -20,6 +20,12 @@ def _kv(start: int, n: int) -> tuple[mx.array, mx.array]:
 
 def _positions(keys: mx.array) -> list[int]:
     return np.array(keys)[0, 0, :, 0].astype(int).tolist()
+
+
+def _seen(view) -> list[int]:
+    """Positions of the keys a view's mask lets the drafter see (additive: 0 seen, -inf not)."""
+    keys, _, mask = view
+    return [p for p, m in zip(_positions(keys), np.array(mask)[0]) if m == 0]
 
 
 @pytest.mark.parametrize("chunks", [[1] * 40, [5, 3, 12, 1, 1, 9, 30], [40]])
@@ -44,8 +50,7 @@ def test_sliding_rewind_is_exact_within_room_and_raises_beyond():
     cache.update_and_fetch(*_kv(cache.offset, ROOM + 1))  # a verify of ROOM + 1 positions
     cache.trim(ROOM)
     assert cache.offset == 51
-    keys, _, _ = cache.view()
-    assert _positions(keys) == list(range(51 - WINDOW - 1, 51))  # the drafter's window + 1
+    assert _seen(cache.view()) == list(range(51 - WINDOW - 1, 51))  # the drafter's window + 1
     # Continue after the rewind: the fetched window is the right one, the stale tail is gone.
     keys, _ = cache.update_and_fetch(*_kv(51, 1))
     assert _positions(keys) == list(range(51 - WINDOW + 1, 52))
@@ -66,23 +71,43 @@ def test_full_rewind_and_view():
     for n in (300, 7, 1):
         cache.update_and_fetch(*_kv(cache.offset, n))
     cache.trim(5)
-    keys, _, _ = cache.view()
-    assert _positions(keys) == list(range(303))
+    assert _seen(cache.view()) == list(range(303))
     with pytest.raises(CacheRewindError):
         cache.trim(304)
 
 
 def test_views_share_the_cache_buffer():
-    """The drafter's K/V are slices of the cache: evaluating them allocates nothing."""
+    """The drafter's K/V are the cache's own buffers: evaluating them allocates nothing."""
     for cache in (FullCache(), SlidingCache(512, 16)):
         k = mx.random.normal((1, 4, 1000, 256))
         cache.update_and_fetch(k, k + 1)
         mx.eval(cache.state)
         before = mx.get_active_memory()
-        keys, values, _ = cache.view()
+        keys, values, mask = cache.view()
         mx.eval(keys, values)
         assert mx.get_active_memory() - before < 4096, "view copied the buffer"
-        assert keys.shape[2] == (1000 if isinstance(cache, FullCache) else 513)
+        assert len(_seen((keys, values, mask))) == (1000 if isinstance(cache, FullCache) else 513)
+
+
+@pytest.mark.parametrize("make", [FullCache, lambda: SlidingCache(WINDOW, ROOM)], ids=["full", "sliding"])
+def test_views_change_shape_only_when_the_buffer_grows(make):
+    """The drafter's step is compiled per view shape: decoding must not give it a new shape
+    every round. Full: a new one per STEP positions; sliding: one, once decoding compacts."""
+    rng = np.random.RandomState(1)
+    cache = make()
+    cache.update_and_fetch(*_kv(0, 40))  # a prompt
+    shapes = []
+    for _ in range(700):
+        k = rng.randint(0, ROOM)  # a round: verify k + 1, keep some
+        cache.update_and_fetch(*_kv(cache.offset, k + 1))
+        cache.trim(rng.randint(0, k + 1))
+        shapes.append(cache.view()[0].shape[2])
+    changes = sum(a != b for a, b in zip(shapes, shapes[1:]))
+    if isinstance(cache, FullCache):
+        assert shapes[-1] % STEP == 0 and cache.offset <= shapes[-1] < cache.offset + STEP + ROOM
+        assert changes <= shapes[-1] // STEP
+    else:
+        assert changes <= 1 and cache.start > 0
 
 
 def _round_keys(start: int, n: int, round_id: int) -> tuple[mx.array, mx.array]:
@@ -106,7 +131,7 @@ def test_device_positions_read_exactly_what_exact_ones_would(make):
     truth, low, high = 30, 30, 30
     for round_id in range(1, 300):
         keys, _, mask = cache.view()  # the drafter, drafting at `truth`
-        seen = [k for i, k in enumerate(np.array(keys)[0, 0, :, 0]) if mask is None or np.array(mask)[0, i] == 0]
+        seen = [k for i, k in enumerate(np.array(keys)[0, 0, :, 0]) if np.array(mask)[0, i] == 0]
         expected = range(0 if reach is None else max(truth - reach, 0), truth)
         assert [round(k * 1000) for k in seen] == [p * 1000 + written[p] for p in expected], round_id
         k = rng.randint(1, ROOM)  # a verify of k + 1 positions

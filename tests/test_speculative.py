@@ -15,6 +15,7 @@ import pytest
 
 from mlx_gemma_mtp import load, load_drafter, stream_generate
 from mlx_gemma_mtp.draft_length import Auto, Costs
+from mlx_gemma_mtp.drafter import compiled_step
 from mlx_gemma_mtp.load import load_target
 from mlx_gemma_mtp.quantize import quantize
 from mlx_gemma_mtp.sample import make_sampling
@@ -24,6 +25,7 @@ from mlx_gemma_mtp.speculative import (
     DraftStats,
     drafter_proposer,
     plain_tokens,
+    prefill,
     speculative_tokens,
 )
 from tests.fixtures import KINDS, SLIDING_WINDOW, VOCAB_SIZE
@@ -336,3 +338,32 @@ def test_only_rounds_in_a_full_pipeline_are_timed(pairs):
     # Not timed: the drafting round (queued into an empty pipeline), the plain step behind
     # it (a masked cache at a device position), and the last, drained with nothing behind it.
     assert policy.timed == [0] * (stats.k_histogram[0] - 2)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_compiled_drafter_step_is_the_drafter_step_traced_once_per_view_shape(kind, pairs):
+    """The step the proposer runs is compiled: it must compute what the drafter computes, and
+    decoding must not trace it again every round (only when a cache buffer grows or compacts)."""
+    target, drafter = pairs[kind]
+    traces = []
+
+    def embed(token):  # runs only while the compiled step is traced
+        traces.append(1)
+        return target.embed(token)
+
+    step = compiled_step(drafter, embed, drafter.greedy_token)
+    cache = target.make_cache(MAX_DRAFT + 1)
+    hidden = prefill(target, _prompt(), cache)
+    token = mx.array([[7]], dtype=mx.int32)
+    shapes = set()
+    for i in range(2 * SLIDING_WINDOW):
+        shared_kv = {kind: cache[layer].view() for kind, layer in target.kv_producers.items()}
+        shapes.add(tuple(keys.shape for keys, _, _ in shared_kv.values()))
+        position = cache[0].offset
+        drafted, projected = step(token, hidden, mx.array(position, mx.int32), shared_kv)
+        h, expected = drafter(mx.concatenate([target.embed(token), hidden], axis=-1), shared_kv, position)
+        assert drafted.tolist() == drafter.greedy_token(h).tolist()
+        assert mx.allclose(projected, expected, atol=1e-5).item(), i
+        hidden = target(token, cache)  # one plain position on, past the window
+        token = drafted
+    assert len(traces) == len(shapes) < 4
