@@ -151,7 +151,7 @@ def compiled_step(drafter: Drafter, embed: Callable[[mx.array], mx.array], head:
 
     `embed` is the target's scaled input embedding. A step is a few hundred small kernels on a
     GPU, launch-bound: compiled, its element-wise ops fuse (MLX CUDA, H100: 16-26% less per
-    step, bench/results/drafter-compile-h100.json). Traced again for each new shape of the
+    step; the bench records both, `drafter_ms`). Traced again for each new shape of the
     cache views, i.e. when the target's buffers grow or compact (`cache.py`). The weights are
     captured at the first trace: build the step after loading them.
     """
