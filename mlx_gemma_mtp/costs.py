@@ -31,7 +31,9 @@ CONTEXT = 64  # positions the scratch cache holds while timing
 REPEATS = 2  # timings per measurement (their mean), after a warm-up call
 SHORT_STREAM, STREAM = 1, 5  # calls queued back to back per timing: the difference is timed
 DRAFT_SPAN = 3  # a drafter step's cost: (a k = 4 proposal - a k = 1 one) / 3
-METHOD = 3  # how costs are measured, in the key: 3 = difference of two streams (1: forwards alone)
+# How costs are measured, in the key: 4 = difference of two streams, verifies of distinct
+# tokens (3: of one token repeated, 1: forwards alone).
+METHOD = 4
 
 
 def load_costs(target: Target, drafter: Drafter, cache_dir: Path | None = None) -> Costs:
@@ -88,8 +90,12 @@ def measure_costs(target: Target, propose: Proposer) -> Costs:
     prompt = mx.arange(CONTEXT, dtype=mx.int32)[None] % target.args.vocab_size
     hidden = prefill(target, prompt, cache)
     mx.eval(hidden, [c.state for c in cache])
-    token = mx.array([[CONTEXT % target.args.vocab_size]], dtype=mx.int32)
-    tokens = mx.broadcast_to(token, (1, MAX_DRAFT + 1))
+    # Distinct tokens, as drafts are: a mixture-of-experts layer routes each row on its own,
+    # and one token repeated would read one set of experts for every row (26B-A4B on MLX
+    # CUDA: a verify of 2 repeated rows measured 0.97-1.06x a plain token; of 2 distinct
+    # ones, 1.27x in the cost curve).
+    tokens = (CONTEXT + mx.arange(MAX_DRAFT + 1, dtype=mx.int32)[None]) % target.args.vocab_size
+    token = tokens[:, :1]
 
     def verify(L: int) -> list[mx.array]:
         out = greedy(target, target(tokens[:, :L], cache))
