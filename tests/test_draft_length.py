@@ -37,6 +37,7 @@ def with_acceptance(policy: Auto, acceptance, rounds: float = 1e6) -> Auto:
     policy.tries = [rounds] * MAX_DRAFT
     policy.hits = [rounds * a for a in acceptance]
     policy.plain_left, policy.probe_gap = policy.probe_first, 2 * policy.probe_first  # as after drafting
+    policy.rounds_seen = int(rounds)
     return policy
 
 
@@ -396,7 +397,21 @@ def test_plain_steps_not_yet_believed_are_scaled_as_rounds_are():
     policy = Auto(costs)
     policy.observe(policy.choose(100), 0)  # the first round: nothing kept
     chosen = useless_drafter_choices(policy, costs, 30, lambda i: 0.7)
-    assert chosen == [0] * 30, chosen
+    assert chosen[:PROBE_FIRST] == [0] * PROBE_FIRST and sum(k > 0 for k in chosen) <= 1, chosen  # one probe
+
+
+def test_one_failed_round_is_thin_evidence():
+    """A first round whose first draft is rejected (one time in five at alpha = 0.8) must not
+    stop drafting for as long as a failed probe would justify where rounds are dear (31B 4-bit):
+    the next probe comes after PROBE_FIRST plain tokens; when it fails too, after probe_first,
+    then twice as many."""
+    policy = Auto(SLOW_SHORT)
+    assert policy.probe_first > 4 * PROBE_FIRST  # a round costs 2.6 plain tokens
+    chosen = useless_drafter_choices(policy, SLOW_SHORT, 1 + PROBE_FIRST + 1 + 3 * policy.probe_first, lambda i: 1.0)
+    probes = [i for i, k in enumerate(chosen) if k]
+    gaps = [b - a - 1 for a, b in zip(probes, probes[1:])]  # plain tokens between drafting rounds
+    doubled = min(2 * policy.probe_first, PROBE_LAST)
+    assert probes[0] == 0 and gaps[:3] == [PROBE_FIRST, policy.probe_first, doubled], probes
 
 
 def test_auto_learns_each_draft_lengths_own_cost():
