@@ -198,8 +198,7 @@ class SlidingCache(_Positions):
         keep_from = max(self.start, self.low - self.drafter_reach)
         # Decoding (L <= room, high - low <= room) always compacts to the same capacity, so the
         # drafter's view keeps one shape and its compiled step one trace.
-        held = self.high - keep_from
-        capacity = max(held, self.drafter_reach + self.room) + max(L, self.room) + STEP
+        capacity = max(self.high - keep_from, self.drafter_reach + self.room) + max(L, self.room) + STEP
         held = slice(keep_from - self.start, self.high - self.start)
         self.keys = _copy_into(None if self.keys is None else self.keys[..., held, :], like, capacity)
         self.values = _copy_into(None if self.values is None else self.values[..., held, :], like, capacity)

@@ -191,18 +191,18 @@ class Auto:
             return 0
         rates = self.rates(limit)
         best = max(range(limit + 1), key=rates.__getitem__)
-        if best > 0 or self.plain_left == 0:
-            if best == 0:  # a probe: the best k >= 1
-                best = max(range(1, limit + 1), key=rates.__getitem__)
-            if self.rounds_seen == 0:  # the first drafting round: a short stretch if it fails
-                self.plain_left, self.probe_gap = PROBE_FIRST, self.probe_first
-            elif rates[0] < rates[best]:  # drafting pays: if it stops, probe_first plain tokens
-                self.plain_left, self.probe_gap = self.probe_first, min(2 * self.probe_first, PROBE_LAST)
-            else:  # a probe after a failed one: twice as many plain tokens before the next
-                self.plain_left, self.probe_gap = self.probe_gap, min(2 * self.probe_gap, PROBE_LAST)
-        else:
+        if best == 0 and self.plain_left > 0:
             self.plain_left -= 1
             return 0
+        # Plain tokens before the next probe, should drafting stop paying, and after it.
+        if self.rounds_seen == 0:  # the first drafting round: a short stretch if it fails
+            self.plain_left, self.probe_gap = PROBE_FIRST, self.probe_first
+        elif best > 0:  # drafting pays: probe_first, then twice as many
+            self.plain_left, self.probe_gap = self.probe_first, min(2 * self.probe_first, PROBE_LAST)
+        else:  # a probe after a failed one: twice as many as before it
+            self.plain_left, self.probe_gap = self.probe_gap, min(2 * self.probe_gap, PROBE_LAST)
+        if best == 0:  # a probe: the best k >= 1
+            best = max(range(1, limit + 1), key=rates.__getitem__)
         self.awaiting_first = not any(self.tries)  # no round observed yet
         return best
 
