@@ -87,7 +87,8 @@ class Drafter(nn.Module):
         inputs: [B, 1, 2*backbone] = concat(target embedding (scaled), hidden state).
         shared_kv: per attention type, the target cache's `view()`: (keys, values)
             [B, kv_heads, S, head_dim] and a [1, S] additive mask (0 / -inf) of the positions
-            before `position` (sliding: the last `window + 1` of them); None when all S are those.
+            before `position` (sliding: the last `window + 1` of them); None when all S are those
+            (the caches' views always give one: their buffers hold more than is visible).
         position: where every step of the round runs (a host int or a device scalar).
         Returns (drafter hidden after its final norm [B, 1, h], projected state [B, 1, backbone]).
         """

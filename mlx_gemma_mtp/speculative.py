@@ -117,9 +117,11 @@ def drafter_proposer(drafter: Drafter, target: Target) -> Proposer:
         # A device scalar either way: a host int would be traced as a constant, once per value.
         position = mx.array(request.position, mx.int32)
         keys = None if request.sampling.greedy else mx.random.split(request.key, request.k)
+        # Greedy without processors: the head _draft_step would run is the compiled step's own.
+        head_inside = request.sampling.greedy and not request.sampling.processors
         steps = []
         for i in range(request.k):
-            if request.sampling.greedy and not request.sampling.processors:
+            if head_inside:
                 token, hidden = greedy_step(token, hidden, position, shared_kv)
                 step = (token, None, None)
             else:
