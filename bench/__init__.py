@@ -158,6 +158,8 @@ def _e2e(target, drafter, prompt, plain_tokens, result, args, save) -> None:
             }
             if k == "auto":
                 cell["auto_costs_ms"] = measure.auto_costs_ms(runs[0].policy)
+                # Per trial, each drafting round: (tokens before it, k, drafts accepted).
+                cell["round_log"] = [r.stats.round_log for r in runs]
             if isinstance(k, int):
                 # From the costs as the loop runs them (pipelined: a forward's graph is built
                 # while the one before runs), and from the cost curve's forwards timed one at a

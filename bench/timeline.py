@@ -41,23 +41,24 @@ def yield_times(tokens, n: int) -> tuple[list[int], list[float], list[bool]]:
     return out, ms, drafted
 
 
-def variants(target, drafter, prompt, continuation: list[int], alpha: float) -> dict:
-    """name -> a function making a fresh (token, from_draft) generator."""
+def variants(target, drafter, prompt, continuation: list[int], alpha: float, stats: dict) -> dict:
+    """name -> a function making a fresh (token, from_draft) generator; the loop's variants
+    put their run's DraftStats in `stats[name]`."""
     n = len(continuation)
 
-    def loop(k):
+    def loop(name, k):
         def make():
             policy = draft_length(k, target, drafter) if isinstance(k, str) else k
-            stats = DraftStats()
-            return measure.replay_generator(target, drafter, prompt, continuation, alpha, policy, n, stats)
+            stats[name] = DraftStats()
+            return measure.replay_generator(target, drafter, prompt, continuation, alpha, policy, n, stats[name])
 
         return make
 
     return {
         "plain": lambda: measure.plain_generator(target, prompt),
         "mlx-lm": lambda: measure.mlx_lm_generator(target, prompt, n),
-        "k=0": loop(0),
-        "auto": loop("auto"),
+        "k=0": loop("k=0", 0),
+        "auto": loop("auto", "auto"),
     }
 
 
@@ -74,17 +75,21 @@ def main(argv=None) -> int:
     prompt = measure.random_tokens(256, target.args.vocab_size, seed=3)
     n = args.tokens
     continuation = measure.plain_run(target, prompt, n).tokens
-    makers = variants(target, drafter, prompt, continuation, args.alpha)
+    last_stats = {}  # the loop's variants: name -> DraftStats of their last run
+    makers = variants(target, drafter, prompt, continuation, args.alpha, last_stats)
     for make in makers.values():  # warm-up: kernels, auto's costs
         yield_times(make(), n)
     runs = {name: [] for name in makers}  # per variant, per run: the ms of each yield
     drafts = {name: [] for name in makers}  # ... and whether it was a kept draft
+    round_logs = {"auto": []}  # per run: each drafting round (tokens before it, k, accepted)
     for _ in range(args.runs):  # in turn, so a drift lands on every variant alike
         for name, make in makers.items():
             tokens, ms, drafted = yield_times(make(), n)
             assert name == "mlx-lm" or tokens == continuation, f"{name}: output differs from plain"
             runs[name].append(ms)
             drafts[name].append(drafted)
+            if name in round_logs:
+                round_logs[name].append(last_stats[name].round_log)
     plain_ms = statistics.median(statistics.mean(ms) for ms in runs["plain"])
     for name, all_ms in runs.items():
         totals = [sum(ms) for ms in all_ms]
@@ -97,7 +102,7 @@ def main(argv=None) -> int:
     if args.out:
         report = {"shape": args.shape, "bits": args.bits, "alpha": args.alpha}
         with open(args.out, "w") as f:
-            json.dump(report | {"yield_ms": runs, "from_draft": drafts}, f)
+            json.dump(report | {"yield_ms": runs, "from_draft": drafts, "round_log": round_logs}, f)
     return 0
 
 

@@ -12,8 +12,9 @@ outcome of the round just before it.
 decoding yields one token per `plain` seconds. The costs are measured once per device
 (`costs.py`), the a_j are tracked online, and k = 0 is chosen when no k beats plain decoding
 (probing again after 16 or more, then twice as many, ... up to 256 plain tokens; after a failed
-first round, after 16 whatever a probe costs). What rounds really cost in the loop is learnt
-from the clock, per k.
+first round, after 16 whatever a probe costs; in between, only a round read back that kept a
+draft can end the stretch early, never the clock alone). What rounds really cost in the loop is learnt from the
+clock, per k.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ DECAY = 0.98  # per observed round: acceptance counts remember about the last 50
 TIMINGS = 9  # a k's cost is the median of its last 9 timings: one hiccup moves nothing ...
 MIN_TIMINGS = 3  # ... once it has 3 (the median of 2 is their mean: a hiccup would count half)
 OUTLIER = 3.0  # the first timing of a k over 3x its estimate is a compile: passed over
+FLOOR_MARGIN = 0.1  # a round believed at its floor must beat plain decoding by 10% (see rates())
 PROBE_FIRST = 16  # plain tokens before drafting is tried again (at least) ...
 PROBE_LAST = 256  # ... doubling after each failed probe, up to this
 PROBE_SHARE = 0.01  # ... and at least as many as keep a failed probe's cost within 1% of them
@@ -127,6 +129,16 @@ class Auto:
         # round is PROBE_FIRST long; probe_first and its doublings follow (alpha = 0 pays one
         # more failed round: 1% of 128 tokens on the 31B, 0.2% of 1000).
         self.rounds_seen = 0  # drafting rounds observed
+        # A plain stretch (its probes included) ends only when a round read back since it
+        # began kept a draft (the loop asks one round ahead: the stretch may begin before the
+        # last round is seen), never on the clock alone. In a stretch only plain steps are timed: a
+        # slower card (or a few slow plain steps) raises plain decoding's cost while the
+        # rounds' stay as last timed; and a failed probe's own timing, a little under its
+        # measurement, made every untimed round look cheaper. Either way a useless drafter
+        # looked worth rounds again (MLX CUDA at alpha = 0: E2B ~8 useless rounds per 128
+        # tokens as plain steps swung 8-15 ms; 26B-A4B 2-6 rounds after each failed probe).
+        self.kept_rounds = 0  # drafting rounds observed that kept at least one draft
+        self.stretch_kept: int | None = None  # kept_rounds when the plain stretch last chose; None: drafting
         # The loop asks one round ahead. Until the first drafting round is seen, the next
         # choice knows nothing more than the first did: a plain step goes behind it (a guess
         # that drafts again would cost a useless drafter two rounds; reading the first back
@@ -161,14 +173,24 @@ class Auto:
         return out
 
     def rates(self, limit: int) -> list[float]:
-        """Expected tokens per second for k = 0..limit."""
+        """Expected tokens per second for k = 0..limit, a round believed at its floor (a plain
+        step and k drafter steps) weighed as FLOOR_MARGIN dearer."""
+        # In truth a verify of k + 1 rows costs more than one row. A round believed at the
+        # floor rests on noise (a lucky timing, a plain cost timed while the card ran slower,
+        # a measured verify within noise of a plain token), and there a useless drafter looked
+        # worth a round down to 3% acceptance (MLX CUDA, 26B-A4B at alpha = 0: 43 k = 1 rounds
+        # in a row, each 1.3x a plain token, as plain steps last timed in a slow spell).
         a = self.acceptance()
+        plain = self.cost(0)
         out, expected, reach = [], 1.0, 1.0
         for k in range(limit + 1):
+            seconds = self.cost(k)
             if k:
                 reach *= a[k - 1]
                 expected += reach
-            out.append(expected / self.cost(k))
+                if seconds <= plain + k * self.costs.draft:
+                    seconds *= 1 + FLOOR_MARGIN
+            out.append(expected / seconds)
         return out
 
     def cost(self, k: int) -> float:
@@ -191,7 +213,10 @@ class Auto:
             return 0
         rates = self.rates(limit)
         best = max(range(limit + 1), key=rates.__getitem__)
+        if self.stretch_kept == self.kept_rounds:  # in a plain stretch, no draft kept since it began
+            best = 0
         if best == 0 and self.plain_left > 0:
+            self.stretch_kept = self.kept_rounds
             self.plain_left -= 1
             return 0
         # Plain tokens before the next probe, should drafting stop paying, and after it.
@@ -201,14 +226,18 @@ class Auto:
             self.plain_left, self.probe_gap = self.probe_first, min(2 * self.probe_first, PROBE_LAST)
         else:  # a probe after a failed one: twice as many as before it
             self.plain_left, self.probe_gap = self.probe_gap, min(2 * self.probe_gap, PROBE_LAST)
-        if best == 0:  # a probe: the best k >= 1
+        if best == 0:  # a probe: the best k >= 1; the stretch goes on unless it keeps a draft
             best = max(range(1, limit + 1), key=rates.__getitem__)
+            self.stretch_kept = self.kept_rounds
+        else:
+            self.stretch_kept = None
         self.awaiting_first = not any(self.tries)  # no round observed yet
         return best
 
     def observe(self, k: int, accepted: int) -> None:
         self.awaiting_first = False
         self.rounds_seen += 1
+        self.kept_rounds += accepted > 0
         for j in range(MAX_DRAFT):
             self.tries[j] *= DECAY
             self.hits[j] *= DECAY

@@ -81,7 +81,10 @@ class DraftStats:
     rounds: int = 0  # drafting rounds (k >= 1)
     drafted: int = 0
     accepted: int = 0
-    accepted_per_round: list[int] = field(default_factory=list)  # of each drafting round
+    tokens: int = 0  # made by the rounds and plain steps recorded (the prefill's first is not)
+    # Each drafting round, in order: (tokens made before it, k, drafts accepted). Where a
+    # policy drafted, not only how often, is what tells its probes from its runs of rounds.
+    round_log: list[tuple[int, int, int]] = field(default_factory=list)
     # Rounds per drafted length k = 0..MAX_DRAFT; a plainly decoded token counts as k = 0.
     k_histogram: list[int] = field(default_factory=lambda: [0] * (MAX_DRAFT + 1))
 
@@ -91,7 +94,12 @@ class DraftStats:
             self.rounds += 1
             self.drafted += k
             self.accepted += accepted
-            self.accepted_per_round.append(accepted)
+            self.round_log.append((self.tokens, k, accepted))
+        self.tokens += accepted + 1
+
+    @property
+    def accepted_per_round(self) -> list[int]:
+        return [accepted for _, _, accepted in self.round_log]
 
     @property
     def acceptance_rate(self) -> float:

@@ -42,6 +42,12 @@ def test_quick_benchmark_runs_and_replays_exactly(tmp_path):
     # ... and for k = 2 at alpha = 1 about the ideal (the last rounds are cut short).
     assert cells[(1.0, 2)]["predicted"] == pytest.approx(cells[(1.0, 2)]["ideal"], rel=0.2)
     assert cells[(1.0, 0)]["chosen_k"] == {"0": 30} and cells[(1.0, 0)]["ideal"] == 1  # k = 0: the loop, no drafts
+    # Auto's rounds, in order, per trial: where each began and what it kept (alpha = 1: all).
+    auto = cells[(1.0, "auto")]
+    assert [sum(kept for _, _, kept in log) for log in auto["round_log"]] == auto["accepted_per_trial"]
+    for log in auto["round_log"]:
+        assert log and all(kept == k for _, k, kept in log)
+        assert all(b[0] >= a[0] + a[2] + 1 for a, b in zip(log, log[1:]))  # the next begins after
     # The README's table row: a column per header, "–" where no cell is (alpha 0.8, 0.5-0.9).
     row = table.row(result).strip("| ").split(" | ")
     assert len(row) == table.HEADER.splitlines()[0].count("|") - 1
@@ -74,3 +80,7 @@ def test_timeline_times_every_yield_of_every_variant(tmp_path):
     assert all(ms > 0 for one in runs["auto"] for ms in one)
     assert not any(d for one in drafts["plain"] for d in one)  # plain tokens are never drafts
     assert any(d for one in drafts["auto"] for d in one)  # alpha = 1: auto keeps drafts
+    # Auto's drafting rounds per run: every draft kept, and each kept draft one yielded.
+    logs = report["round_log"]["auto"]
+    assert len(logs) == 2 and all(kept == k for log in logs for _, k, kept in log)
+    assert [sum(kept for _, _, kept in log) for log in logs] == [sum(one) for one in drafts["auto"]]

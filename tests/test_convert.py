@@ -417,9 +417,15 @@ SLOW_CONVERSION = """
 import sys, time
 from convert import convert
 
+written = 0
+
 def slow(path):
+    global written
+    written += 1
     print("shard", path.name, flush=True)
-    time.sleep(0.3)
+    # From the third shard on it waits for the test's signal (a loaded machine could otherwise
+    # let one conversion finish while the test deals with the other).
+    time.sleep(0.3 if written < 3 else 60)
 
 convert(sys.argv[1], sys.argv[2], sys.argv[3], quantize=True, max_shard_bytes=4096, quiet=True, on_shard=slow)
 """

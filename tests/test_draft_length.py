@@ -354,16 +354,16 @@ def test_auto_never_drafts_with_a_useless_drafter_whatever_the_clock_says():
     assert [policy.choose(100) for _ in range(PROBE_FIRST)] == [0] * PROBE_FIRST
 
 
-def useless_drafter_choices(policy: Auto, costs: Costs, steps: int, plain_factor) -> list[int]:
-    """What auto chooses over `steps` choices when no draft is ever kept, every round costs as
-    measured and the plain step of choice i costs `plain_factor(i)` times its measurement."""
+def useless_drafter_choices(policy: Auto, costs: Costs, steps: int, plain_factor, round_factor=1.0) -> list[int]:
+    """What auto chooses over `steps` choices when no draft is ever kept, every round costs
+    `round_factor` times its measurement and the plain step of choice i `plain_factor(i)` times."""
     chosen = []
     for i in range(steps):
         k = policy.choose(1000)
         chosen.append(k)
         if k:
             policy.observe(k, 0)
-            policy.observe_time(k, costs.round(k))
+            policy.observe_time(k, costs.round(k) * round_factor)
         else:
             policy.observe_time(0, costs.plain * plain_factor(i))
     return chosen
@@ -431,3 +431,51 @@ def test_auto_learns_each_draft_lengths_own_cost():
         slow = 10 if k >= 9 else 1
         policy.observe_time(k, costs.round(k) * slow * (50 if i == 60 else 1))
     assert 1 <= chosen[-1] <= 8 and all(k <= 8 for k in chosen[-15:]), chosen
+
+
+def test_the_clock_alone_does_not_end_a_plain_stretch():
+    """In a plain stretch only plain steps are timed: when the card slows down (or a few plain
+    steps run slow), plain decoding looks dearer while the rounds' costs stay as last timed, and
+    a useless drafter looked worth a round again. Seen on MLX CUDA (E2B bf16, alpha = 0):
+    ~8 useless k = 1 rounds per 128 tokens as plain steps swung between 8 and 15 ms. A stretch
+    ends at its probe, or when a round read back has changed the acceptance estimate."""
+    costs = Costs(plain=1.0, verify=(1.0,) + (1.3,) * MAX_DRAFT, draft=0.1)
+    policy = Auto(costs)
+    first = policy.choose(100)
+    policy.observe(first, 0)
+    policy.observe_time(first, costs.round(first))
+    chosen = useless_drafter_choices(policy, costs, PROBE_FIRST + 1, lambda i: 1.0 if i < 3 else 1.5)
+    assert chosen[:PROBE_FIRST] == [0] * PROBE_FIRST and chosen[PROBE_FIRST] > 0, chosen  # then its probe
+
+
+def test_a_round_read_back_during_a_plain_stretch_is_weighed():
+    """The loop asks one round ahead: a good round read back after the choice that began a plain
+    stretch (made without it) resumes drafting at once."""
+    policy = with_acceptance(Auto(GPU), [0.0] * MAX_DRAFT, rounds=10)
+    assert policy.choose(100) == 0  # the stretch begins
+    for _ in range(2):
+        policy.observe(8, 8)  # rounds queued before that choice, all kept
+    assert policy.choose(100) > 0
+
+
+def test_a_round_believed_at_its_floor_must_beat_plain_by_a_margin():
+    """Seen on MLX CUDA (26B-A4B 4-bit, nothing accepted): verifies measured as cheap as a plain
+    token, plain steps last timed in a slow spell, and every k = 1 round believed to cost a
+    plain step and a drafter step, so drafting looked worth it down to 3% acceptance: 43
+    useless rounds in a row. Believed at that floor a round must beat plain by FLOOR_MARGIN."""
+    costs = Costs(plain=1.0, verify=(1.0,) * (MAX_DRAFT + 1), draft=0.03)
+    chosen = useless_drafter_choices(Auto(costs), costs, 60, lambda i: 1.0)
+    assert sum(k > 0 for k in chosen) <= 8, chosen
+
+
+def test_a_failed_probe_does_not_end_the_plain_stretch():
+    """Seen on MLX CUDA (E2B bf16 and 26B-A4B, nothing accepted): a failed probe's own timing,
+    a little under its measurement, made every untimed round look cheaper, and 2-6 rounds
+    followed it. Only a round that kept a draft ends a stretch before its probe."""
+    costs = Costs(plain=1.0, verify=(1.0,) + (1.3,) * MAX_DRAFT, draft=0.1)
+    policy = Auto(costs)
+    policy.observe(policy.choose(100), 0)  # the first round, untimed: nothing kept
+    steps = PROBE_FIRST + 1 + policy.probe_first + 1
+    chosen = useless_drafter_choices(policy, costs, steps, lambda i: 1.0, round_factor=0.6)
+    probes = [i for i, k in enumerate(chosen) if k]
+    assert probes == [PROBE_FIRST, PROBE_FIRST + 1 + policy.probe_first], chosen  # no round after the first probe
