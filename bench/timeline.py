@@ -50,7 +50,9 @@ def variants(target, drafter, prompt, continuation: list[int], alpha: float, sta
         def make():
             policy = draft_length(k, target, drafter) if isinstance(k, str) else k
             stats[name] = DraftStats()
-            return measure.replay_generator(target, drafter, prompt, continuation, alpha, policy, n, stats[name])
+            return measure.replay_generator(
+                target, drafter, prompt, continuation, alpha, policy, n, stats[name]
+            )
 
         return make
 

@@ -13,8 +13,8 @@ decoding yields one token per `plain` seconds. The costs are measured once per d
 (`costs.py`), the a_j are tracked online, and k = 0 is chosen when no k beats plain decoding
 (probing again after 16 or more, then twice as many, ... up to 256 plain tokens; after a failed
 first round, after 16 whatever a probe costs; in between, only a round read back that kept a
-draft can end the stretch early, never the clock alone). What rounds really cost in the loop is learnt from the
-clock, per k.
+draft can end the stretch early, never the clock alone). What rounds really cost in the loop is
+learnt from the clock, per k.
 """
 
 from __future__ import annotations
@@ -131,9 +131,9 @@ class Auto:
         self.rounds_seen = 0  # drafting rounds observed
         # A plain stretch (its probes included) ends only when a round read back since it
         # began kept a draft (the loop asks one round ahead: the stretch may begin before the
-        # last round is seen), never on the clock alone. In a stretch only plain steps are timed: a
-        # slower card (or a few slow plain steps) raises plain decoding's cost while the
-        # rounds' stay as last timed; and a failed probe's own timing, a little under its
+        # last round is seen), never on the clock alone. In a stretch only plain steps are
+        # timed: a slower card (or a few slow plain steps) raises plain decoding's cost while
+        # the rounds' stay as last timed; and a failed probe's own timing, a little under its
         # measurement, made every untimed round look cheaper. Either way a useless drafter
         # looked worth rounds again (MLX CUDA at alpha = 0: E2B ~8 useless rounds per 128
         # tokens as plain steps swung 8-15 ms; 26B-A4B 2-6 rounds after each failed probe).

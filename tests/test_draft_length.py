@@ -354,7 +354,9 @@ def test_auto_never_drafts_with_a_useless_drafter_whatever_the_clock_says():
     assert [policy.choose(100) for _ in range(PROBE_FIRST)] == [0] * PROBE_FIRST
 
 
-def useless_drafter_choices(policy: Auto, costs: Costs, steps: int, plain_factor, round_factor=1.0) -> list[int]:
+def useless_drafter_choices(
+    policy: Auto, costs: Costs, steps: int, plain_factor, round_factor: float = 1.0
+) -> list[int]:
     """What auto chooses over `steps` choices when no draft is ever kept, every round costs
     `round_factor` times its measurement and the plain step of choice i `plain_factor(i)` times."""
     chosen = []
@@ -471,11 +473,12 @@ def test_a_round_believed_at_its_floor_must_beat_plain_by_a_margin():
 def test_a_failed_probe_does_not_end_the_plain_stretch():
     """Seen on MLX CUDA (E2B bf16 and 26B-A4B, nothing accepted): a failed probe's own timing,
     a little under its measurement, made every untimed round look cheaper, and 2-6 rounds
-    followed it. Only a round that kept a draft ends a stretch before its probe."""
+    followed it. Only a round that kept a draft ends a stretch, its probes included."""
     costs = Costs(plain=1.0, verify=(1.0,) + (1.3,) * MAX_DRAFT, draft=0.1)
     policy = Auto(costs)
     policy.observe(policy.choose(100), 0)  # the first round, untimed: nothing kept
     steps = PROBE_FIRST + 1 + policy.probe_first + 1
     chosen = useless_drafter_choices(policy, costs, steps, lambda i: 1.0, round_factor=0.6)
     probes = [i for i, k in enumerate(chosen) if k]
-    assert probes == [PROBE_FIRST, PROBE_FIRST + 1 + policy.probe_first], chosen  # no round after the first probe
+    # The first probe, then none until the next one.
+    assert probes == [PROBE_FIRST, PROBE_FIRST + 1 + policy.probe_first], chosen
