@@ -8,8 +8,8 @@ outcome of the round just before it.
 
 `Auto` maximises expected tokens per second. A round drafting k tokens costs
 `k * draft + verify[k]` seconds (as measured, until the loop has timed such rounds) and yields
-1 + a_1 + a_1 a_2 + ... + a_1 ... a_k tokens on average, where a_j is the chance that draft j is accepted once drafts 1..j-1 were; plain
-decoding yields one token per `plain` seconds. The costs are measured once per device
+1 + a_1 + a_1 a_2 + ... + a_1 ... a_k tokens on average, where a_j is the chance that draft j
+is accepted once drafts 1..j-1 were; plain decoding yields one token per `plain` seconds. The costs are measured once per device
 (`costs.py`), the a_j are tracked online, and k = 0 is chosen when no k beats plain decoding
 (probing again after 16 or more, then twice as many, ... up to 256 plain tokens; after a failed
 first round, after 16 whatever a probe costs; in between, only a round read back that kept a
