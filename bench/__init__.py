@@ -114,11 +114,7 @@ def _e2e(target, drafter, prompt, plain_tokens, result, args, save) -> None:
     verify = {int(L): ms for L, ms in result["verify_ms"][str(args.contexts[0])].items()}
     c_draft = result["drafter_ms"].get("clustered", result["drafter_ms"]["dense"])  # the head the loop runs
     loop_costs = load_costs(target, drafter)  # what auto starts from, measured once per device
-    result["loop_costs_ms"] = {
-        "plain": loop_costs.plain * 1e3,
-        "verify": [seconds * 1e3 for seconds in loop_costs.verify],
-        "draft": loop_costs.draft * 1e3,
-    }
+    result["loop_costs_ms"] = measure.costs_ms(loop_costs)
     for alpha in args.alphas:
         for k in args.ks:
             k = k if k in DRAFT_POLICIES else int(k)

@@ -210,6 +210,11 @@ def mlx_lm_run(target: Target, prompt: mx.array, n: int) -> Run:
     return _timed(lambda: mlx_lm_generator(target, prompt, n), n, DraftStats())
 
 
+def costs_ms(costs: Costs) -> dict:
+    """The costs auto starts from, in ms: plain, verify[k], draft."""
+    return {"plain": costs.plain * 1e3, "verify": [s * 1e3 for s in costs.verify], "draft": costs.draft * 1e3}
+
+
 def auto_costs_ms(policy: Auto) -> dict:
     """What auto started from (the measured costs) and what it learnt from the clock, in ms
     per round of each k (k = 0: per plain token)."""

@@ -17,6 +17,7 @@ import json
 import statistics
 import time
 
+from mlx_gemma_mtp.costs import load_costs
 from mlx_gemma_mtp.generate import draft_length
 from mlx_gemma_mtp.speculative import DraftStats
 
@@ -92,6 +93,8 @@ def main(argv=None) -> int:
             drafts[name].append(drafted)
             if name in round_logs:
                 round_logs[name].append(last_stats[name].round_log)
+    costs = load_costs(target, drafter)  # what auto started from (measured in the warm-up)
+    print("auto's round costs, ms:", [round(costs.round(k) * 1e3, 1) for k in range(len(costs.verify))], flush=True)
     plain_ms = statistics.median(statistics.mean(ms) for ms in runs["plain"])
     for name, all_ms in runs.items():
         totals = [sum(ms) for ms in all_ms]
@@ -102,7 +105,7 @@ def main(argv=None) -> int:
         ratio = plain_ms / per_token
         print(f"{name:7s} {per_token:6.2f} ms/token ({ratio:.3f}x plain)  slow yields: {slow}", flush=True)
     if args.out:
-        report = {"shape": args.shape, "bits": args.bits, "alpha": args.alpha}
+        report = {"shape": args.shape, "bits": args.bits, "alpha": args.alpha, "loop_costs_ms": measure.costs_ms(costs)}
         with open(args.out, "w") as f:
             json.dump(report | {"yield_ms": runs, "from_draft": drafts, "round_log": round_logs}, f)
     return 0

@@ -1,11 +1,11 @@
 """What decoding costs on this device: measured once, kept on disk, read by `draft_length.Auto`.
 
-At first use of a (target, drafter) pair on a device we time, on a scratch cache of CONTEXT
-positions and pipelined as the loop runs them: a target forward (with its logits and argmax)
-of L = 1..MAX_DRAFT+1 new tokens (L = 1 is a plain token) and the drafter's steps — about 250
-calls: a few seconds for E2B. The result is kept as JSON under `~/.cache/mlx-gemma-mtp/`, keyed
-by the shapes and dtypes of every weight of both models (so quantization counts), the device,
-the MLX version and how the costs were measured.
+At first use of a (target, drafter) pair on a device the speculative loop itself runs, on a
+scratch cache of CONTEXT positions, a few rounds of every fixed k = 0..MAX_DRAFT (k = 0: plain
+steps), and its own clock says what each took; a drafter step is timed apart — about 200
+rounds: 11-13 s for 26B-A4B on an H100 once its kernels are compiled. The result is kept as
+JSON under `~/.cache/mlx-gemma-mtp/`, keyed by the shapes and dtypes of every weight of both
+models (so quantization counts), the device, the MLX version and how the costs were measured.
 """
 
 from __future__ import annotations
@@ -16,24 +16,27 @@ import json
 import os
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .draft_length import MAX_DRAFT, Costs
+from .draft_length import MAX_DRAFT, Costs, Fixed
 from .drafter import Drafter
-from .speculative import DraftRequest, Proposer, drafter_proposer, greedy, prefill, rewind
+from .speculative import DraftRequest, DraftStats, Proposer, drafter_proposer, prefill, speculative_tokens
 from .target import Target
 
 COST_DIR = Path("~/.cache/mlx-gemma-mtp").expanduser()
 CONTEXT = 64  # positions the scratch cache holds while timing
-REPEATS = 2  # timings per measurement (their mean), after a warm-up call
-SHORT_STREAM, STREAM = 1, 5  # calls queued back to back per timing: the difference is timed
+REPEATS = 2  # passes over every k, after a warm-up one
+ROUNDS = 3  # rounds the loop times per k per pass: a cost is the median of REPEATS * ROUNDS
+MAX_TOKENS = 1 << 20  # the timing runs' limit: never reached, they stop after ROUNDS timings
+SHORT_STREAM, STREAM = 1, 5  # proposals queued back to back per timing: the difference is timed
 DRAFT_SPAN = 3  # a drafter step's cost: (a k = 4 proposal - a k = 1 one) / 3
-# How costs are measured, in the key: 4 = difference of two streams, verifies of distinct
-# tokens (3: of one token repeated, 1: forwards alone).
-METHOD = 4
+# How costs are measured, in the key: 5 = the loop's own clock on rounds of each fixed k
+# (4: streams of verifies of distinct tokens, 3: of one token repeated, 1: forwards alone).
+METHOD = 5
 
 
 def load_costs(target: Target, drafter: Drafter, cache_dir: Path | None = None) -> Costs:
@@ -80,43 +83,73 @@ def _write(path: Path, data: dict) -> None:
 
 
 def measure_costs(target: Target, propose: Proposer) -> Costs:
-    """Time the target's forwards and the proposer's steps on a scratch cache, each as the
-    loop runs them: in a stream queued back to back, the host building one while the
-    device runs the one before (a forward timed alone also waits for its own graph to be
-    built and launched: seen on MLX CUDA, a plain token so timed cost 1.4x the loop's, a
-    round little more than one, and auto drafted with a useless drafter). Every length is
-    timed once per repeat, round-robin, so a drift of the device lands on all alike."""
-    cache = target.make_cache(room=MAX_DRAFT + 1)
+    """Time plain steps and rounds of every k by the loop's own clock, the one `Auto` learns
+    from: the loop runs each fixed k on a scratch cache and reports its rounds' times. Timed
+    apart (METHOD 4: streams of verifies, and of drafter steps), a round left out what the loop
+    adds to it (the acceptance ops, the drafter waiting on the verify before it, a verify at a
+    device-side position): on MLX CUDA a 26B-A4B round of 2-6 rows read 1.0-1.27 plain tokens
+    so timed, 1.2-1.5 by the loop's clock. Every k is timed once per repeat, round-robin, so a
+    drift of the device lands on all alike. A drafter step is timed on its own (a stream of
+    proposals): `Auto` needs it apart from the verify."""
     prompt = mx.arange(CONTEXT, dtype=mx.int32)[None] % target.args.vocab_size
+    draft = _drafter_step(target, propose, prompt)
+    lengths = range(MAX_DRAFT + 1)
+    for k in lengths:  # warm-up: kernels, compiled graphs, buffers
+        _loop_times(target, propose, prompt, k, 1)
+    times: dict[int, list[float]] = {k: [] for k in lengths}
+    for _ in range(REPEATS):
+        for k in lengths:
+            times[k] += _loop_times(target, propose, prompt, k, ROUNDS)
+    per_round = [statistics.median(times[k]) for k in lengths]
+    plain = per_round[0]
+    # What a round takes less its drafter steps; at least a plain token's forward (less is
+    # noise: a verify of k + 1 tokens does a plain step's work and more).
+    verify = tuple(max(seconds - k * draft, plain) for k, seconds in enumerate(per_round))
+    return Costs(plain=plain, verify=verify, draft=draft)
+
+
+@dataclass
+class _Clocked(Fixed):
+    """k drafts every round, keeping what the loop's clock said rounds of k took."""
+
+    seconds: list[float] = field(default_factory=list)
+
+    def observe_time(self, k: int, seconds: float) -> None:
+        if k == self.k:  # (near max_tokens a round drafts fewer)
+            self.seconds.append(seconds)
+
+
+def _loop_times(target: Target, propose: Proposer, prompt: mx.array, k: int, rounds: int) -> list[float]:
+    """The loop's timings of its first `rounds` timed rounds of k drafts (k = 0: plain steps)
+    in one generation from `prompt` on a fresh cache."""
+    policy = _Clocked(k)
+    cache = target.make_cache(room=MAX_DRAFT + 1)
+    tokens = speculative_tokens(target, prompt, cache, propose, policy, MAX_TOKENS, DraftStats())
+    for _ in tokens:
+        if len(policy.seconds) >= rounds:
+            break
+    tokens.close()
+    return policy.seconds[:rounds]
+
+
+def _drafter_step(target: Target, propose: Proposer, prompt: mx.array) -> float:
+    """Seconds per drafter step: (a k = DRAFT_SPAN + 1 proposal - a k = 1 one) / DRAFT_SPAN,
+    each in a stream of proposals."""
+    cache = target.make_cache(room=MAX_DRAFT + 1)
     hidden = prefill(target, prompt, cache)
     mx.eval(hidden, [c.state for c in cache])
-    # Distinct tokens, as drafts are: a mixture-of-experts layer routes each row on its own,
-    # and one token repeated would read a single set of experts for every row of a verify.
-    tokens = (CONTEXT + mx.arange(MAX_DRAFT + 1, dtype=mx.int32)[None]) % target.args.vocab_size
-    token = tokens[:, :1]
-
-    def verify(L: int) -> list[mx.array]:
-        out = greedy(target, target(tokens[:, :L], cache))
-        rewind(cache, L)  # the next one writes the same positions: a chain, as rounds are
-        return [out]
+    token = (prompt[:, -1:] + 1) % target.args.vocab_size
 
     def draft(k: int) -> list[mx.array]:
         request = DraftRequest(token=token, hidden=hidden, position=CONTEXT, generated=0, k=k)
         return [propose(request, cache).tokens]
 
-    work = [(verify, L) for L in range(1, MAX_DRAFT + 2)] + [(draft, 1), (draft, DRAFT_SPAN + 1)]
-    times: dict[tuple, list[float]] = {item: [] for item in work}
-    for fn, arg in work:  # warm-up: kernels, compiled graphs, buffers
-        mx.eval(fn(arg))
-    for _ in range(REPEATS):
-        for fn, arg in work:
-            times[(fn, arg)].append(_stream_time(fn, arg))
-    cost = {item: statistics.median(t) for item, t in times.items()}
-    verify_times = tuple(cost[(verify, L)] for L in range(1, MAX_DRAFT + 2))
-    one, many = cost[(draft, 1)], cost[(draft, DRAFT_SPAN + 1)]
-    step = (many - one) / DRAFT_SPAN if many > one else one  # the per-round part is in verify's time
-    # A plain token is a one-token forward, pipelined as plain decoding runs it.
-    return Costs(plain=verify_times[0], verify=verify_times, draft=step)
+    for k in (1, DRAFT_SPAN + 1):  # warm-up
+        mx.eval(draft(k))
+    one, many = (
+        statistics.median(_stream_time(draft, k) for _ in range(REPEATS + 1)) for k in (1, DRAFT_SPAN + 1)
+    )
+    return (many - one) / DRAFT_SPAN if many > one else one  # else the per-round part is all of it
 
 
 def _stream_time(fn, arg) -> float:

@@ -195,12 +195,23 @@ class Auto:
 
     def cost(self, k: int) -> float:
         """Seconds a round drafting k tokens takes (k = 0: one plain token): as timed in this
-        generation, else as measured times the best ratio timed rounds have shown;
-        at least a plain token's and k drafter steps'."""
+        generation, else as measured times the best ratio timed rounds have shown (an untimed
+        plain token: scaled down only); a round at least a plain token's and k drafter steps'."""
         # Plain steps too: a round scaled by a ratio their first timings set, against their
         # bare measurement, looked cheaper than it was (seen on MLX CUDA, E2B: measured plain
         # 11.1 ms, timed 7.8 ms; a useless drafter then drafted 4 rounds in a row).
-        seconds = self.observed[k] if k in self.observed else self.costs.round(k) * self.best_ratio
+        if k in self.observed:
+            seconds = self.observed[k]
+        elif k == 0 and 0 not in self.ratios:
+            # Plain decoding not timed yet (a generation opens with rounds, and a plain step
+            # behind a drafting round is not timed): rounds timed slower than measured say
+            # that rounds cost more than measured, not that a plain token does. Scaled up
+            # alike, rounds kept their measured price against plain decoding (seen on MLX
+            # CUDA, 26B-A4B at alpha = 0: opening rounds took 2-2.5 plain tokens, measured
+            # 1.2-1.3, and 5-9 useless rounds ran before a plain token was timed).
+            seconds = self.costs.plain * min(self.best_ratio, 1.0)
+        else:
+            seconds = self.costs.round(k) * self.best_ratio
         if k == 0:
             return seconds
         # A round is at least a plain step and k drafter steps (timings are noisy; believing

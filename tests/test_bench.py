@@ -10,6 +10,7 @@ import pytest
 
 import bench
 from bench import table
+from mlx_gemma_mtp.draft_length import MAX_DRAFT
 
 
 def test_quick_benchmark_runs_and_replays_exactly(tmp_path):
@@ -84,3 +85,5 @@ def test_timeline_times_every_yield_of_every_variant(tmp_path):
     logs = report["round_log"]["auto"]
     assert len(logs) == 2 and all(kept == k for log in logs for _, k, kept in log)
     assert [sum(kept for _, _, kept in log) for log in logs] == [sum(one) for one in drafts["auto"]]
+    # What auto started from, as the bench records it.
+    assert len(report["loop_costs_ms"]["verify"]) == MAX_DRAFT + 1 and report["loop_costs_ms"]["plain"] > 0

@@ -303,6 +303,31 @@ def test_costs_are_measured_once_and_kept(dense, tmp_path, monkeypatch):
     assert len(again.verify) == MAX_DRAFT + 1 and json.loads(path.read_text())["plain"] == again.plain
 
 
+def test_costs_are_what_the_loops_clock_says(dense, monkeypatch):
+    """Every k = 0..MAX_DRAFT runs in the loop itself (a warm-up pass, then REPEATS passes)
+    and costs the median of what the loop's clock reported; verify[k] is a round less its
+    drafter steps, at least a plain step."""
+    target, drafter = dense
+    prompt = mx.arange(costs_module.CONTEXT, dtype=mx.int32)[None]
+    propose = drafter_proposer(drafter, target)
+    timed = costs_module._loop_times(target, propose, prompt, 3, 2)  # the real loop, k = 3
+    assert len(timed) == 2 and all(t > 0 for t in timed)
+
+    runs = []
+
+    def loop_times(target, propose, prompt, k, rounds):
+        runs.append(k)
+        return [0.010 + 0.002 * k + 0.001 * i for i in range(rounds)]  # median: + 0.001
+
+    monkeypatch.setattr(costs_module, "_loop_times", loop_times)
+    monkeypatch.setattr(costs_module, "_drafter_step", lambda *_: 0.0015)
+    measured = costs_module.measure_costs(target, propose)
+    assert sorted(runs) == sorted(list(range(MAX_DRAFT + 1)) * (costs_module.REPEATS + 1))
+    assert measured.plain == pytest.approx(0.011) and measured.draft == 0.0015
+    for k in range(MAX_DRAFT + 1):
+        assert measured.round(k) == pytest.approx(0.011 + 0.002 * k)
+
+
 def test_cost_key_ignores_what_changes_between_generations(dense, monkeypatch):
     """MLX CUDA's device_info reports free memory: the key must not follow it (every
     generation would measure again)."""
@@ -482,3 +507,21 @@ def test_a_failed_probe_does_not_end_the_plain_stretch():
     probes = [i for i, k in enumerate(chosen) if k]
     # The first probe, then none until the next one.
     assert probes == [PROBE_FIRST, PROBE_FIRST + 1 + policy.probe_first], chosen
+
+
+def test_rounds_timed_dear_before_any_plain_step_end_the_drafting():
+    """Seen on MLX CUDA (26B-A4B 4-bit, nothing accepted): a generation opens with rounds, and
+    a plain step behind a drafting round is not timed. The opening rounds took 2-2.5 plain
+    tokens (measured 1.2-1.3); scaled by their ratio, plain decoding looked as dear, and 5-9
+    useless rounds ran. Rounds timed dear must not make an untimed plain token look dearer."""
+    costs = Costs(plain=1.0, verify=(1.0,) + (1.15,) * MAX_DRAFT, draft=0.03)
+    policy = Auto(costs)
+    first = policy.choose(100)
+    assert policy.choose(100) == 0  # behind the first round, until it is seen
+    policy.observe(first, 0)  # read back, not timed (queued into an empty pipeline)
+    second = policy.choose(100)
+    third = policy.choose(100)  # queued before the second is read back
+    assert second > 0 and third > 0  # a_1 = 1/3 and rounds measured at 1.2 plain tokens: worth a try
+    policy.observe(second, 0)
+    policy.observe_time(second, 2.5 * costs.round(second))
+    assert [policy.choose(100) for _ in range(PROBE_FIRST)] == [0] * PROBE_FIRST
