@@ -85,10 +85,10 @@ def _write(path: Path, data: dict) -> None:
 def measure_costs(target: Target, propose: Proposer) -> Costs:
     """Time plain steps and rounds of every k by the loop's own clock, the one `Auto` learns
     from: the loop runs each fixed k on a scratch cache and reports its rounds' times. Timed
-    apart (METHOD 4: streams of verifies, and of drafter steps), a round left out what the loop
-    adds to it (the acceptance ops, the drafter waiting on the verify before it, a verify at a
-    device-side position): on MLX CUDA a 26B-A4B round of 2-6 rows read 1.0-1.27 plain tokens
-    so timed, 1.2-1.5 by the loop's clock. Every k is timed once per repeat, round-robin, so a
+    apart (METHOD 4: streams of verifies, and of drafter steps), a round left out whatever the
+    loop adds to it (its acceptance ops, the drafter waiting on the verify before it, a verify
+    at a device-side position; which costs what is not profiled): on MLX CUDA a 26B-A4B round
+    of 2-6 rows read 1.0-1.27 plain tokens so timed, 1.2-1.5 by the loop's clock. Every k is timed once per repeat, round-robin, so a
     drift of the device lands on all alike. A drafter step is timed on its own (a stream of
     proposals): `Auto` needs it apart from the verify."""
     prompt = mx.arange(CONTEXT, dtype=mx.int32)[None] % target.args.vocab_size
