@@ -156,8 +156,8 @@ def _stream_time(fn, arg) -> float:
     """Seconds per call of `fn(arg)` (which returns arrays to evaluate) in a stream of them:
     the time of STREAM calls queued back to back less that of SHORT_STREAM, per extra call, so
     what a stream pays once (the first graph built with the device idle, the final wait) is
-    left out as the loop, always a stream, leaves it out (timed whole, 4 one-token forwards
-    cost 1.35x a plain token of the loop on MLX CUDA, 8 drafting ones 1.1x: bias, not drift)."""
+    left out as the loop, always a stream, leaves it out (timed whole, 8 drafting calls cost
+    1.1x their share of the loop on MLX CUDA: bias, not drift)."""
     times = []
     for calls in (SHORT_STREAM, STREAM):
         start = time.perf_counter()

@@ -152,7 +152,8 @@ class Auto:
         # far) of any length, plain steps included: the card's drift carries over (a loop
         # whose plain tokens cost 8% over their measurement drafted with a useless drafter,
         # its rounds taken at their bare measurement), optimistically, so an untimed k gets
-        # tried (and learnt) when that would make it the best.
+        # tried (and learnt) when that would make it the best. (A plain token never timed is
+        # scaled down so, never up: see cost().)
         # (A median, not a running mean: seen on MLX CUDA, one plain step's hiccup inflated
         # the plain cost until drafting with a useless drafter looked cheaper, and as plain
         # steps were then no longer chosen, nothing corrected it.)
