@@ -144,9 +144,9 @@ class Auto:
         # that drafts again would cost a useless drafter two rounds; reading the first back
         # before choosing would drain the pipeline).
         self.awaiting_first = False  # a drafting round was chosen, and none seen yet
-        # The measurement times each forward alone; in the loop a round's host work overlaps
-        # the previous round, a shared GPU drifts (seen on MLX CUDA: rounds 0.7-2x their
-        # measured cost) and some lengths take slow kernels. So each k's cost is learnt from
+        # The measurement is a few rounds on a scratch cache, once per device; a shared GPU
+        # drifts (seen on MLX CUDA: rounds 0.7-2x their measured cost) and a generation's
+        # rounds need not cost what the scratch ones did. So each k's cost is learnt from
         # the clock once it has been timed MIN_TIMINGS times; until then it is assumed to cost
         # its measurement times the best observed/measured ratio (median of its timings so
         # far) of any length, plain steps included: the card's drift carries over (a loop
