@@ -2,10 +2,11 @@
 
 At first use of a (target, drafter) pair on a device the speculative loop itself runs, on a
 scratch cache of CONTEXT positions, a few rounds of every fixed k = 0..MAX_DRAFT (k = 0: plain
-steps), and its own clock says what each took; a drafter step is timed apart — about 200
-rounds: 11-13 s for 26B-A4B on an H100 once its kernels are compiled. The result is kept as
-JSON under `~/.cache/mlx-gemma-mtp/`, keyed by the shapes and dtypes of every weight of both
-models (so quantization counts), the device, the MLX version and how the costs were measured.
+steps), and its own clock says what each took; a drafter step is timed apart — about 250
+rounds (11-13 s for 26B-A4B on an H100 once its kernels were compiled, when it timed half as
+many). The result is kept as JSON under `~/.cache/mlx-gemma-mtp/`, keyed by the shapes and
+dtypes of every weight of both models (so quantization counts), the device, the MLX version and
+how the costs were measured (method and rounds timed).
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ from .target import Target
 
 COST_DIR = Path("~/.cache/mlx-gemma-mtp").expanduser()
 CONTEXT = 64  # positions the scratch cache holds while timing
-REPEATS = 2  # passes over every k, after a warm-up one
+# Passes over every k, after a warm-up one. With 2 (a median of 6 rounds) E4B on an H100 read
+# verify[2] 34.6 ms against 24.9 from 6 passes (bench r31), and k = 4 cheaper than k = 2..3:
+# auto then drafted 4 useless opening rounds at alpha = 0.
+REPEATS = 4
 ROUNDS = 3  # rounds the loop times per k per pass: a cost is the median of REPEATS * ROUNDS
 MAX_TOKENS = 1 << 20  # the timing runs' limit: never reached, they stop after ROUNDS timings
 SHORT_STREAM, STREAM = 1, 5  # proposals queued back to back per timing: the difference is timed
@@ -56,12 +60,12 @@ def load_costs(target: Target, drafter: Drafter, cache_dir: Path | None = None) 
 
 def cost_key(target: Target, drafter: Drafter) -> str:
     """A digest of both models' weight shapes and dtypes, the device, the MLX version and the
-    measuring method."""
+    measuring method and its rounds."""
     shapes = [
         [(name, list(v.shape), str(v.dtype)) for name, v in tree_flatten(model.parameters())]
         for model in (target, drafter)
     ]
-    blob = json.dumps([shapes, _device(), mx.__version__, METHOD], sort_keys=True)
+    blob = json.dumps([shapes, _device(), mx.__version__, METHOD, REPEATS, ROUNDS], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -82,7 +86,7 @@ def _write(path: Path, data: dict) -> None:
     scratch.replace(path)  # atomic: a concurrent reader sees the old file or the whole new one
 
 
-def measure_costs(target: Target, propose: Proposer) -> Costs:
+def measure_costs(target: Target, propose: Proposer, repeats: int = REPEATS) -> Costs:
     """Time plain steps and rounds of every k by the loop's own clock, the one `Auto` learns
     from: the loop runs each fixed k on a scratch cache and reports its rounds' times. Timed
     apart (METHOD 4: streams of verifies, and of drafter steps), a round left out whatever the
@@ -90,14 +94,15 @@ def measure_costs(target: Target, propose: Proposer) -> Costs:
     at a device-side position; which costs what is not profiled): on MLX CUDA a 26B-A4B round
     of 2-6 rows read 1.0-1.27 plain tokens so timed, 1.2-1.5 by the loop's clock. Every k is timed once per repeat, round-robin, so a
     drift of the device lands on all alike. A drafter step is timed on its own (a stream of
-    proposals): `Auto` needs it apart from the verify."""
+    proposals): `Auto` needs it apart from the verify. `repeats`: passes over every k (the
+    benchmark takes more for its ideal than a first generation can wait for)."""
     prompt = mx.arange(CONTEXT, dtype=mx.int32)[None] % target.args.vocab_size
     draft = _drafter_step(target, propose, prompt)
     lengths = range(MAX_DRAFT + 1)
     for k in lengths:  # warm-up: kernels, compiled graphs, buffers
         _loop_times(target, propose, prompt, k, 1)
     times: dict[int, list[float]] = {k: [] for k in lengths}
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         for k in lengths:
             times[k] += _loop_times(target, propose, prompt, k, ROUNDS)
     per_round = [statistics.median(times[k]) for k in lengths]

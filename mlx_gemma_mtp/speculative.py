@@ -261,7 +261,8 @@ class _Queued:
     # so took 2x, and made plain decoding look dearer than useless drafting).
     behind: bool
     start: int | None  # position of its first verified token, once the host knows it
-    # [k + 2] int32: the drafts, how many the acceptance rule keeps, the token after them.
+    # [k + 2] int32: the drafts, how many the acceptance rule keeps, the token after them; a
+    # plain step's [1]: its token (nothing more to build into the graph plain decoding runs).
     # Built and scheduled with the round: an op made at read-back time would queue behind
     # the next round, and reading it would wait for that one too (the pipeline lost).
     outcome: mx.array
@@ -359,16 +360,14 @@ def _queue_round(
         logits = sampling.process(target.logits(verify_hidden)[0], cursor.history, drafts[0])  # [k+1, V]
         kept, follow = _accept(logits, drafts[0], draft, sampling, judge_key)
         hidden = mx.take(verify_hidden, kept.reshape(1), axis=1)
+        outcome = mx.concatenate([drafts[0], kept[None], follow[None]])
     else:  # a plain step: the next token as plain decoding picks it
-        drafts = mx.zeros((1, 0), mx.int32)
         hidden = target(cursor.token, cache)  # [1, 1, H]
         logits = sampling.process(target.logits(hidden)[0], cursor.history)  # [1, V]
-        kept, follow = mx.array(0, mx.int32), sampling.pick(logits, judge_key)[0].astype(mx.int32)
+        follow = sampling.pick(logits, judge_key)[0].astype(mx.int32)
+        outcome = follow[None]
     exact = isinstance(cursor.position, int)
-    queued = _Queued(
-        k=k, exact=exact, behind=behind, start=cursor.position if exact else None,
-        outcome=mx.concatenate([drafts[0], kept[None], follow[None]]),
-    )  # fmt: skip
+    queued = _Queued(k=k, exact=exact, behind=behind, start=cursor.position if exact else None, outcome=outcome)
     cursor.token = follow.reshape(1, 1)
     cursor.hidden = hidden
     cursor.position = cursor.position + (kept + 1 if k else 1)  # a plain step keeps an int an int
@@ -407,7 +406,7 @@ def _read_back(done: _Queued, cursor: _Cursor, cache, pending: _Queued | None, p
     tighten what the host knows of the positions after it. Returns its tokens
     [(token, from_draft)]."""
     values = done.outcome.tolist()
-    drafted, m, follow = values[: done.k], values[done.k], values[done.k + 1]
+    drafted, m, follow = (values[: done.k], values[done.k], values[done.k + 1]) if done.k else ([], 0, values[0])
     stats.record(done.k, m)
     if done.k:
         policy.observe(done.k, m)

@@ -17,7 +17,7 @@ def test_quick_benchmark_runs_and_replays_exactly(tmp_path):
     out = tmp_path / "bench.json"
     argv = [
         "--shapes", "tiny", "--bits", "bf16", "--contexts", "48", "--max-l", "4", "--prompt", "32",
-        "--alphas", "0", "0.5", "1", "--ks", "0", "2", "auto", "--tokens", "16", "--trials", "2", "--out", str(out),
+        "--alphas", "0", "0.5", "1", "--ks", "0", "2", "auto", "--tokens", "16", "--trials", "2", "--cost-repeats", "1", "--out", str(out),
     ]  # fmt: skip
     assert bench.main(argv) == 0
     result = json.loads(out.read_text())["results"][0]
@@ -33,8 +33,10 @@ def test_quick_benchmark_runs_and_replays_exactly(tmp_path):
     assert cells[(1.0, 2)]["acceptance"] == 1
     # Each trial draws its own hits: at alpha = 0.5 the trials keep different drafts.
     assert len(set(cells[(0.5, 2)]["accepted_per_trial"])) == 2
-    # The ideal from the costs as the loop runs them (alpha = 1: k + 1 tokens per round) ...
-    loop = result["loop_costs_ms"]
+    # The ideal from the costs as the loop runs them, timed apart from auto's (alpha = 1: k + 1
+    # tokens per round) ...
+    assert len(result["loop_costs_ms"]["verify"]) == MAX_DRAFT + 1  # what auto started from
+    loop = result["ideal_costs_ms"]
     round_cost = loop["verify"][2] + 2 * loop["draft"]
     assert cells[(1.0, 2)]["ideal"] == pytest.approx(3 * loop["plain"] / round_cost)
     assert cells[(1.0, 2)]["ideal_one_at_a_time"] > 0  # ... and from the cost curve's forwards
@@ -87,3 +89,29 @@ def test_timeline_times_every_yield_of_every_variant(tmp_path):
     assert [sum(kept for _, _, kept in log) for log in logs] == [sum(one) for one in drafts["auto"]]
     # What auto started from, as the bench records it.
     assert len(report["loop_costs_ms"]["verify"]) == MAX_DRAFT + 1 and report["loop_costs_ms"]["plain"] > 0
+    # Every other turn in reverse order: no variant always first.
+    assert report["order"] == [["plain", "mlx-lm", "k=0", "auto"], ["auto", "k=0", "mlx-lm", "plain"]]
+
+
+def test_end_to_end_pairs_alternate_which_run_goes_first(tmp_path, monkeypatch):
+    calls = []
+    plain_run, replay_settled = bench.measure.plain_run, bench._replay_settled
+
+    def plain(*args):
+        calls.append("plain")
+        return plain_run(*args)
+
+    def speculative(*args, **kwargs):
+        calls.append("speculative")
+        return replay_settled(*args, **kwargs)
+
+    monkeypatch.setattr(bench.measure, "plain_run", plain)
+    monkeypatch.setattr(bench, "_replay_settled", speculative)
+    argv = [
+        "--shapes", "tiny", "--bits", "bf16", "--parts", "e2e", "--contexts", "48", "--max-l", "2",
+        "--prompt", "32", "--alphas", "0.5", "--ks", "2", "--tokens", "8", "--trials", "3", "--cost-repeats", "1",
+        "--out", str(tmp_path / "bench.json"),
+    ]  # fmt: skip
+    assert bench.main(argv) == 0
+    # The cell's warm-up, then three pairs: plain first, then the speculative run first, ...
+    assert calls[-7:] == ["speculative"] + ["plain", "speculative"] + ["speculative", "plain"] + ["plain", "speculative"]
