@@ -32,7 +32,7 @@ COST_DIR = Path("~/.cache/mlx-gemma-mtp").expanduser()
 CONTEXT = 64  # positions the scratch cache holds while timing
 # Passes over every k, after a warm-up one. With 2 (a median of 6 rounds) E4B on an H100 read
 # verify[2] 34.6 ms against 24.9 from 6 passes (bench r31), and k = 4 cheaper than k = 2..3:
-# auto then drafted 4 useless opening rounds at alpha = 0.
+# auto then drafted 3-4 useless opening rounds of k = 4 at alpha = 0.
 REPEATS = 4
 ROUNDS = 3  # rounds the loop times per k per pass: a cost is the median of REPEATS * ROUNDS
 MAX_TOKENS = 1 << 20  # the timing runs' limit: never reached, they stop after ROUNDS timings
