@@ -134,14 +134,20 @@ def _e2e(target, drafter, prompt, plain_tokens, result, args, save) -> None:
             # r31; in turns of alternating order 0.99-1.04x, r32). Each trial draws its own hits
             # (seed = trial, the same for every k): one draw of 128 tokens can keep 15% fewer
             # drafts than alpha says.
+            def plain() -> float:
+                return measure.plain_run(target, prompt, args.tokens).ms_per_token
+
+            def speculative(trial: int) -> tuple[measure.Run, int]:
+                return _replay_settled(target, drafter, prompt, plain_tokens, alpha, k, args.tokens, trial)
+
             runs, plain_ms, passes = [], [], []
             for trial in range(args.trials):
                 if trial % 2 == 0:
-                    plain_ms.append(measure.plain_run(target, prompt, args.tokens).ms_per_token)
-                    run, settled_in = _replay_settled(target, drafter, prompt, plain_tokens, alpha, k, args.tokens, trial)
+                    plain_ms.append(plain())
+                    run, settled_in = speculative(trial)
                 else:
-                    run, settled_in = _replay_settled(target, drafter, prompt, plain_tokens, alpha, k, args.tokens, trial)
-                    plain_ms.append(measure.plain_run(target, prompt, args.tokens).ms_per_token)
+                    run, settled_in = speculative(trial)
+                    plain_ms.append(plain())
                 runs.append(run)
                 passes.append(settled_in)
             speedups = [p / r.ms_per_token for p, r in zip(plain_ms, runs)]

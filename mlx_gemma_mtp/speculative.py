@@ -405,8 +405,8 @@ def _read_back(done: _Queued, cursor: _Cursor, cache, pending: _Queued | None, p
     """The round's one host sync: read `done` back, tell the policy and the statistics, and
     tighten what the host knows of the positions after it. Returns its tokens
     [(token, from_draft)]."""
-    values = done.outcome.tolist()
-    drafted, m, follow = (values[: done.k], values[done.k], values[done.k + 1]) if done.k else ([], 0, values[0])
+    values = done.outcome.tolist()  # [drafts..., kept, follow]; a plain step's [follow]
+    drafted, m, follow = values[: done.k], values[done.k] if done.k else 0, values[-1]
     stats.record(done.k, m)
     if done.k:
         policy.observe(done.k, m)
