@@ -277,9 +277,9 @@ def peer_process(peer_path: Path, pair: Path):
             process.wait()
 
 
-def ours_run(model, tokenizer, prompt: list[int], n: int, k: int | str) -> dict:
+def ours_run(model, tokenizer, drafter, prompt: list[int], n: int, k: int | str) -> dict:
     """One generation through our public `stream_generate`, timed as the peer's is."""
-    drafter = model.drafter if k != 0 else None
+    drafter = drafter if k != 0 else None
     times, tokens, last = [], [], None
     for last in mlx_gemma_mtp.stream_generate(model, tokenizer, prompt, drafter, n, k if drafter else 0):
         times.append(time.perf_counter())
@@ -322,7 +322,7 @@ def random_prompt(length: int, vocab: int, seed: int = 3) -> list[int]:
 
 
 def compare(args, pair: Path) -> dict:
-    model, tokenizer = mlx_gemma_mtp.load(pair)
+    model, tokenizer, drafter = mlx_gemma_mtp.load_pair(pair)
     vocab, window = model.args.vocab_size, model.args.sliding_window
     prompt = random_prompt(args.prompt, vocab)
     n = args.tokens
@@ -337,7 +337,7 @@ def compare(args, pair: Path) -> dict:
         )
         for trial in range(args.trials + 1):  # trial 0 is the warm-up (and our "auto" cost measurement)
             for mode, k in ours_modes.items():
-                run = ours_run(model, tokenizer, prompt, n, k)
+                run = ours_run(model, tokenizer, drafter, prompt, n, k)
                 if trial:
                     runs["ours", mode].append(run)
             for mode, k in peer_modes.items():

@@ -2,6 +2,6 @@
 
 from .chat import ChatSession
 from .generate import Response, generate, stream_generate
-from .load import load, load_drafter
+from .load import load, load_drafter, load_pair
 
-__all__ = ["load", "load_drafter", "generate", "stream_generate", "Response", "ChatSession"]
+__all__ = ["load", "load_pair", "load_drafter", "generate", "stream_generate", "Response", "ChatSession"]

@@ -14,15 +14,13 @@ import importlib
 import signal
 import sys
 import threading
-from pathlib import Path
 
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .chat import ChatBusyError, ChatSession, stats_line
-from .config import ConfigError
 from .drafter import Drafter
 from .generate import stream_generate
-from .load import find_drafter, load, load_drafter, resolve
+from .load import load, load_pair
 from .target import Target
 
 PROG = "mlx-gemma-mtp"
@@ -121,27 +119,16 @@ def _generation_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _load(args: argparse.Namespace) -> tuple[Target, TokenizerWrapper, Drafter | None]:
-    """The target, its tokenizer and the drafter the flags ask for."""
-    model, tokenizer = load(args.model)  # a pair directory comes with its drafter attached
+    """The target, its tokenizer and the drafter the flags ask for (or the one found)."""
     if args.no_draft:
-        return model, tokenizer, None
-    if args.draft_model:
-        return model, tokenizer, load_drafter(args.draft_model, model)
-    if model.drafter is not None:
-        return model, tokenizer, model.drafter
-    found = find_drafter(args.model)  # a local '<target>-assistant' sibling
-    if found is None and not Path(args.model).expanduser().exists():
-        try:  # a hub id: Google publishes each drafter as '<target>-assistant'
-            found = resolve(f"{args.model}-assistant")
-        except ConfigError:
-            found = None
-    if found is None:
+        return (*load(args.model), None)
+    model, tokenizer, drafter = load_pair(args.model, args.draft_model)
+    if drafter is None:
         print(
             f"No drafter found for {args.model}: decoding with the target alone (--draft-model names one).",
             file=sys.stderr,
         )
-        return model, tokenizer, None
-    return model, tokenizer, load_drafter(found, model)
+    return model, tokenizer, drafter
 
 
 # --------------------------------------------------------------------------------------------

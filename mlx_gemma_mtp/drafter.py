@@ -14,6 +14,7 @@ touches a 262,144-wide row.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import mlx.core as mx
@@ -62,9 +63,10 @@ class MaskedEmbedding(nn.Module):
 
 
 class Drafter(nn.Module):
-    def __init__(self, config: DrafterConfig):
+    def __init__(self, config: DrafterConfig, source: Path | None = None):
         super().__init__()
         self.config = config
+        self.source = source  # the directory it was loaded from (None: built in memory)
         args = config.text
         self.model = DrafterModel(config)
         self.pre_projection = nn.Linear(2 * config.backbone_hidden_size, args.hidden_size, bias=False)

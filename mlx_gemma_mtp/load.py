@@ -4,8 +4,10 @@ Loading is all-or-nothing: every file is read and checked, every tensor name and
 matched (`strict`), before a model is returned; a failure raises an error naming the file
 or field and leaves nothing behind.
 
-A pair directory (written by `convert`: `target/`, `drafter/` and a manifest) loads as one:
-`load(pair)` returns the target with its drafter attached as `model.drafter`.
+`load(path)` gives the target and its tokenizer, as mlx-lm's `load` does; `load_pair(path)` gives
+the drafter beside them, the one named or the one found for the target (`find_drafter`): a
+pair directory's own (written by `convert`: `target/`, `drafter/` and a manifest), a sibling
+named `<target>-assistant`, or the hub's `<id>-assistant`.
 """
 
 from __future__ import annotations
@@ -140,20 +142,35 @@ def load_target(model_dir: Path, dtype=None) -> Target:
 
 
 def load(path_or_id: str | Path, dtype=None) -> tuple[Target, TokenizerWrapper]:
-    """Load a Gemma 4 target and its tokenizer.
+    """Load a Gemma 4 target and its tokenizer (of a pair directory: its target's).
 
-    A pair directory (see `convert`) gives the target with its drafter loaded and attached as
-    `model.drafter`; a lone target has `model.drafter = None`. `dtype` (e.g. mx.float32)
-    casts the unquantized weights of both; default: the checkpoint's own.
+    `dtype` (e.g. mx.float32) casts the unquantized weights; default: the checkpoint's own.
+    The drafter is loaded by `load_pair` or `load_drafter`.
     """
     model_dir = resolve(path_or_id)
     pair = read_pair(model_dir)
     target_dir = model_dir / pair["target"] if pair else model_dir
     model = load_target(target_dir, dtype)
     tokenizer = load_tokenizer(target_dir, eos_token_ids=list(model.config.stop_ids))
-    if pair:
-        model.drafter = load_drafter(model_dir / pair["drafter"], model, dtype)
     return model, tokenizer
+
+
+def load_pair(
+    path_or_id: str | Path, draft_model: str | Path | None = None, dtype=None
+) -> tuple[Target, TokenizerWrapper, Drafter | None]:
+    """Load a target, its tokenizer and its drafter: `draft_model` when given, else the one
+    `find_drafter` finds for `path_or_id` (or, for a hub id, the hub's `<id>-assistant`);
+    None when there is none. The drafter's directory is `drafter.source`."""
+    model, tokenizer = load(path_or_id, dtype)
+    if draft_model is None:
+        draft_model = find_drafter(path_or_id)
+    if draft_model is None and not Path(path_or_id).expanduser().exists():
+        try:  # a hub id: Google publishes each drafter as '<target>-assistant'
+            draft_model = resolve(f"{path_or_id}-assistant")
+        except ConfigError:
+            draft_model = None
+    drafter = None if draft_model is None else load_drafter(draft_model, model, dtype)
+    return model, tokenizer, drafter
 
 
 def load_drafter(path_or_id: str | Path, model: Target, dtype=None) -> Drafter:
@@ -165,7 +182,7 @@ def load_drafter(path_or_id: str | Path, model: Target, dtype=None) -> Drafter:
         model_dir = model_dir / pair["drafter"]
     config = load_drafter_config(model_dir)
     check_fit(config, model, model_dir)
-    drafter = Drafter(config)
+    drafter = Drafter(config, source=model_dir)
     _load_weights(drafter, model_dir, dtype)
     return drafter
 

@@ -44,16 +44,6 @@ class Target(nn.Module):
         # The layer whose K/V the drafter reads, per attention type: the last layer of that
         # type that computes K/V (transformers' configuration_gemma4.py, kv_sharing_modes).
         self.kv_producers = {args.layer_types[i]: i for i in range(self.first_shared)}
-        # The drafter a pair directory was loaded with (`load`), None for a lone target.
-        self.drafter = None
-
-    def __setattr__(self, key, value):
-        # `drafter` stays a plain attribute, outside the module tree: the target's parameters,
-        # weight loading and quantization never include the drafter's.
-        if key == "drafter":
-            object.__setattr__(self, key, value)
-        else:
-            super().__setattr__(key, value)
 
     @property
     def args(self):

@@ -25,7 +25,7 @@ from mlx.utils import tree_flatten
 
 import convert as convert_pkg
 from convert import convert
-from mlx_gemma_mtp import load, load_drafter, stream_generate
+from mlx_gemma_mtp import load, load_drafter, load_pair, stream_generate
 from mlx_gemma_mtp.config import ConfigError
 from mlx_gemma_mtp.load import PAIR_MANIFEST, find_drafter
 from mlx_gemma_mtp.quantize import quantize
@@ -104,11 +104,11 @@ def converted(checkpoints, tmp_path_factory):
 @pytest.mark.parametrize("kind", KINDS)
 def test_round_trip(kind, variant, converted, checkpoints):
     pair = converted[kind, variant]
-    model, tokenizer = load(pair)
-    assert model.drafter is not None and find_drafter(pair) == pair / "drafter"
+    model, tokenizer, drafter = load_pair(pair)
+    assert drafter.source == pair / "drafter" and find_drafter(pair) == pair / "drafter"
 
     # Bit for bit what the in-memory path builds: one recipe, one sanitize.
-    for converted_model, reference in zip((model, model.drafter), _in_memory(checkpoints[kind], variant)):
+    for converted_model, reference in zip((model, drafter), _in_memory(checkpoints[kind], variant)):
         ours, theirs = _params(converted_model), _params(reference)
         assert ours.keys() == theirs.keys()
         for key in ours:
@@ -117,7 +117,7 @@ def test_round_trip(kind, variant, converted, checkpoints):
     if kind == "moe" and variant == "bf16" and mx.default_device() == mx.cpu:
         return  # MLX's CPU gather_mm (unquantized experts) runs float32 only (mlx 0.32.4)
     plain = _greedy(model, tokenizer)
-    assert _greedy(model, tokenizer, model.drafter) == plain
+    assert _greedy(model, tokenizer, drafter) == plain
     assert _mlx_lm_greedy(pair / "target")[: len(plain)] == plain  # mlx-lm reads the target as is
 
 
@@ -152,9 +152,8 @@ def test_output_layout(converted):
 def test_lone_target_and_sibling_drafter(checkpoints, tmp_path, capsys):
     target_dir, drafter_dir = checkpoints["e2b"]
     out = convert(target_dir, out=tmp_path / "gemma-tiny")
-    model, _ = load(out)
-    assert model.drafter is None and find_drafter(out) is None
-    assert "drafter" not in model  # a plain attribute, not a child module
+    model, _, none = load_pair(out)
+    assert none is None and find_drafter(out) is None
     report = capsys.readouterr().out
     names = mx.load(str(target_dir / "model.safetensors"))
     families = ("vision_tower", "audio_tower", "embed_vision", "embed_audio")
@@ -164,9 +163,8 @@ def test_lone_target_and_sibling_drafter(checkpoints, tmp_path, capsys):
 
     convert(drafter=drafter_dir, out=tmp_path / "gemma-tiny-assistant", quiet=True)
     assert find_drafter(out) == tmp_path / "gemma-tiny-assistant"
-    drafter = load_drafter(find_drafter(out), model)
-    model.drafter = drafter
-    assert "drafter" not in model and model.drafter is drafter
+    drafter = load_pair(out)[2]
+    assert drafter.source == tmp_path / "gemma-tiny-assistant"
     assert len(_params(model)) == len(_params(load(out)[0]))
 
 
@@ -298,11 +296,11 @@ def test_hub_ids_from_an_offline_cache(checkpoints, tmp_path, monkeypatch):
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
 
     out = convert("tiny-org/gemma-tiny-it", "tiny-org/gemma-tiny-it-assistant", tmp_path / "pair", quiet=True)
-    model, tokenizer = load(out)
+    model, tokenizer, drafter = load_pair(out)
     assert json.loads((out / PAIR_MANIFEST).read_text())["sources"]["target"] == "tiny-org/gemma-tiny-it"
     assert not (out / "target" / "config.json").is_symlink()
     reference, _ = load(checkpoints["dense"][0])
-    assert _greedy(model, tokenizer, model.drafter) == _greedy(reference, tokenizer)
+    assert _greedy(model, tokenizer, drafter) == _greedy(reference, tokenizer)
 
     with pytest.raises(ConfigError, match="tiny-org/not-cached: cannot fetch from the hub or find it in"):
         convert("tiny-org/not-cached", out=tmp_path / "nothing", quiet=True)
@@ -463,7 +461,7 @@ def test_interrupted_conversion_leaves_nothing_that_loads(checkpoints, tmp_path)
     assert _beside(interrupted) == []
     # The next conversion to the same place clears the dead run's leftovers.
     convert(target_dir, drafter_dir, killed, quiet=True)
-    assert load(killed)[0].drafter is not None and _beside(killed) == []
+    assert load_pair(killed)[2] is not None and _beside(killed) == []
 
 
 # --------------------------------------------------------------------------------------------
@@ -591,17 +589,17 @@ def test_quantization_quality(kind, converted, checkpoints):
     rng = np.random.RandomState(0)
     prompts = [[2] + rng.randint(4, VOCAB_SIZE, size=39).tolist() for _ in range(6)]
     reference, tokenizer = load(checkpoints[kind][0])
-    reference.drafter = load_drafter(checkpoints[kind][1], reference)
+    reference_drafter = load_drafter(checkpoints[kind][1], reference)
     ref_logits = [_logits(reference, ids) for ids in prompts]
-    base = _acceptance(reference, tokenizer, reference.drafter, prompts)
+    base = _acceptance(reference, tokenizer, reference_drafter, prompts)
     errors = {}
     for variant in ("8bit", "4bit"):
-        model, _ = load(converted[kind, variant])
+        model, _, drafter = load_pair(converted[kind, variant])
         logits = [_logits(model, ids) for ids in prompts]
         max_abs = max(np.abs(a - b).max() for a, b in zip(logits, ref_logits))
         kl = np.mean([_kl(r, q) for r, q in zip(ref_logits, logits)])
-        quantized_target = _acceptance(model, tokenizer, reference.drafter, prompts)
-        both = _acceptance(model, tokenizer, model.drafter, prompts)
+        quantized_target = _acceptance(model, tokenizer, reference_drafter, prompts)
+        both = _acceptance(model, tokenizer, drafter, prompts)
         errors[variant] = (max_abs, kl)
         print(
             f"\n{kind} {variant}: logits max |err| {max_abs:.2f}, mean KL {kl:.1e}; greedy acceptance "

@@ -36,9 +36,9 @@ def _assert_same(loaded: dict, built: dict) -> None:
 def test_written_pair_loads_with_the_same_weights(tmp_path):
     target, drafter = build("tiny")
     peer.write_pair(target, drafter, tmp_path)
-    model, tokenizer = mlx_gemma_mtp.load(tmp_path)
+    model, tokenizer, loaded_drafter = mlx_gemma_mtp.load_pair(tmp_path)
     _assert_same(_params(model), _params(target))
-    _assert_same(_params(model.drafter), _params(drafter))
+    _assert_same(_params(loaded_drafter), _params(drafter))
     assert model.config.stop_ids == target.config.stop_ids
     assert tokenizer.decode([200, 201]) == "▁w200▁w201".replace("▁", " ")
 
@@ -46,9 +46,9 @@ def test_written_pair_loads_with_the_same_weights(tmp_path):
 def test_quantized_pair_keeps_the_drafter_embedding_dense_on_request(tmp_path):
     target, drafter = build("tiny", bits=4)
     peer.write_pair(target, drafter, tmp_path, dense_drafter_embedding=True)
-    model, _ = mlx_gemma_mtp.load(tmp_path)
+    model, _, loaded_drafter = mlx_gemma_mtp.load_pair(tmp_path)
     _assert_same(_params(model), _params(target))
-    built, loaded = _params(drafter), _params(model.drafter)
+    built, loaded = _params(drafter), _params(loaded_drafter)
     table = drafter.model.embed_tokens
     dense = mx.dequantize(table.weight, table.scales, table.biases, table.group_size, table.bits)
     embedding = loaded.pop("model.embed_tokens.weight")
