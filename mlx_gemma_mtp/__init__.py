@@ -1,7 +1,17 @@
 """Gemma 4 with its MTP drafters on MLX: speculative decoding exact against the target."""
 
 from .chat import ChatSession
-from .generate import Response, generate, stream_generate
+from .generate import Response, batch_generate, generate, stream_batch_generate, stream_generate
 from .load import load, load_drafter, load_pair
 
-__all__ = ["load", "load_pair", "load_drafter", "generate", "stream_generate", "Response", "ChatSession"]
+__all__ = [
+    "load",
+    "load_pair",
+    "load_drafter",
+    "generate",
+    "stream_generate",
+    "batch_generate",
+    "stream_batch_generate",
+    "Response",
+    "ChatSession",
+]

@@ -1,234 +1,310 @@
-"""The target's K/V caches, indexed by absolute position, that rewind exactly or raise.
+"""The target's K/V cache for a batch of sequences: one positions record, every layer's buffers.
 
-The speculative loop appends `k + 1` positions per verify and then goes back to just after the
-accepted ones, so every cache must be able to forget its newest entries exactly. mlx-lm's
-`RotatingKVCache` cannot once its window has wrapped (its `trim` returns 0 and nobody checks);
-ours keeps a linear buffer holding the window plus `room` extra positions, compacts it now and
-then, and raises when a rewind would need a position it no longer holds.
+Each row (sequence) has its own position: where its next K/V goes, and the position RoPE gives
+its next token. The speculative loop appends k + 1 positions per row and per verify and then
+moves each row back to just after what that row kept, so rows stay ragged and exact: no RoPE
+holes, and no key of a rejected draft is ever visible (entries past a row's position are
+never erased, only overwritten or masked).
 
-Where the next write goes (`offset`) is either a Python int or a device scalar. A pipelined
-speculative loop queues round r+1 before it has read how many drafts round r kept, so round
-r+1 writes at a position the host does not know yet; the host knows bounds for it
-(`low <= offset <= high`). Entries past `offset` are never erased, only overwritten or masked:
-a query at position q sees keys at positions <= q (and > q - window when sliding), so stale
-ones from rejected drafts are invisible. With an exact offset a single-token fetch is cut to
-exactly the visible keys (no mask: the fast attention kernel); otherwise the fetch spans the
-host-known range and a mask computed on the device picks the visible keys.
+`Positions` is that record, held once for all layers: a device vector `offset` [B] (a pipelined
+loop queues round r+1 before it has read how many drafts round r kept, so the next write is
+known on the device only) and host bounds `low[b] <= offset[b] <= high[b]`. While every row's
+position is known on the host and the same (B = 1 outside a pipelined round, a prefill), writes
+are slices and full-attention layers need no mask.
 
-Both caches expose the interface mlx-lm's Gemma 4 attention calls (`offset`,
-`update_and_fetch`) and, for the drafter, zero-copy views of what they hold (`view`): the whole
-buffer and a mask of what the drafter sees, so a view's shape changes only when the buffer grows
-or is compacted (the drafter's step is compiled, and traced again for each new shape).
+Full-attention layers keep a linear buffer indexed by position. Sliding layers keep a ring of
+`capacity` slots (slot = position mod capacity), large enough that a write never clobbers a key
+a query, the drafter or a rewind still needs, and that a stale key from a rejected draft lands
+outside every window: one shape for the whole generation (the drafter's step is compiled and
+traced once per view shape).
+
+Layers reach their buffers through mlx-lm's attention interface (`offset`, `update_and_fetch`);
+the drafter reads them in place (`Cache.views`), masked as it sees them.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 
-STEP = 256  # positions added per buffer growth, as in mlx-lm's KVCache
-
-Position = int | mx.array  # a host int, or a device int32 scalar
+STEP = 256  # positions added per growth of a full layer's buffer, as in mlx-lm's KVCache
+MAX_WRITE = 256  # most positions one forward may append (prefill goes in chunks of this)
+ROOM = 17  # how far back a rewind may go: the longest verify (MAX_DRAFT + 1 positions)
 
 
 class CacheRewindError(RuntimeError):
-    """A rewind that cannot be exact (the cache no longer holds what it would need)."""
-
-
-def _copy_into(buffer: mx.array | None, like: mx.array, capacity: int) -> mx.array:
-    """A zeroed buffer of `capacity` positions with `buffer`'s contents at the front."""
-    B, H, _, D = like.shape
-    fresh = mx.zeros((B, H, capacity, D), like.dtype)
-    if buffer is not None and buffer.shape[2]:
-        fresh[..., : buffer.shape[2], :] = buffer
-    return fresh
-
-
-def _write(buffer: mx.array, new: mx.array, index: Position) -> mx.array:
-    """buffer with `new` written along axis 2 from `index` (host or device)."""
-    if isinstance(index, int):
-        buffer[..., index : index + new.shape[2], :] = new
-        return buffer
-    return mx.slice_update(buffer, new, mx.reshape(index, (1,)), axes=(2,))
+    """A move that cannot be exact (the cache no longer holds what it would need)."""
 
 
 def _additive(seen: mx.array, dtype) -> mx.array:
     """A boolean mask as the additive one (0 where seen, -inf elsewhere) in the attention's
-    dtype. MLX CUDA's fused attention takes no boolean mask: it converts one at every call
-    (three kernels per layer); converted here, once per forward (or drafting round), every
-    layer of the kind shares it. Adding 0 leaves a score unchanged: the same result."""
+    dtype: MLX CUDA's fused attention converts a boolean mask at every layer; this is built
+    once per forward and shared."""
     return mx.where(seen, mx.array(0.0, dtype), mx.array(-mx.inf, dtype))
 
 
-def _visible(queries: mx.array, first_key: int, last_key: int, window: int | None, dtype) -> mx.array:
-    """[len(queries), last_key - first_key] additive mask: which keys (positions first_key ..
-    last_key - 1) each query position sees: causal, and within `window` when sliding."""
-    keys = mx.arange(first_key, last_key)[None]
-    queries = queries[:, None]
-    seen = keys <= queries
-    if window is not None:
-        seen = seen & (queries - keys < window)
-    return _additive(seen, dtype)
+class Positions:
+    """Where each row's next write goes: `offset` [B] int32 on the device, with host bounds
+    low[b] <= offset[b] <= high[b], and `written[b]`: one past the highest position the row
+    may have written (the sliding ring checks rewinds against it)."""
 
+    def __init__(self, offsets: list[int]):
+        self.offset = mx.array(offsets, dtype=mx.int32)
+        self.low, self.high, self.written = list(offsets), list(offsets), list(offsets)
 
-class _Positions:
-    """Where the next write goes: `offset`, with host bounds low <= offset <= high."""
-
-    offset: Position
-    low: int
-    high: int
+    @property
+    def rows(self) -> int:
+        return len(self.low)
 
     @property
     def exact(self) -> bool:
-        return isinstance(self.offset, int)
+        return self.low == self.high
 
-    def _advance(self, L: int) -> None:
+    @property
+    def shared(self) -> int | None:
+        """The host position every row is at, when there is one."""
+        first = self.low[0]
+        return first if self.exact and all(p == first for p in self.low) else None
+
+    def queries(self, L: int) -> mx.array:
+        """[B, L] the positions of each row's next L tokens."""
+        return self.offset[:, None] + mx.arange(L, dtype=mx.int32)
+
+    def advance(self, L: int) -> None:
+        self.written = [max(w, h + L) for w, h in zip(self.written, self.high)]
         self.offset = self.offset + L
-        self.low += L
-        self.high += L
-
-    def _queries(self, L: int) -> mx.array:
-        """Positions of the next L queries, on the device."""
-        return self.offset + mx.arange(L, dtype=mx.int32)
-
-    def _check_seek(self, offset: Position, low: int | None, high: int | None) -> tuple[int, int]:
-        if isinstance(offset, int):
-            low = high = offset
-        elif low is None or high is None:
-            raise ValueError("a device offset needs host bounds low and high")
-        if not 0 <= low <= high <= self.high:
-            raise CacheRewindError(
-                f"cannot move to positions {low}..{high}: the cache holds at most 0..{self.high - 1}"
-            )
-        return low, high
-
-    def trim(self, n: int) -> int:
-        """Forget the newest n positions (an exact cache only)."""
-        if not self.exact:
-            raise CacheRewindError("trim needs an exact offset; seek to an int first")
-        self.seek(self.offset - n)
-        return n
+        self.low = [p + L for p in self.low]
+        self.high = [p + L for p in self.high]
 
 
-class FullCache(_Positions):
-    """Every position since the start; rewinding only moves `offset` back."""
+class FullLayer:
+    """Every position since the start, indexed by position: [B, kv_heads, capacity, head_dim]."""
 
-    def __init__(self):
-        self.keys: mx.array | None = None  # [B, kv_heads, capacity, head_dim]; index = position
+    def __init__(self, positions: Positions):
+        self.positions = positions
+        self.keys: mx.array | None = None
         self.values: mx.array | None = None
-        self.offset: Position = 0  # the next write's position: 0 .. offset-1 are valid
-        self.low = self.high = 0
+
+    @property
+    def offset(self):
+        """What mlx-lm's attention hands RoPE: a host int or each row's device position."""
+        shared = self.positions.shared
+        return self.positions.offset if shared is None else shared
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
-        L = keys.shape[2]
-        end = self.high + L  # no position at or past `end` is visible to these queries
+        p, L = self.positions, keys.shape[2]
+        end = max(p.high) + L  # no row's query sees a position at or past this
         if self.keys is None or end > self.keys.shape[2]:
-            capacity = (end + STEP - 1) // STEP * STEP
-            held = None if self.keys is None else self.keys[..., : self.high, :]
-            held_v = None if self.values is None else self.values[..., : self.high, :]
-            self.keys = _copy_into(held, keys, capacity)
-            self.values = _copy_into(held_v, values, capacity)
-        self.keys = _write(self.keys, keys, self.offset)
-        self.values = _write(self.values, values, self.offset)
-        self._advance(L)
+            capacity = -(-end // STEP) * STEP
+            self.keys = _grown(self.keys, keys, capacity, max(p.high))
+            self.values = _grown(self.values, values, capacity, max(p.high))
+        at = p.shared
+        if at is not None:
+            self.keys[..., at : at + L, :] = keys
+            self.values[..., at : at + L, :] = values
+        else:
+            slots = p.queries(L)[:, None, :, None]  # [B, 1, L, 1]
+            self.keys = mx.put_along_axis(self.keys, slots, keys, axis=2)
+            self.values = mx.put_along_axis(self.values, slots, values, axis=2)
         return self.keys[..., :end, :], self.values[..., :end, :]
 
-    def mask(self, L: int, dtype):
-        """Mask for the next L queries over the keys `update_and_fetch` returns for them
-        (additive, in the attention's `dtype`, where it is an array)."""
-        if self.exact:
-            # mx.fast.scaled_dot_product_attention aligns "causal" to the last query.
-            return "causal" if L > 1 else None
-        return _visible(self._queries(L), 0, self.high + L, None, dtype)
 
-    def seek(self, offset: Position, low: int | None = None, high: int | None = None) -> None:
-        """Make `offset` the next write; positions before it must have been written."""
-        self.low, self.high = self._check_seek(offset, low, high)
-        self.offset = offset
-
-    def view(self) -> tuple[mx.array, mx.array, mx.array]:
-        """Keys, values (the whole buffer, no copy) and the mask of the positions before
-        `offset` among them, as the drafter drafting at `offset` reads them."""
-        seen = mx.arange(self.keys.shape[2])[None] < self.offset
-        return self.keys, self.values, _additive(seen, self.keys.dtype)
-
-    @property
-    def state(self) -> list[mx.array]:
-        return [self.keys, self.values] if self.keys is not None else []
+def _grown(buffer: mx.array | None, like: mx.array, capacity: int, held: int) -> mx.array:
+    """A zeroed [B, H, capacity, D] buffer with `buffer`'s first `held` positions."""
+    B, H, _, D = like.shape
+    fresh = mx.zeros((B, H, capacity, D), like.dtype)
+    if buffer is not None and held:
+        fresh[..., :held, :] = buffer[..., :held, :]
+    return fresh
 
 
-class SlidingCache(_Positions):
-    """The last `window + room` positions (at least), in a linear buffer.
+class SlidingLayer:
+    """The newest positions of each row in a ring of `capacity` slots (slot = position mod
+    capacity): [B, kv_heads, capacity, head_dim]."""
 
-    A target query at position q sees keys q-window+1 .. q. The drafter, drafting at position
-    p, sees the `window + 1` positions p-window-1 .. p-1: transformers' bidirectional sliding
-    mask is inclusive, |q - k| <= window (masking_utils.py, sliding_window_bidirectional_overlay,
-    5.17). After a rewind of up to `room` positions the buffer still holds all of that.
-    """
-
-    def __init__(self, window: int, room: int):
-        self.window = window
-        self.room = room
-        self.drafter_reach = window + 1  # positions the drafter's sliding layers read
-        self.keys: mx.array | None = None  # [B, kv_heads, capacity, head_dim]
+    def __init__(self, positions: Positions, capacity: int):
+        self.positions = positions
+        self.capacity = capacity
+        self.keys: mx.array | None = None
         self.values: mx.array | None = None
-        self.start = 0  # absolute position of buffer index 0
-        self.offset: Position = 0  # the next write's position
-        self.low = self.high = 0
 
-    def _first_visible(self) -> int:
-        """The lowest position the next queries may see."""
-        return max(self.start, self.low - self.window + 1)
+    offset = FullLayer.offset
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
-        L = keys.shape[2]
-        first = self._first_visible()
-        end = self.high + L
-        if self.keys is None or end - self.start > self.keys.shape[2]:
-            self._compact(keys, L)
-        self.keys = _write(self.keys, keys, self.offset - self.start)
-        self.values = _write(self.values, values, self.offset - self.start)
-        self._advance(L)
-        # Exact and L == 1: first .. end is exactly the window, so no mask is needed.
-        fetched = slice(first - self.start, end - self.start)
-        return self.keys[..., fetched, :], self.values[..., fetched, :]
+        p, L = self.positions, keys.shape[2]
+        if self.keys is None:
+            B, H, _, D = keys.shape
+            self.keys = mx.zeros((B, H, self.capacity, D), keys.dtype)
+            self.values = mx.zeros((B, H, self.capacity, D), values.dtype)
+        at = p.shared
+        if at is not None and at % self.capacity + L <= self.capacity:
+            start = at % self.capacity
+            self.keys[..., start : start + L, :] = keys
+            self.values[..., start : start + L, :] = values
+        else:
+            slots = (p.queries(L) % self.capacity)[:, None, :, None]  # [B, 1, L, 1]
+            self.keys = mx.put_along_axis(self.keys, slots, keys, axis=2)
+            self.values = mx.put_along_axis(self.values, slots, values, axis=2)
+        return self.keys, self.values
 
-    def _compact(self, like: mx.array, L: int) -> None:
-        """Move what any later query or rewind may need to the front of a fresh buffer with
-        room for L more positions: from `drafter_reach` before the lowest possible offset."""
-        keep_from = max(self.start, self.low - self.drafter_reach)
-        # Decoding (L <= room, high - low <= room) always compacts to the same capacity, so the
-        # drafter's view keeps one shape and its compiled step one trace.
-        capacity = max(self.high - keep_from, self.drafter_reach + self.room) + max(L, self.room) + STEP
-        held = slice(keep_from - self.start, self.high - self.start)
-        self.keys = _copy_into(None if self.keys is None else self.keys[..., held, :], like, capacity)
-        self.values = _copy_into(None if self.values is None else self.values[..., held, :], like, capacity)
-        self.start = keep_from
 
-    def mask(self, L: int, dtype):
-        """Mask for the next L queries over the keys `update_and_fetch` returns for them
-        (additive, in the attention's `dtype`, where it is an array)."""
-        if self.exact and L == 1:
-            return None  # the fetch cuts the keys to exactly the window
-        return _visible(self._queries(L), self._first_visible(), self.high + L, self.window, dtype)
+def ring_positions(ends: mx.array, capacity: int) -> mx.array:
+    """[B, capacity] the position each slot holds, for rows whose newest written position is
+    ends - 1 ([B]): the latest position <= ends - 1 congruent to the slot (negative: none yet).
+    A stale key of a rejected draft (past ends - 1) maps `capacity` positions back, outside
+    every window."""
+    slots = mx.arange(capacity, dtype=mx.int32)[None]
+    last = ends[:, None] - 1
+    return last - mx.remainder(last - slots, capacity)
 
-    def seek(self, offset: Position, low: int | None = None, high: int | None = None) -> None:
-        """Make `offset` the next write; raises if the buffer lost what reads from there need."""
-        low, high = self._check_seek(offset, low, high)
-        needed = max(low - self.drafter_reach, 0)
-        if needed < self.start:
-            raise CacheRewindError(
-                f"sliding cache cannot move back to position {low}: it holds {self.start}..{self.high - 1} "
-                f"and would need {needed}.. (window {self.window}, room {self.room})"
-            )
-        self.offset, self.low, self.high = offset, low, high
 
-    def view(self) -> tuple[mx.array, mx.array, mx.array]:
-        """Keys, values (the whole buffer, no copy) and the mask of the `window + 1` positions
-        before `offset` among them, as the drafter drafting at `offset` reads them."""
-        positions = self.start + mx.arange(self.keys.shape[2])[None]
-        seen = (positions < self.offset) & (positions >= self.offset - self.drafter_reach)
-        return self.keys, self.values, _additive(seen, self.keys.dtype)
+class Cache:
+    """One batch's K/V: a layer cache for every target layer that computes K/V, and the rows'
+    one `Positions`.
+
+    `window` and `kinds`: the sliding window and each layer's attention type; sliding rings
+    hold window + MAX_WRITE + ROOM positions and a little slack.
+    """
+
+    def __init__(self, kinds: list[str], window: int, offsets: list[int] | None = None):
+        self.kinds = kinds
+        self.window = window
+        self.capacity = -(-(window + MAX_WRITE + ROOM + 4) // 64) * 64
+        self.positions = Positions(offsets or [0])
+        self.layers = [self._layer(kind) for kind in kinds]
+
+    def _layer(self, kind: str) -> FullLayer | SlidingLayer:
+        if kind == "full_attention":
+            return FullLayer(self.positions)
+        return SlidingLayer(self.positions, self.capacity)
+
+    @property
+    def rows(self) -> int:
+        return self.positions.rows
 
     @property
     def state(self) -> list[mx.array]:
-        return [self.keys, self.values] if self.keys is not None else []
+        return [a for layer in self.layers for a in (layer.keys, layer.values) if a is not None]
+
+    # ----------------------------------------------------------------------------------------
+    # A forward
+
+    def begin(self, L: int, dtype) -> dict[str, mx.array | str | None]:
+        """The masks of a forward of L tokens per row, per attention type (additive, in `dtype`),
+        over the keys the layers' `update_and_fetch` will return."""
+        if L > MAX_WRITE:
+            raise ValueError(f"a forward appends at most {MAX_WRITE} positions, got {L}")
+        p = self.positions
+        queries = p.queries(L)[:, None, :, None]  # [B, 1, L, 1]
+        masks = {}
+        if "full_attention" in self.kinds:
+            if p.shared is not None:  # keys are exactly 0 .. position + L - 1
+                masks["full_attention"] = "causal" if L > 1 else None
+            else:
+                keys = mx.arange(max(p.high) + L, dtype=mx.int32)[None, None, None]
+                masks["full_attention"] = _additive(keys <= queries, dtype)
+        if "sliding_attention" in self.kinds:
+            held = ring_positions(p.offset + L, self.capacity)[:, None, None, :]
+            seen = (held >= 0) & (held <= queries) & (queries - held < self.window)
+            masks["sliding_attention"] = _additive(seen, dtype)
+        return masks
+
+    def advance(self, L: int) -> None:
+        """After a forward of L tokens per row."""
+        self.positions.advance(L)
+
+    # ----------------------------------------------------------------------------------------
+    # Moving rows
+
+    def seek(self, offset: mx.array | list[int], low: list[int] | None = None, high: list[int] | None = None):
+        """Make `offset` each row's next write: host ints, or a device vector [B] with host
+        bounds. Positions before it must have been written and still be held."""
+        if not isinstance(offset, mx.array):
+            low = high = list(offset)
+            offset = mx.array(low, dtype=mx.int32)
+        elif low is None or high is None:
+            raise ValueError("a device offset needs host bounds low and high")
+        p = self.positions
+        for row, (lo, hi) in enumerate(zip(low, high)):
+            self._check(row, lo, hi)
+        p.offset, p.low, p.high = offset, list(low), list(high)
+
+    def _check(self, row: int, low: int, high: int) -> None:
+        p = self.positions
+        if not 0 <= low <= high <= p.high[row]:
+            raise CacheRewindError(
+                f"row {row} cannot move to positions {low}..{high}: it holds at most 0..{p.high[row] - 1}"
+            )
+        # The drafter at `low` reads window + 1 positions back; the ring must still hold them.
+        if "sliding_attention" in self.kinds and p.written[row] - low > self.capacity - self.window - 2:
+            raise CacheRewindError(
+                f"sliding cache cannot move row {row} back to position {low}: it has written up to "
+                f"{p.written[row] - 1} and keeps {self.capacity} positions (window {self.window})"
+            )
+
+    def rewind(self, n: int) -> None:
+        """Forget every row's newest n positions (host-known positions only)."""
+        if not self.positions.exact:
+            raise CacheRewindError("rewind needs host-known positions; seek to ints first")
+        self.seek([p - n for p in self.positions.low])
+
+    # ----------------------------------------------------------------------------------------
+    # The drafter's reads
+
+    def views(self, producers: dict[str, int], dtype) -> dict[str, tuple[mx.array, mx.array, mx.array]]:
+        """Per attention type, the producer layer's keys and values (whole buffers, no copy)
+        and the additive mask [B, 1, 1, S] of what a drafter drafting at each row's position
+        sees: every position before it (sliding: the window + 1 before it, inclusive as in
+        transformers' bidirectional sliding mask, masking_utils.py 5.17)."""
+        p = self.positions.offset[:, None, None, None]  # [B, 1, 1, 1]
+        out = {}
+        for kind, index in producers.items():
+            layer = self.layers[index]
+            S = layer.keys.shape[2]
+            if kind == "full_attention":
+                seen = mx.arange(S, dtype=mx.int32)[None, None, None] < p
+            else:
+                held = ring_positions(self.positions.offset, S)[:, None, None, :]
+                seen = (held >= 0) & (held >= p - self.window - 1)
+            out[kind] = (layer.keys, layer.values, _additive(seen, dtype))
+        return out
+
+    # ----------------------------------------------------------------------------------------
+    # Rows joining and leaving
+
+    def take(self, rows: list[int]) -> Cache:
+        """A cache of these rows (their own copies), in this order."""
+        index = mx.array(rows, dtype=mx.int32)
+        out = Cache(self.kinds, self.window)
+        p, q = self.positions, out.positions
+        q.offset = mx.take(p.offset, index)
+        q.low, q.high, q.written = ([v[r] for r in rows] for v in (p.low, p.high, p.written))
+        for mine, theirs in zip(self.layers, out.layers):
+            if mine.keys is not None:
+                theirs.keys = mx.take(mine.keys, index, axis=0)
+                theirs.values = mx.take(mine.values, index, axis=0)
+        return out
+
+    @staticmethod
+    def join(caches: list[Cache]) -> Cache:
+        """One cache of every row of `caches`, in order (full buffers padded to the longest)."""
+        first = caches[0]
+        out = Cache(first.kinds, first.window)
+        q = out.positions
+        q.offset = mx.concatenate([c.positions.offset for c in caches])
+        for name in ("low", "high", "written"):
+            setattr(q, name, [v for c in caches for v in getattr(c.positions, name)])
+        for i, layer in enumerate(out.layers):
+            parts = [c.layers[i] for c in caches]
+            if any(part.keys is None for part in parts):
+                raise ValueError("cannot join a cache that holds nothing yet")
+            capacity = max(part.keys.shape[2] for part in parts)
+            layer.keys = mx.concatenate([_padded(part.keys, capacity) for part in parts])
+            layer.values = mx.concatenate([_padded(part.values, capacity) for part in parts])
+        return out
+
+
+def _padded(buffer: mx.array, capacity: int) -> mx.array:
+    """buffer [B, H, S, D] with zeros up to `capacity` positions."""
+    missing = capacity - buffer.shape[2]
+    return buffer if not missing else mx.pad(buffer, [(0, 0), (0, 0), (0, missing), (0, 0)])
+Position = int | mx.array  # TEMP

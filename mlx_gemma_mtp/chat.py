@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .drafter import Drafter
-from .generate import Response, make_prompt_cache, stream_generate
+from .generate import Response, check_arguments, make_prompt_cache, stream_generate
 from .target import Target
 
 
@@ -89,8 +89,7 @@ class ChatSession:
         self.system = system
         self.max_tokens = max_tokens
         self.generate_kwargs = generate_kwargs
-        # stream_generate checks its arguments at the call and computes nothing until iterated.
-        stream_generate(model, tokenizer, [0], draft_model, max_tokens, **generate_kwargs).close()
+        check_arguments("ChatSession", max_tokens, generate_kwargs)
         self._lock = _model_lock(model)
         self._cancel = threading.Event()  # the streaming answer's; a fresh one per answer
         self._streaming = False
@@ -163,8 +162,8 @@ class ChatSession:
             self.model,
             self.tokenizer,
             prompt_ids,
-            self.draft_model,
             self.max_tokens,
+            draft_model=self.draft_model,
             prompt_cache=self._cache,
             **self.generate_kwargs,
         )

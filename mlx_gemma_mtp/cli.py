@@ -170,7 +170,9 @@ def generate_main(argv: list[str] | None = None) -> int:
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     elif args.system:
         parser.error("--system needs the chat template")
-    for r in stream_generate(model, tokenizer, prompt, drafter, args.max_tokens, **_generation_kwargs(args)):
+    for r in stream_generate(
+        model, tokenizer, prompt, args.max_tokens, draft_model=drafter, **_generation_kwargs(args)
+    ):
         sys.stdout.write(r.text)
         sys.stdout.flush()
     sys.stdout.write("\n")

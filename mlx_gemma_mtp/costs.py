@@ -25,7 +25,9 @@ from mlx.utils import tree_flatten
 
 from .draft_length import MAX_DRAFT, Costs, Fixed
 from .drafter import Drafter
-from .speculative import DraftRequest, DraftStats, Proposer, drafter_proposer, prefill, speculative_tokens
+from .engine import Engine, Request
+from .sample import GREEDY
+from .speculative import Rows, drafter_proposer, prefill
 from .target import Target
 
 COST_DIR = Path("~/.cache/mlx-gemma-mtp").expanduser()
@@ -35,7 +37,6 @@ CONTEXT = 64  # positions the scratch cache holds while timing
 # auto then drafted 3-4 useless opening rounds of k = 4 at alpha = 0.
 REPEATS = 4
 ROUNDS = 3  # rounds the loop times per k per pass: a cost is the median of REPEATS * ROUNDS
-MAX_TOKENS = 1 << 20  # the timing runs' limit: never reached, they stop after ROUNDS timings
 SHORT_STREAM, STREAM = 1, 5  # proposals queued back to back per timing: the difference is timed
 DRAFT_SPAN = 3  # a drafter step's cost: (a k = 4 proposal - a k = 1 one) / 3
 # How costs are measured, in the key: 5 = the loop's own clock on rounds of each fixed k
@@ -53,7 +54,7 @@ def load_costs(target: Target, drafter: Drafter, cache_dir: Path | None = None) 
             return Costs(plain=saved["plain"], verify=tuple(saved["verify"]), draft=saved["draft"])
         except (OSError, ValueError, KeyError, TypeError):
             pass  # unreadable (a write cut short, an older format): measure again
-    costs = measure_costs(target, drafter_proposer(drafter, target))
+    costs = measure_costs(target, drafter)
     _write(path, dataclasses.asdict(costs) | {"device": _device(), "mlx": mx.__version__})
     return costs
 
@@ -86,31 +87,33 @@ def _write(path: Path, data: dict) -> None:
     scratch.replace(path)  # atomic: a concurrent reader sees the old file or the whole new one
 
 
-def measure_costs(target: Target, propose: Proposer, repeats: int = REPEATS) -> Costs:
+def measure_costs(target: Target, drafter: Drafter, repeats: int = REPEATS, batch: int = 1) -> Costs:
     """Time plain steps and rounds of every k by the loop's own clock, the one `Auto` learns
-    from: the loop runs each fixed k on a scratch cache and reports its rounds' times. Timed
-    apart (METHOD 4: streams of verifies, and of drafter steps), a round left out whatever the
-    loop adds to it (its acceptance ops, the drafter waiting on the verify before it, a verify
-    at a device-side position; which costs what is not profiled): on MLX CUDA a 26B-A4B round
-    of 2-6 rows read 1.0-1.27 plain tokens so timed, 1.2-1.5 by the loop's clock. Every k is timed once per repeat, round-robin, so a
-    drift of the device lands on all alike. A drafter step is timed on its own (a stream of
-    proposals): `Auto` needs it apart from the verify. `repeats`: passes over every k (the
-    benchmark takes more for its ideal than a first generation can wait for)."""
-    prompt = mx.arange(CONTEXT, dtype=mx.int32)[None] % target.args.vocab_size
-    draft = _drafter_step(target, propose, prompt)
+    from: the engine runs each fixed k on `batch` scratch rows and reports its rounds' times.
+    Every k is timed once per repeat, round-robin, so a drift of the device lands on all
+    alike. A drafter step is timed on its own (a stream of proposals): `Auto` needs it apart
+    from the verify. `repeats`: passes over every k (the benchmark takes more for its ideal
+    than a first generation can wait for)."""
+    prompts = [_scratch_prompt(target, row) for row in range(batch)]
+    draft = _drafter_step(target, drafter, prompts)
     lengths = range(MAX_DRAFT + 1)
     for k in lengths:  # warm-up: kernels, compiled graphs, buffers
-        _loop_times(target, propose, prompt, k, 1)
+        _loop_times(target, drafter, prompts, k, 1)
     times: dict[int, list[float]] = {k: [] for k in lengths}
     for _ in range(repeats):
         for k in lengths:
-            times[k] += _loop_times(target, propose, prompt, k, ROUNDS)
+            times[k] += _loop_times(target, drafter, prompts, k, ROUNDS)
     per_round = [statistics.median(times[k]) for k in lengths]
     plain = per_round[0]
-    # What a round takes less its drafter steps; at least a plain token's forward (less is
-    # noise: a verify of k + 1 tokens does a plain step's work and more).
+    # What a round takes less its drafter steps; at least a plain step's forward (less is
+    # noise: a verify of k + 1 tokens per row does a plain step's work and more).
     verify = tuple(max(seconds - k * draft, plain) for k, seconds in enumerate(per_round))
     return Costs(plain=plain, verify=verify, draft=draft)
+
+
+def _scratch_prompt(target: Target, row: int) -> list[int]:
+    """CONTEXT distinct ids per row (a MoE routes distinct tokens apart)."""
+    return [(7 * row + 13 * i + 5) % target.args.vocab_size for i in range(CONTEXT)]
 
 
 @dataclass
@@ -119,35 +122,40 @@ class _Clocked(Fixed):
 
     seconds: list[float] = field(default_factory=list)
 
-    def observe_time(self, k: int, seconds: float) -> None:
+    def observe_time(self, k: int, batch: int, seconds: float) -> None:
         if k == self.k:  # (near max_tokens a round drafts fewer)
             self.seconds.append(seconds)
 
 
-def _loop_times(target: Target, propose: Proposer, prompt: mx.array, k: int, rounds: int) -> list[float]:
-    """The loop's timings of its first `rounds` timed rounds of k drafts (k = 0: plain steps)
-    in one generation from `prompt` on a fresh cache."""
+def _loop_times(target: Target, drafter: Drafter, prompts: list[list[int]], k: int, rounds: int) -> list[float]:
+    """The engine's timings of its first `rounds` timed rounds of k drafts (k = 0: plain
+    steps) for a batch of `prompts` on fresh caches."""
     policy = _Clocked(k)
-    cache = target.make_cache(room=MAX_DRAFT + 1)
-    tokens = speculative_tokens(target, prompt, cache, propose, policy, MAX_TOKENS, DraftStats())
-    for _ in tokens:
-        if len(policy.seconds) >= rounds:
-            break
-    tokens.close()
+    engine = Engine(target, drafter, num_draft_tokens=policy, max_batch=len(prompts))
+    limit = target.args.max_position_embeddings - CONTEXT
+    for prompt in prompts:
+        engine.add(Request(prompt=prompt, max_tokens=limit, stop_ids=frozenset()))
+    while engine.busy and len(policy.seconds) < rounds:
+        engine.step()
+    engine.close()
     return policy.seconds[:rounds]
 
 
-def _drafter_step(target: Target, propose: Proposer, prompt: mx.array) -> float:
+def _drafter_step(target: Target, drafter: Drafter, prompts: list[list[int]]) -> float:
     """Seconds per drafter step: (a k = DRAFT_SPAN + 1 proposal - a k = 1 one) / DRAFT_SPAN,
-    each in a stream of proposals."""
-    cache = target.make_cache(room=MAX_DRAFT + 1)
-    hidden = prefill(target, prompt, cache)
-    mx.eval(hidden, [c.state for c in cache])
-    token = (prompt[:, -1:] + 1) % target.args.vocab_size
+    each in a stream of proposals, for a batch of `prompts`."""
+    parts = []
+    for i, prompt in enumerate(prompts):
+        cache = target.make_cache()
+        hidden = prefill(target, prompt, cache)
+        token = mx.array([[(prompt[-1] + 1) % target.args.vocab_size]], dtype=mx.int32)
+        parts.append(Rows([i], cache, token, hidden, [GREEDY], mx.zeros((1, 2), mx.uint32), [None]))
+    rows = Rows.join(parts)
+    mx.eval(rows.hidden, rows.cache.state)
+    propose = drafter_proposer(drafter, target)
 
     def draft(k: int) -> list[mx.array]:
-        request = DraftRequest(token=token, hidden=hidden, position=CONTEXT, generated=0, k=k)
-        return [propose(request, cache).tokens]
+        return [propose(rows, k).tokens]
 
     for k in (1, DRAFT_SPAN + 1):  # warm-up
         mx.eval(draft(k))
@@ -161,8 +169,7 @@ def _stream_time(fn, arg) -> float:
     """Seconds per call of `fn(arg)` (which returns arrays to evaluate) in a stream of them:
     the time of STREAM calls queued back to back less that of SHORT_STREAM, per extra call, so
     what a stream pays once (the first graph built with the device idle, the final wait) is
-    left out as the loop, always a stream, leaves it out (timed whole, 8 drafting calls cost
-    1.1x their share of the loop on MLX CUDA: bias, not drift)."""
+    left out as the loop, always a stream, leaves it out."""
     times = []
     for calls in (SHORT_STREAM, STREAM):
         start = time.perf_counter()

@@ -63,14 +63,17 @@ class Fixed:
         if not 0 <= self.k <= MAX_DRAFT:
             raise ValueError(f"a fixed draft length must be in 0..{MAX_DRAFT}, got {self.k}")
 
-    def choose(self, limit: int) -> int:
+    def choose(self, limit: int, rows=()) -> int:
         return min(self.k, limit)
 
-    def observe(self, k: int, accepted: int) -> None:
+    def observe(self, k: int, accepted) -> None:
         """A fixed k ignores acceptance."""
 
-    def observe_time(self, k: int, seconds: float) -> None:
+    def observe_time(self, k: int, batch: int, seconds: float) -> None:
         """... and timing."""
+
+    def forget(self, row: int) -> None:
+        """... and rows."""
 
 
 @dataclass
@@ -83,14 +86,18 @@ class Heuristic:
     low: int = 1
     high: int = MAX_DRAFT
 
-    def choose(self, limit: int) -> int:
+    def choose(self, limit: int, rows=()) -> int:
         return min(self.k, limit)
 
-    def observe(self, k: int, accepted: int) -> None:
-        self.k = min(self.k + 2, self.high) if accepted == k else max(self.k - 1, self.low)
+    def observe(self, k: int, accepted) -> None:
+        fully = all(m == k for m in accepted.values())
+        self.k = min(self.k + 2, self.high) if fully else max(self.k - 1, self.low)
 
-    def observe_time(self, k: int, seconds: float) -> None:
+    def observe_time(self, k: int, batch: int, seconds: float) -> None:
         """The schedule follows acceptance only, as transformers' does."""
+
+    def forget(self, row: int) -> None:
+        """One schedule for the batch."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -219,7 +226,10 @@ class Auto:
         # a round cheaper would have auto draft with a useless drafter).
         return max(seconds, self.cost(0) + k * self.costs.draft)
 
-    def choose(self, limit: int) -> int:
+    def forget(self, row: int) -> None:
+        """(B = 1 only until the batch-aware policy lands.)"""
+
+    def choose(self, limit: int, rows=()) -> int:
         limit = min(limit, MAX_DRAFT)
         if limit <= 0 or self.awaiting_first:
             return 0
@@ -246,7 +256,11 @@ class Auto:
         self.awaiting_first = not any(self.tries)  # no round observed yet
         return best
 
-    def observe(self, k: int, accepted: int) -> None:
+    def observe(self, k: int, accepted) -> None:
+        for m in accepted.values():
+            self._observe(k, m)
+
+    def _observe(self, k: int, accepted: int) -> None:
         self.awaiting_first = False
         self.rounds_seen += 1
         self.kept_rounds += accepted > 0
@@ -258,7 +272,7 @@ class Auto:
         for j in range(accepted):
             self.hits[j] += 1
 
-    def observe_time(self, k: int, seconds: float) -> None:
+    def observe_time(self, k: int, batch: int, seconds: float) -> None:
         if k not in self.timings and k not in self.compiled and seconds > OUTLIER * self.cost(k):
             self.compiled.add(k)  # the first round of this length compiling kernels for its shapes
             return

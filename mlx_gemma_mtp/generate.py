@@ -1,23 +1,33 @@
-"""Text in, text out: `stream_generate` wraps the token generators into responses."""
+"""Text in, text out: `generate`, `stream_generate` and `batch_generate` over the engine.
+
+The public functions take mlx-lm's keywords (`max_tokens`, `draft_model`, `temperature`,
+`top_p`, ...), build one checked `Sampling` at the boundary and hand it inward. Every call
+is a run of the batched engine (`engine.py`); a single prompt is a batch of one.
+"""
 
 from __future__ import annotations
 
+import sys
 import time
-from dataclasses import dataclass, field
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 import mlx.core as mx
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .cache import CacheRewindError
 from .costs import load_costs
 from .draft_length import MAX_DRAFT, Auto, DraftLength, Heuristic
 from .drafter import Drafter
-from .sample import LogitsProcessor, make_sampling, random_key
-from .speculative import DraftStats, drafter_proposer, plain_tokens, rewind, speculative_tokens
+from .engine import Engine, Event, PromptCache, Request, check_request
+from .sample import SEED_LIMIT, Sampling, make_sampling
 from .target import Target
 
 DRAFT_SCHEDULES = ("auto", "heuristic")
+# What `make_sampling` takes: the sampling keywords every public function passes on.
+SAMPLING_KEYWORDS = (
+    "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "repetition_context_size",
+    "logits_processors", "seed",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,82 +48,64 @@ class Response:
     # Drafting so far (the last response has the generation's totals):
     acceptance_rate: float  # accepted / drafted (0.0 before any draft)
     mean_accepted: float  # drafts accepted per drafting round
-    draft_lengths: tuple[int, ...]  # rounds per drafted length k = 0..MAX_DRAFT (k = 0: a plain token)
-
-
-@dataclass
-class PromptCache:
-    """A conversation's target cache and the token ids whose K/V it holds, for reuse across
-    calls: a prompt that extends `tokens` only prefills what is new."""
-
-    cache: list
-    tokens: list[int] = field(default_factory=list)
+    draft_lengths: tuple[int, ...]  # rounds per drafted length k = 0..MAX_DRAFT (k = 0: a plain step)
 
 
 def make_prompt_cache(model: Target) -> PromptCache:
-    return PromptCache(cache=model.make_cache(room=MAX_DRAFT + 1))
+    """An empty conversation cache for `prompt_cache=`: each call continues from what it holds."""
+    return PromptCache()
 
 
-def _reuse(model: Target, prompt_cache: PromptCache, prompt_ids: list[int]) -> list[int]:
-    """Rewind `prompt_cache` to its longest prefix shared with the prompt; the ids still to run."""
-    held = prompt_cache.tokens
-    common = 0
-    limit = min(len(held), len(prompt_ids) - 1)  # at least one token must run to get logits
-    while common < limit and held[common] == prompt_ids[common]:
-        common += 1
-    try:
-        rewind(prompt_cache.cache, len(held) - common)
-    except CacheRewindError:  # the sliding window no longer holds that far back: start afresh
-        prompt_cache.cache = model.make_cache(room=MAX_DRAFT + 1)
-        common = 0
-    prompt_cache.tokens = held[:common]
-    return prompt_ids[common:]
-
-
-def _recorded(tokens: Iterator[tuple[int, bool]], prompt_cache: PromptCache, prompt_ids: list[int]):
-    """Pass tokens through; on close, record which ids the settled cache holds."""
-    generated = []
-    try:
-        for item in tokens:
-            generated.append(item[0])
-            yield item
-    finally:
-        tokens.close()
-        held = prompt_cache.cache[0].offset
-        prompt_cache.tokens = (prompt_cache.tokens + prompt_ids + generated)[:held]
-
-
-def encode_prompt(tokenizer: TokenizerWrapper, prompt: str | list[int]) -> list[int]:
-    if len(prompt) == 0:
-        raise ValueError("prompt is empty: nothing to continue from")
+def encode_prompt(tokenizer: TokenizerWrapper, prompt: str | Sequence[int]) -> list[int]:
+    """A prompt's token ids (a string is encoded, with BOS unless it starts with one)."""
     if isinstance(prompt, str):
+        if not prompt:
+            raise ValueError("prompt is empty: nothing to continue from")
         bos = tokenizer.bos_token
-        add_special = bos is None or not prompt.startswith(bos)
-        ids = tokenizer.encode(prompt, add_special_tokens=add_special)
-    else:
-        ids = list(prompt)
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-            raise TypeError("prompt must be a str or a list of int token ids")
-    return ids
+        return tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
+    if not isinstance(prompt, Sequence):
+        raise TypeError(f"prompt must be a str or a list of int token ids, got {type(prompt).__name__}")
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        raise TypeError("prompt must be a str or a list of int token ids")
+    return list(prompt)
 
 
-def _check_arguments(model: Target, prompt_ids: list[int], max_tokens, num_draft_tokens) -> None:
-    if not isinstance(max_tokens, int) or max_tokens <= 0:
-        raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+def stop_ids(model: Target, tokenizer: TokenizerWrapper) -> frozenset[int]:
+    """Every id that ends a generation: the checkpoint's and the tokenizer's."""
+    return frozenset(model.config.stop_ids) | frozenset(tokenizer.eos_token_ids)
+
+
+def sampling_from(caller: str, options: dict) -> Sampling:
+    """The one `Sampling` of a call's sampling keywords (ValueError naming a bad value)."""
+    unknown = sorted(set(options) - set(SAMPLING_KEYWORDS))
+    if unknown:
+        raise TypeError(f"{caller}() got unexpected keyword arguments {unknown} (sampling takes {SAMPLING_KEYWORDS})")
+    return make_sampling(**options)
+
+
+def check_draft_length(num_draft_tokens) -> None:
     fixed = isinstance(num_draft_tokens, int) and not isinstance(num_draft_tokens, bool)
     if not (fixed and 0 <= num_draft_tokens <= MAX_DRAFT or num_draft_tokens in DRAFT_SCHEDULES):
         raise ValueError(
-            f"num_draft_tokens must be an int in 0..{MAX_DRAFT}, 'heuristic' or 'auto', "
-            f"got {num_draft_tokens!r}"
+            f"num_draft_tokens must be an int in 0..{MAX_DRAFT}, 'heuristic' or 'auto', got {num_draft_tokens!r}"
         )
-    vocab = model.args.vocab_size
-    bad = [t for t in prompt_ids if not 0 <= t < vocab]
-    if bad:
-        raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
 
 
-def draft_length(num_draft_tokens: int | str, model: Target, draft_model: Drafter) -> int | DraftLength:
-    """The policy behind `num_draft_tokens` ("auto" reads or measures this device's costs)."""
+def check_arguments(caller: str, max_tokens, options: dict) -> None:
+    """What `stream_generate` checks at the call, for a caller that calls it later
+    (`ChatSession`): max_tokens, num_draft_tokens and the sampling keywords."""
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens <= 0:
+        raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+    options = dict(options)
+    check_draft_length(options.pop("num_draft_tokens", "auto"))
+    sampling_from(caller, options)
+
+
+def draft_length(num_draft_tokens: int | str, model: Target, draft_model: Drafter | None) -> int | DraftLength:
+    """The policy behind `num_draft_tokens` ("auto" reads this device's costs, measuring them
+    first if they were never measured: see `costs.load_costs`)."""
+    if draft_model is None:
+        return 0
     if num_draft_tokens == "auto":
         return Auto(load_costs(model, draft_model))
     if num_draft_tokens == "heuristic":
@@ -121,155 +113,281 @@ def draft_length(num_draft_tokens: int | str, model: Target, draft_model: Drafte
     return num_draft_tokens
 
 
+# ---------------------------------------------------------------------------------------------
+# One prompt
+
+
 def stream_generate(
     model: Target,
     tokenizer: TokenizerWrapper,
-    prompt: str | list[int],
-    draft_model: Drafter | None = None,
+    prompt: str | Sequence[int],
     max_tokens: int = 256,
-    num_draft_tokens: int | str = "auto",
     *,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
-    repetition_penalty: float | None = None,
-    repetition_context_size: int = 20,
-    logits_processors: list[LogitsProcessor] | None = None,
-    seed: int | None = None,
+    draft_model: Drafter | None = None,
+    num_draft_tokens: int | str = "auto",
     prompt_cache: PromptCache | None = None,
+    **sampling,
 ) -> Iterator[Response]:
-    """Generate from `model`, speculatively when `draft_model` is given.
+    """Generate from `model`, speculatively when `draft_model` is given: one `Response` per token.
 
-    Greedy (temperature 0, the default) output is token-for-token what the target alone would
-    produce; sampled output is distributed exactly as the target's own sampling (speculative
-    sampling), reproducibly for a given `seed` and draft-length schedule. temperature, top_p,
-    top_k, min_p, repetition_penalty, repetition_context_size and logits_processors mean what
-    they mean in mlx-lm's `make_sampler` / `make_logits_processors` (processors run on the
-    logits: the repetition penalty first, then `logits_processors`).
+    Greedy (temperature 0, the default) output is token for token what the target alone would
+    produce; sampled output is distributed exactly as the target's own sampling, reproducibly
+    for a given `seed` and draft-length schedule. Sampling keywords, as mlx-lm's
+    `make_sampler` / `make_logits_processors` mean them: temperature, top_p, top_k, min_p,
+    repetition_penalty, repetition_context_size, logits_processors (run on the logits, the
+    repetition penalty first), seed (0..2**64-1; None: drawn from MLX's global generator).
 
     num_draft_tokens: an int 0..16 (fixed; 0 decodes plainly), "heuristic" (+2 after a fully
     accepted round, -1 otherwise) or "auto" (the k that maximises expected tokens per second,
-    from costs measured once per device and acceptance tracked as it goes; k = 0 when drafting
-    does not pay). Each response carries the drafting statistics so far.
+    from costs measured once per device — `mlx-gemma-mtp calibrate` — and acceptance tracked
+    as it goes; k = 0 when drafting does not pay).
 
     Generation stops after a stop id of the checkpoint (yielded with text "" and finish_reason
     "stop"), after `max_tokens`, or when the caller stops iterating. Bad arguments raise here,
-    at the call. With `prompt_cache` (from `make_prompt_cache`) only the part of the prompt that
-    the cache does not already hold is prefilled, and the cache is kept for the next call.
+    at the call. With `prompt_cache` (`make_prompt_cache`) only what the cache does not already
+    hold is prefilled, and the cache is left holding the conversation for the next call.
     """
-    prompt_ids = encode_prompt(tokenizer, prompt)
-    _check_arguments(model, prompt_ids, max_tokens, num_draft_tokens)
-    sampling = make_sampling(
-        temperature, top_p, top_k, min_p, repetition_penalty, repetition_context_size, logits_processors
+    ids = encode_prompt(tokenizer, prompt)
+    settings = sampling_from("stream_generate", sampling)
+    check_draft_length(num_draft_tokens)
+    request = Request(
+        prompt=ids, max_tokens=max_tokens, sampling=settings, stop_ids=stop_ids(model, tokenizer), cache=prompt_cache
     )
-    key = None if sampling.greedy else random_key(seed)
-    prompt_cache = make_prompt_cache(model) if prompt_cache is None else prompt_cache
-    new_ids = _reuse(model, prompt_cache, prompt_ids)
+    check_request(model, request)
     if num_draft_tokens == 0:
         draft_model = None
-    return _responses(
-        model, tokenizer, draft_model, num_draft_tokens, prompt_cache, prompt_ids, new_ids, max_tokens,
-        sampling, key,
-    )  # fmt: skip
+    return _responses(model, tokenizer, draft_model, num_draft_tokens, request)
 
 
-def _responses(
-    model, tokenizer, draft_model, num_draft_tokens, prompt_cache, prompt_ids, new_ids, max_tokens,
-    sampling, key,
-):  # fmt: skip
-    """stream_generate's work, from its first iteration on ("auto" measures this device's costs
-    at first use, before the clock of the first response starts)."""
-    prompt = mx.array([new_ids], dtype=mx.int32)
-    context = prompt_ids[: len(prompt_ids) - len(new_ids)]  # already in the cache
-    cache = prompt_cache.cache
-    stats = DraftStats()
-    if draft_model is None:
-        tokens = plain_tokens(model, prompt, cache, sampling=sampling, key=key, context=context, stats=stats)
-    else:
-        policy = draft_length(num_draft_tokens, model, draft_model)
-        propose = drafter_proposer(draft_model, model)
-        tokens = speculative_tokens(
-            model, prompt, cache, propose, policy, max_tokens, stats,
-            sampling=sampling, key=key, context=context,
-        )  # fmt: skip
-    tokens = _recorded(tokens, prompt_cache, new_ids)
-    stop_ids = set(tokenizer.eos_token_ids) | set(model.config.stop_ids)
-    yield from stream_tokens(tokens, tokenizer, stop_ids, len(new_ids), max_tokens, stats)
-
-
-def stream_tokens(
-    tokens: Iterator[tuple[int, bool]],
-    tokenizer: TokenizerWrapper,
-    stop_ids: set[int],
-    prompt_tokens: int,
-    max_tokens: int,
-    stats: DraftStats,
-) -> Iterator[Response]:
-    """Responses from a token generator (`speculative.py`), stopping at a stop id or after
-    `max_tokens`; closing the token generator settles its cache."""
+def _responses(model, tokenizer, draft_model, num_draft_tokens, request: Request) -> Iterator[Response]:
+    """stream_generate's work, from its first iteration on ("auto" may measure this device's
+    costs first, before the clock of the first response starts)."""
+    policy = draft_length(num_draft_tokens, model, draft_model)
+    engine = Engine(model, draft_model, num_draft_tokens=policy, max_batch=1)
+    rid = engine.add(request)
     detokenizer = tokenizer.detokenizer
-    detokenizer.reset()
     mx.reset_peak_memory()
     start = time.perf_counter()
-    prompt_tps = generation_start = 0.0
+    first_at, yielded = None, 0
     try:
-        for n, (token, from_draft) in enumerate(tokens, start=1):
-            now = time.perf_counter()
-            if n == 1:
-                prompt_tps = prompt_tokens / (now - start)
-                generation_start = now
-            finish = "stop" if token in stop_ids else "length" if n == max_tokens else None
-            if token not in stop_ids:
-                detokenizer.add_token(token)
-            if finish:
-                detokenizer.finalize()
-            elapsed = now - generation_start
-            yield Response(
-                text=detokenizer.last_segment,
-                token=token,
-                from_draft=from_draft,
-                prompt_tokens=prompt_tokens,
-                generation_tokens=n,
-                drafted=stats.drafted,
-                accepted=stats.accepted,
-                prompt_tps=prompt_tps,
-                generation_tps=(n - 1) / elapsed if elapsed > 0 else 0.0,
-                peak_memory=mx.get_peak_memory() / 1e9,
-                finish_reason=finish,
-                acceptance_rate=stats.acceptance_rate,
-                mean_accepted=stats.mean_accepted,
-                draft_lengths=tuple(stats.k_histogram),
-            )
-            if finish:
-                break
+        for event in _events(engine):
+            first_at = first_at or time.perf_counter()
+            for response in _token_responses(event, detokenizer, start, first_at):
+                yielded += 1  # counted before the yield: a stop there has received it
+                yield response
     finally:
-        tokens.close()  # settles the cache now, not at garbage collection
+        engine.cancel(rid, keep=yielded)
+        engine.close()  # the prompt cache holds what was yielded, now, not at garbage collection
+
+
+def _events(engine: Engine) -> Iterator[Event]:
+    while engine.busy:
+        yield from engine.step()
+
+
+def _token_responses(event: Event, detokenizer, start: float, first_at: float) -> Iterator[Response]:
+    usage = event.usage
+    prompt = usage.prompt_tokens - usage.cached_tokens
+    n = usage.generation_tokens - len(event.tokens)
+    for i, (token, from_draft) in enumerate(zip(event.tokens, event.from_draft)):
+        n += 1
+        last = i == len(event.tokens) - 1
+        finish = event.finish_reason if last else None
+        if not (finish == "stop"):
+            detokenizer.add_token(token)
+        if finish:
+            detokenizer.finalize()
+        now = time.perf_counter()
+        yield Response(
+            text=detokenizer.last_segment,
+            token=token,
+            from_draft=from_draft,
+            prompt_tokens=prompt,
+            generation_tokens=n,
+            drafted=usage.drafted,
+            accepted=usage.accepted,
+            prompt_tps=prompt / max(first_at - start, 1e-9),
+            generation_tps=(n - 1) / (now - first_at) if now > first_at else 0.0,
+            peak_memory=mx.get_peak_memory() / 1e9,
+            finish_reason=finish,
+            acceptance_rate=usage.accepted / usage.drafted if usage.drafted else 0.0,
+            mean_accepted=usage.accepted / usage.rounds if usage.rounds else 0.0,
+            draft_lengths=usage.draft_lengths,
+        )
 
 
 def generate(
     model: Target,
     tokenizer: TokenizerWrapper,
-    prompt: str | list[int],
-    draft_model: Drafter | None = None,
+    prompt: str | Sequence[int],
     max_tokens: int = 256,
-    num_draft_tokens: int | str = "auto",
     *,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
-    repetition_penalty: float | None = None,
-    repetition_context_size: int = 20,
-    logits_processors: list[LogitsProcessor] | None = None,
-    seed: int | None = None,
-    prompt_cache: PromptCache | None = None,
+    verbose: bool = False,
+    **kwargs,
 ) -> str:
-    """The generated text (stop ids excluded); arguments as `stream_generate`."""
-    responses = stream_generate(
-        model, tokenizer, prompt, draft_model, max_tokens, num_draft_tokens,
-        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-        repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size,
-        logits_processors=logits_processors, seed=seed, prompt_cache=prompt_cache,
+    """The generated text (stop ids excluded); arguments as `stream_generate`. verbose: print
+    the text as it comes and a statistics line at the end, as mlx-lm's `generate` does."""
+    text, last = [], None
+    for last in stream_generate(model, tokenizer, prompt, max_tokens, **kwargs):
+        text.append(last.text)
+        if verbose:
+            print(last.text, end="", flush=True)
+    if verbose and last is not None:
+        from .chat import stats_line  # chat imports this module
+
+        print("\n" + "=" * 10 + "\n" + stats_line(last), file=sys.stdout, flush=True)
+    return "".join(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Many prompts
+
+
+@dataclass(frozen=True, kw_only=True)
+class RowStats:
+    """One prompt's (or the batch's) generation statistics."""
+
+    prompt_tokens: int
+    generation_tokens: int
+    drafted: int
+    accepted: int
+    rounds: int
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        return self.accepted / self.rounds if self.rounds else 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchChunk:
+    """New output of one prompt (`index`, in prompt order), from `stream_batch_generate`."""
+
+    index: int
+    text: str
+    tokens: tuple[int, ...]
+    from_draft: tuple[bool, ...]
+    finish_reason: str | None
+    stats: RowStats
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchResponse:
+    """`batch_generate`'s result, every list in prompt order."""
+
+    texts: list[str]
+    tokens: list[list[int]]  # a final stop id included, as stream_generate yields it
+    finish_reasons: list[str]
+    stats: list[RowStats]
+    total: RowStats
+    generation_tps: float  # generated tokens (all rows) per second
+    peak_memory: float  # GB
+
+
+def stream_batch_generate(
+    model: Target,
+    tokenizer: TokenizerWrapper,
+    prompts: Sequence[str | Sequence[int]],
+    draft_model: Drafter | None = None,
+    *,
+    max_tokens: int | Sequence[int] = 256,
+    num_draft_tokens: int | str = "auto",
+    max_batch: int | None = None,
+    **sampling,
+) -> Iterator[BatchChunk]:
+    """Generate from every prompt at once (one batch, `max_batch` rows at a time, default all):
+    each prompt's output as it comes, one `BatchChunk` per prompt and round. Every row is what
+    its prompt gives alone (greedy: token for token; sampled: in distribution). Keywords as
+    `stream_generate`'s; `max_tokens` may be one per prompt; `seed` may be one per prompt (an
+    int gives prompt i the seed `seed + i`). Bad input raises here, naming the prompt."""
+    requests = _batch_requests(model, tokenizer, prompts, max_tokens, sampling)
+    check_draft_length(num_draft_tokens)
+    if num_draft_tokens == 0:
+        draft_model = None
+    if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
+        raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
+    return _batch_chunks(model, tokenizer, draft_model, num_draft_tokens, requests, max_batch or len(requests))
+
+
+def _batch_requests(model, tokenizer, prompts, max_tokens, sampling: dict) -> list[Request]:
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError("prompts must be a non-empty list of prompts (strings or token-id lists)")
+    n = len(prompts)
+    limits = [max_tokens] * n if isinstance(max_tokens, int) else list(max_tokens)
+    seed = sampling.pop("seed", None)
+    if seed is None or isinstance(seed, (int, float, str)):
+        make_sampling(seed=seed)  # a bad one is named before prompts derive theirs from it
+        seeds = [seed] * n if seed is None else [(seed + i) % SEED_LIMIT for i in range(n)]
+    else:
+        seeds = list(seed)
+    if len(limits) != n or len(seeds) != n:
+        raise ValueError(f"max_tokens and seed must be one value or one per prompt ({n} prompts)")
+    requests = []
+    for i, (prompt, limit, row_seed) in enumerate(zip(prompts, limits, seeds)):
+        try:
+            settings = sampling_from("batch_generate", dict(sampling, seed=row_seed))
+            ids = encode_prompt(tokenizer, prompt)
+            request = Request(prompt=ids, max_tokens=limit, sampling=settings, stop_ids=stop_ids(model, tokenizer))
+            check_request(model, request)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"prompt {i}: {e}") from None
+        requests.append(request)
+    return requests
+
+
+def _batch_chunks(model, tokenizer, draft_model, num_draft_tokens, requests, max_batch) -> Iterator[BatchChunk]:
+    policy = draft_length(num_draft_tokens, model, draft_model)
+    engine = Engine(model, draft_model, num_draft_tokens=policy, max_batch=max_batch)
+    index = {engine.add(request): i for i, request in enumerate(requests)}
+    detokenizers = {rid: tokenizer.detokenizer for rid in index}
+    try:
+        for event in _events(engine):
+            detokenizer = detokenizers[event.rid]
+            tokens = event.tokens[:-1] if event.finish_reason == "stop" else event.tokens
+            for token in tokens:
+                detokenizer.add_token(token)
+            if event.finish_reason:
+                detokenizer.finalize()
+            yield BatchChunk(
+                index=index[event.rid], text=detokenizer.last_segment if tokens or event.finish_reason else "",
+                tokens=event.tokens, from_draft=event.from_draft, finish_reason=event.finish_reason,
+                stats=_row_stats(event),
+            )  # fmt: skip
+    finally:
+        engine.close()
+
+
+def _row_stats(event: Event) -> RowStats:
+    u = event.usage
+    return RowStats(
+        prompt_tokens=u.prompt_tokens, generation_tokens=u.generation_tokens, drafted=u.drafted,
+        accepted=u.accepted, rounds=u.rounds,
     )  # fmt: skip
-    return "".join(r.text for r in responses)
+
+
+def batch_generate(
+    model: Target,
+    tokenizer: TokenizerWrapper,
+    prompts: Sequence[str | Sequence[int]],
+    draft_model: Drafter | None = None,
+    **kwargs,
+) -> BatchResponse:
+    """Generate from every prompt at once; arguments as `stream_batch_generate`."""
+    chunks = stream_batch_generate(model, tokenizer, prompts, draft_model, **kwargs)
+    n = len(prompts)
+    texts, tokens, finish, stats = [[] for _ in range(n)], [[] for _ in range(n)], [None] * n, [None] * n
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    for chunk in chunks:
+        texts[chunk.index].append(chunk.text)
+        tokens[chunk.index] += chunk.tokens
+        finish[chunk.index], stats[chunk.index] = chunk.finish_reason, chunk.stats
+    elapsed = time.perf_counter() - start
+    total = RowStats(**{f: sum(getattr(s, f) for s in stats) for f in RowStats.__dataclass_fields__})
+    return BatchResponse(
+        texts=["".join(t) for t in texts], tokens=tokens, finish_reasons=finish, stats=stats, total=total,
+        generation_tps=total.generation_tokens / elapsed, peak_memory=mx.get_peak_memory() / 1e9,
+    )  # fmt: skip

@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.gemma4_text import Gemma4TextModel, logit_softcap
 
-from .cache import FullCache, SlidingCache
+from .cache import Cache
 from .config import TargetConfig
 
 # Checkpoint prefixes of what the text runtime never reads (multimodal towers and embedders).
@@ -49,15 +49,9 @@ class Target(nn.Module):
     def args(self):
         return self.config.text
 
-    def make_cache(self, room: int) -> list[FullCache | SlidingCache]:
-        """One cache per layer that computes K/V; sliding ones keep `room` extra positions
-        so that a rewind of up to `room` is exact."""
-        return [
-            FullCache()
-            if self.args.layer_types[i] == "full_attention"
-            else SlidingCache(self.args.sliding_window, room)
-            for i in range(self.first_shared)
-        ]
+    def make_cache(self) -> Cache:
+        """An empty cache for one sequence (rows join with `Cache.join`)."""
+        return Cache(list(self.args.layer_types[: self.first_shared]), self.args.sliding_window)
 
     def embed(self, tokens: mx.array) -> mx.array:
         """Scaled input embedding, as the first layer and the drafter see it."""
@@ -65,8 +59,9 @@ class Target(nn.Module):
         # transformers (bf16 sqrt(1536) -> 39.25, modeling_gemma4.py Gemma4TextScaledWordEmbedding).
         return self.model.embed_tokens(tokens) * self.model.embed_scale
 
-    def __call__(self, tokens: mx.array, cache: list) -> mx.array:
-        """Hidden states after the final norm, [B, L, hidden]; appends L positions to `cache`."""
+    def __call__(self, tokens: mx.array, cache: Cache) -> mx.array:
+        """Hidden states after the final norm, [B, L, hidden]; appends L positions to each row
+        of `cache`, at each row's own position."""
         m = self.model
         h = self.embed(tokens)
         per_layer_inputs = [None] * len(m.layers)
@@ -75,9 +70,7 @@ class Target(nn.Module):
             per_layer_inputs = [ple[:, :, i, :] for i in range(len(m.layers))]
 
         L = tokens.shape[1]
-        masks = {}
-        for layer_type, producer in self.kv_producers.items():
-            masks[layer_type] = cache[producer].mask(L, h.dtype)
+        masks = cache.begin(L, h.dtype)
 
         shared = [None] * len(m.layers)  # (keys, values) each layer computed
         offsets = [None] * len(m.layers)
@@ -86,11 +79,12 @@ class Target(nn.Module):
             h, shared[i], offsets[i] = layer(
                 h,
                 masks[layer.layer_type],
-                cache[i] if i < self.first_shared else None,
+                cache.layers[i] if i < self.first_shared else None,
                 per_layer_input=per_layer_inputs[i],
                 shared_kv=shared[source] if source != i else None,
                 offset=offsets[source] if source != i else None,
             )
+        cache.advance(L)
         return m.norm(h)
 
     def logits(self, hidden: mx.array) -> mx.array:

@@ -37,13 +37,13 @@ def test_stream_generate_responses(e2b):
     assert plain[-1].drafted == 0 and not any(r.from_draft for r in plain)
     # A token-id prompt gives the same as its text.
     ids = tokenizer.encode(prompt)
-    assert [r.token for r in stream_generate(model, tokenizer, ids, drafter, max_tokens=24)] == [r.token for r in spec]
+    assert [r.token for r in stream_generate(model, tokenizer, ids, draft_model=drafter, max_tokens=24)] == [r.token for r in spec]
 
 
 def test_stops_at_every_stop_id(e2b, checkpoints):
     model, tokenizer, drafter = e2b
     assert set(model.config.stop_ids) == {1, 106}  # from config.json and generation_config.json
-    out = list(stream_generate(model, tokenizer, [2, 5, 9, 13], drafter, max_tokens=200))
+    out = list(stream_generate(model, tokenizer, [2, 5, 9, 13], draft_model=drafter, max_tokens=200))
     assert out[-1].finish_reason in ("stop", "length")
     if out[-1].finish_reason == "stop":
         assert out[-1].token in (1, 106) and out[-1].text == ""
@@ -53,16 +53,16 @@ def test_stops_at_every_stop_id(e2b, checkpoints):
 def test_bad_arguments(e2b):
     model, tokenizer, drafter = e2b
     with pytest.raises(ValueError, match="prompt is empty"):
-        stream_generate(model, tokenizer, [], drafter)
+        stream_generate(model, tokenizer, [], draft_model=drafter)
     with pytest.raises(ValueError, match="prompt is empty"):
-        generate(model, tokenizer, "", drafter)
+        generate(model, tokenizer, "", draft_model=drafter)
     for bad in (0, -3, 2.5):
         with pytest.raises(ValueError, match="max_tokens"):
-            stream_generate(model, tokenizer, "hi", drafter, max_tokens=bad)
+            stream_generate(model, tokenizer, "hi", draft_model=drafter, max_tokens=bad)
     with pytest.raises(ValueError, match="num_draft_tokens"):
-        stream_generate(model, tokenizer, "hi", drafter, num_draft_tokens=99)
+        stream_generate(model, tokenizer, "hi", draft_model=drafter, num_draft_tokens=99)
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        stream_generate(model, tokenizer, [5, 100000], drafter)
+        stream_generate(model, tokenizer, [5, 100000], draft_model=drafter)
 
 
 def _copy(src, tmp_path, name="model"):
@@ -136,12 +136,12 @@ def test_prompt_cache_prefills_only_the_new_turn(e2b):
     model, tokenizer, drafter = e2b
     cache = make_prompt_cache(model)
     first = [2, 7, 11, 13, 17, 19, 23] * 5
-    out1 = [r.token for r in stream_generate(model, tokenizer, first, drafter, max_tokens=12, prompt_cache=cache)]
+    out1 = [r.token for r in stream_generate(model, tokenizer, first, draft_model=drafter, max_tokens=12, prompt_cache=cache)]
     assert cache.tokens == first + out1[:-1]
     second = first + out1 + [29, 31, 37]
-    responses = list(stream_generate(model, tokenizer, second, drafter, max_tokens=12, prompt_cache=cache))
+    responses = list(stream_generate(model, tokenizer, second, draft_model=drafter, max_tokens=12, prompt_cache=cache))
     assert responses[0].prompt_tokens == 4  # the last answer token, not yet cached, and 3 new ones
-    fresh = [r.token for r in stream_generate(model, tokenizer, second, drafter, max_tokens=12)]
+    fresh = [r.token for r in stream_generate(model, tokenizer, second, draft_model=drafter, max_tokens=12)]
     assert [r.token for r in responses] == fresh
     # A prompt that diverges from the cache rewinds to the shared prefix.
     third = first[:20] + [41, 43]

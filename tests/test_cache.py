@@ -1,4 +1,4 @@
-"""Caches rewind exactly or raise, and hand the drafter views of their own buffers."""
+"""The batch cache: every row at its own position, rewinds exact or refused, the drafter's views."""
 
 from __future__ import annotations
 
@@ -6,172 +6,176 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_gemma_mtp.cache import STEP, CacheRewindError, FullCache, SlidingCache
+from mlx_gemma_mtp.cache import ROOM, STEP, Cache, CacheRewindError, ring_positions
 
-WINDOW, ROOM = 8, 4
+WINDOW = 8
+KINDS = ["sliding_attention", "full_attention"]
 
 
-def _kv(start: int, n: int) -> tuple[mx.array, mx.array]:
-    """Keys whose value is their absolute position: [1, 1, n, 2]."""
-    pos = mx.arange(start, start + n, dtype=mx.float32)
-    k = mx.broadcast_to(pos[None, None, :, None], (1, 1, n, 2))
+def _kv(starts: list[int], n: int) -> tuple[mx.array, mx.array]:
+    """Keys whose value is their row's absolute position: [B, 1, n, 2]."""
+    pos = mx.array(starts, dtype=mx.float32)[:, None] + mx.arange(n, dtype=mx.float32)
+    k = mx.broadcast_to(pos[:, None, :, None], (len(starts), 1, n, 2))
     return k, -k
 
 
-def _positions(keys: mx.array) -> list[int]:
-    return np.array(keys)[0, 0, :, 0].astype(int).tolist()
+def _forward(cache: Cache, n: int, starts: list[int]):
+    """What one forward of n tokens per row does to the cache: (masks, {kind: fetched keys})."""
+    masks = cache.begin(n, mx.float32)
+    fetched = {}
+    for kind, layer in zip(cache.kinds, cache.layers):
+        keys, values = layer.update_and_fetch(*_kv(starts, n))
+        assert np.array_equal(np.array(values), -np.array(keys))
+        fetched[kind] = keys
+    cache.advance(n)
+    return masks, fetched
 
 
-def _seen(view) -> list[int]:
-    """Positions of the keys a view's mask lets the drafter see (additive: 0 seen, -inf not)."""
-    keys, _, mask = view
-    return [p for p, m in zip(_positions(keys), np.array(mask)[0]) if m == 0]
+def _visible(keys: mx.array, mask, row: int, query: int) -> set[int]:
+    """Positions a query (index within the forward) of a row sees among the fetched keys."""
+    positions = np.array(keys)[row, 0, :, 0].astype(int)
+    if mask is None:
+        return set(positions.tolist())
+    seen = np.array(mask)[row, 0, query] == 0
+    return set(positions[seen].tolist())
+
+
+def _check_window(masks, fetched, starts: list[int], n: int) -> None:
+    for row, first in enumerate(starts):
+        for i, q in enumerate(range(first, first + n)):
+            seen = _visible(fetched["sliding_attention"], masks["sliding_attention"], row, i)
+            assert seen == set(range(max(q - WINDOW + 1, 0), q + 1)), (row, q, sorted(seen))
+            full_mask = masks["full_attention"]
+            if isinstance(full_mask, str) or full_mask is None:
+                keys = np.array(fetched["full_attention"])[row, 0, :, 0].astype(int)
+                assert keys.tolist() == list(range(first + n)) and (full_mask == "causal") == (n > 1)
+            else:
+                assert _visible(fetched["full_attention"], full_mask, row, i) == set(range(q + 1))
 
 
 @pytest.mark.parametrize("chunks", [[1] * 40, [5, 3, 12, 1, 1, 9, 30], [40]])
-def test_sliding_fetch_and_mask_match_the_window(chunks):
-    cache = SlidingCache(WINDOW, ROOM)
+def test_one_row_sees_exactly_its_window(chunks):
+    cache = Cache(KINDS, WINDOW)
+    at = 0
     for n in chunks:
-        first = cache.offset
-        mask = cache.mask(n, mx.float32)
-        keys, values = cache.update_and_fetch(*_kv(first, n))
-        got = _positions(keys)
-        assert got[-1] == first + n - 1 and got == list(range(got[0], got[-1] + 1))
-        assert np.array_equal(np.array(values), -np.array(keys))
-        for qi, q in enumerate(range(first, first + n)):
-            visible = {k for ki, k in enumerate(got) if mask is None or np.array(mask)[qi, ki] == 0}
-            assert visible == set(range(max(q - WINDOW + 1, 0), q + 1)), (q, sorted(visible))
+        masks, fetched = _forward(cache, n, [at])
+        _check_window(masks, fetched, [at], n)
+        at += n
+    assert cache.positions.low == [at] and cache.positions.exact
 
 
-def test_sliding_rewind_is_exact_within_room_and_raises_beyond():
-    cache = SlidingCache(WINDOW, ROOM)
-    for _ in range(50):
-        cache.update_and_fetch(*_kv(cache.offset, 1))
-    cache.update_and_fetch(*_kv(cache.offset, ROOM + 1))  # a verify of ROOM + 1 positions
-    cache.trim(ROOM)
-    assert cache.offset == 51
-    assert _seen(cache.view()) == list(range(51 - WINDOW - 1, 51))  # the drafter's window + 1
-    # Continue after the rewind: the fetched window is the right one, the stale tail is gone.
-    keys, _ = cache.update_and_fetch(*_kv(51, 1))
-    assert _positions(keys) == list(range(51 - WINDOW + 1, 52))
-    # Past the compactions, rewinding further than what is kept must raise, not half-succeed.
-    for _ in range(600):
-        cache.update_and_fetch(*_kv(cache.offset, 1))
-    assert cache.start > 0
-    with pytest.raises(CacheRewindError):
-        for _ in range(600):
-            cache.trim(1)
-    assert cache.offset == cache.start + WINDOW + 1  # the last exact rewind, and no further
-    keys, _ = cache.update_and_fetch(*_kv(cache.offset, 1))
-    assert _positions(keys) == list(range(cache.offset - WINDOW, cache.offset))
+def test_rows_at_different_positions_each_see_their_own_window():
+    rows = [Cache(KINDS, WINDOW) for _ in range(3)]
+    starts = [37, 3, 15]
+    for cache, n in zip(rows, starts):
+        _forward(cache, n, [0])
+    cache = Cache.join(rows)
+    assert cache.positions.shared is None
+    for n in (1, 3, ROOM, 1, 1, 5):
+        masks, fetched = _forward(cache, n, starts)
+        _check_window(masks, fetched, starts, n)
+        starts = [s + n for s in starts]
 
 
-def test_full_rewind_and_view():
-    cache = FullCache()
-    for n in (300, 7, 1):
-        cache.update_and_fetch(*_kv(cache.offset, n))
-    cache.trim(5)
-    assert _seen(cache.view()) == list(range(303))
-    with pytest.raises(CacheRewindError):
-        cache.trim(304)
+def _drafter_sees(cache: Cache, row: int) -> dict[str, list[int]]:
+    views = cache.views({"sliding_attention": 0, "full_attention": 1}, mx.float32)
+    out = {}
+    for kind, (keys, _, mask) in views.items():
+        seen = np.array(mask)[row, 0, 0] == 0
+        out[kind] = sorted(np.array(keys)[row, 0, seen, 0].astype(int).tolist())
+    return out
 
 
-def test_views_share_the_cache_buffer():
-    """The drafter's K/V are the cache's own buffers: evaluating them allocates nothing."""
-    for cache in (FullCache(), SlidingCache(512, 16)):
-        k = mx.random.normal((1, 4, 1000, 256))
-        cache.update_and_fetch(k, k + 1)
-        mx.eval(cache.state)
-        before = mx.get_active_memory()
-        keys, values, mask = cache.view()
-        mx.eval(keys, values)
-        assert mx.get_active_memory() - before < 4096, "view copied the buffer"
-        assert len(_seen((keys, values, mask))) == (1000 if isinstance(cache, FullCache) else 513)
+def test_ragged_rewinds_are_exact_per_row_past_the_window():
+    """Every row verifies ROOM positions and keeps a different number of them: each then sees
+    only what it kept, as the drafter and as the next verify, however far past the window."""
+    rows = [Cache(KINDS, WINDOW) for _ in range(3)]
+    for cache, n in zip(rows, (50, 9, 200)):
+        _forward(cache, n, [0])
+    cache = Cache.join(rows)
+    at = [50, 9, 200]
+    for kept in ([0, 5, 16], [16, 0, 3], [2, 2, 2]):
+        _forward(cache, ROOM, at)
+        at = [a + m + 1 for a, m in zip(at, kept)]
+        cache.seek(mx.array(at, dtype=mx.int32), at, at)  # a device offset the host knows
+        for row, p in enumerate(at):
+            assert _drafter_sees(cache, row) == {
+                "sliding_attention": list(range(p - WINDOW - 1, p)),  # window + 1, inclusive
+                "full_attention": list(range(p)),
+            }
+        masks, fetched = _forward(cache, 1, at)
+        _check_window(masks, fetched, at, 1)
+        at = [a + 1 for a in at]
 
 
-@pytest.mark.parametrize("make", [FullCache, lambda: SlidingCache(WINDOW, ROOM)], ids=["full", "sliding"])
-def test_views_change_shape_only_when_the_buffer_grows(make):
-    """The drafter's step is compiled per view shape: decoding must not give it a new shape
-    every round. Full: a new one per STEP positions; sliding: one, once decoding compacts."""
-    rng = np.random.RandomState(1)
-    cache = make()
-    cache.update_and_fetch(*_kv(0, 40))  # a prompt
-    shapes = []
-    for _ in range(700):
-        k = rng.randint(0, ROOM)  # a round: verify k + 1, keep some
-        cache.update_and_fetch(*_kv(cache.offset, k + 1))
-        cache.trim(rng.randint(0, k + 1))
-        shapes.append(cache.view()[0].shape[2])
-    changes = sum(a != b for a, b in zip(shapes, shapes[1:]))
-    if isinstance(cache, FullCache):
-        assert shapes[-1] % STEP == 0 and cache.offset <= shapes[-1] < cache.offset + STEP + ROOM
-        assert changes <= shapes[-1] // STEP
-    else:
-        assert changes <= 1 and cache.start > 0
-
-
-def _round_keys(start: int, n: int, round_id: int) -> tuple[mx.array, mx.array]:
-    """Keys position + round_id / 1000: which write a read came from shows in the fraction."""
-    k, v = _kv(start, n)
-    return k + round_id / 1000, v - round_id / 1000
-
-
-@pytest.mark.parametrize("make", [FullCache, lambda: SlidingCache(WINDOW, ROOM)], ids=["full", "sliding"])
-def test_device_positions_read_exactly_what_exact_ones_would(make):
-    """Rounds queued before the previous one is read back: the cache writes at a device
-    position the host only bounds. Every query and every drafter view must see exactly the
-    positions it would with an exact offset, each from its latest write, never a stale one."""
-    rng = np.random.RandomState(0)
-    cache = make()
-    window = getattr(cache, "window", None)
-    reach = getattr(cache, "drafter_reach", None)
-    written = {}  # position -> round id of its latest write
-    cache.update_and_fetch(*_round_keys(0, 30, 0))
-    written.update({p: 0 for p in range(30)})
-    truth, low, high = 30, 30, 30
-    for round_id in range(1, 300):
-        keys, _, mask = cache.view()  # the drafter, drafting at `truth`
-        seen = [k for i, k in enumerate(np.array(keys)[0, 0, :, 0]) if np.array(mask)[0, i] == 0]
-        expected = range(0 if reach is None else max(truth - reach, 0), truth)
-        assert [round(k * 1000) for k in seen] == [p * 1000 + written[p] for p in expected], round_id
-        k = rng.randint(1, ROOM)  # a verify of k + 1 positions
-        mask = cache.mask(k + 1, mx.float32)
-        keys, _ = cache.update_and_fetch(*_round_keys(truth, k + 1, round_id))
-        written.update({p: round_id for p in range(truth, truth + k + 1)})
-        for qi, q in enumerate(range(truth, truth + k + 1)):
-            visible = np.array(keys)[0, 0, :, 0]
-            if not isinstance(mask, str) and mask is not None:
-                visible = visible[np.array(mask)[qi] == 0]  # additive: 0 seen, -inf not
-            elif mask == "causal":
-                visible = visible[: len(visible) - k + qi]
-            expected = range(0 if window is None else max(q - window + 1, 0), q + 1)
-            assert [round(v * 1000) for v in visible] == [p * 1000 + written[p] for p in expected], (round_id, q)
-        m = rng.randint(0, k + 1)  # drafts kept: the next round starts after them and a bonus
-        truth, low, high = truth + m + 1, low + 1, high + k + 1
-        if rng.random_sample() < 0.3:  # the host read the round back
-            low = high = truth
-            cache.seek(truth)
+def test_device_positions_read_what_host_positions_would():
+    """A round queued before the host knows where rows stand (low <= offset <= high) writes and
+    sees exactly what it would with the positions known."""
+    def run(host: bool):
+        cache = Cache(KINDS, WINDOW)
+        _forward(cache, 30, [0])
+        _forward(cache, 5, [30])  # a verify of 5; it keeps 2
+        if host:
+            cache.seek([33])
         else:
-            cache.seek(mx.array(truth, dtype=mx.int32), low, high)
-    if window is not None:
-        assert cache.start > 0, "the buffer never compacted"
+            cache.seek(mx.array([33], dtype=mx.int32), [31], [35])
+        masks, fetched = _forward(cache, 4, [33])
+        return [np.array(m) for m in (masks["sliding_attention"],)], fetched
+
+    (exact_mask,), exact = run(True)
+    (device_mask,), device = run(False)
+    for kind in KINDS:
+        keys_e, keys_d = np.array(exact[kind])[0, 0, :, 0], np.array(device[kind])[0, 0, :, 0]
+        n = min(len(keys_e), len(keys_d))
+        assert np.array_equal(keys_e[:n], keys_d[:n])
+    assert np.array_equal(exact_mask, device_mask)
 
 
-def test_seek_refuses_what_it_cannot_honour():
-    full, sliding = FullCache(), SlidingCache(WINDOW, ROOM)
-    for cache in (full, sliding):
-        cache.update_and_fetch(*_kv(0, 20))
-        with pytest.raises(CacheRewindError):
-            cache.seek(21)  # past what was written
-        with pytest.raises(ValueError, match="bounds"):
-            cache.seek(mx.array(18))  # a device position without host bounds
-        with pytest.raises(CacheRewindError):
-            cache.seek(mx.array(18), 17, 25)
-        cache.seek(mx.array(18), 17, 19)
-        with pytest.raises(CacheRewindError, match="exact"):
-            cache.trim(1)
-    for _ in range(600):
-        sliding.seek(sliding.high)
-        sliding.update_and_fetch(*_kv(sliding.offset, 1))
-    with pytest.raises(CacheRewindError):
-        sliding.seek(mx.array(sliding.start + 2), sliding.start + 2, sliding.high)
+def test_rewinds_past_what_is_held_raise():
+    cache = Cache(KINDS, WINDOW)
+    _forward(cache, 250, [0])
+    _forward(cache, 250, [250])
+    with pytest.raises(CacheRewindError, match="sliding cache cannot move row 0 back to position 100"):
+        cache.rewind(400)  # the ring holds only its capacity's newest positions
+    cache.rewind(5)  # within what the ring keeps: fine
+    assert cache.positions.low == [495]
+    with pytest.raises(CacheRewindError, match="cannot move to positions 496..496"):
+        cache.seek([496])  # past what was written since the rewind's target
+    with pytest.raises(ValueError, match="host bounds"):
+        cache.seek(mx.array([90]))
+    full_only = Cache(["full_attention"], WINDOW)
+    _forward(full_only, 100, [0])
+    full_only.rewind(90)  # a full cache holds every position
+    assert _forward(full_only, 1, [10])[1]["full_attention"].shape[2] == 11
+
+
+def test_views_are_the_buffers_and_change_shape_only_when_a_full_buffer_grows():
+    cache = Cache(KINDS, WINDOW)
+    shapes = set()
+    for _ in range(3 * STEP):
+        _forward(cache, 1, cache.positions.low)
+        views = cache.views({"sliding_attention": 0, "full_attention": 1}, mx.float32)
+        assert all(views[k][0] is layer.keys for k, layer in zip(KINDS, cache.layers))
+        shapes.add(tuple(views[k][0].shape[2] for k in KINDS))
+    capacity = cache.capacity
+    assert shapes == {(capacity, STEP), (capacity, 2 * STEP), (capacity, 3 * STEP)}
+
+
+def test_take_and_join_keep_each_row():
+    rows = [Cache(KINDS, WINDOW) for _ in range(3)]
+    for cache, n in zip(rows, (12, 250, 5)):
+        _forward(cache, n, [0])
+    joined = Cache.join(rows)
+    back = joined.take([2, 0])
+    assert back.positions.low == [5, 12]
+    for i, original in zip((0, 1), (rows[2], rows[0])):
+        for mine, theirs in zip(back.layers, original.layers):
+            n = theirs.keys.shape[2]
+            assert np.array_equal(np.array(mine.keys[i : i + 1, :, :n]), np.array(theirs.keys))
+
+
+def test_ring_positions_map_each_slot_to_its_newest_position():
+    held = np.array(ring_positions(mx.array([3, 10, 25]), 8))
+    assert held[0].tolist() == [0, 1, 2, -5, -4, -3, -2, -1]
+    assert held[1].tolist() == [8, 9, 2, 3, 4, 5, 6, 7]
+    assert held[2].tolist() == [24, 17, 18, 19, 20, 21, 22, 23]

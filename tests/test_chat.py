@@ -26,7 +26,7 @@ def _tokens(responses) -> list[int]:
 def _fresh(pair, ids: list[int], max_tokens: int) -> list[int]:
     """What the model answers to `ids` on an empty cache."""
     model, tokenizer, drafter = pair
-    return _tokens(stream_generate(model, tokenizer, ids, drafter, max_tokens))
+    return _tokens(stream_generate(model, tokenizer, ids, max_tokens, draft_model=drafter))
 
 
 def _added_ids(tokenizer, previous_answer, text: str) -> list[int]:

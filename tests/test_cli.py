@@ -144,7 +144,7 @@ def test_generate_reads_stdin(model_dir, pair):
     model, tokenizer, drafter = pair
     out = _run("generate", str(model_dir), "--max-tokens", "24", stdin="the quick brown fox\n")
     assert out.returncode == 0, out.stderr
-    expected = generate(model, tokenizer, _templated(tokenizer, "the quick brown fox"), drafter, 24)
+    expected = generate(model, tokenizer, _templated(tokenizer, "the quick brown fox"), 24, draft_model=drafter)
     assert out.stdout == expected + "\n"
     stats = out.stderr.strip()
     assert "\n" not in stats
@@ -159,7 +159,7 @@ def test_generate_flags(checkpoints, model_dir, pair, capsys, monkeypatch):
         main(["generate", str(model_dir), "-p", prompt, "-m", "16", "--no-chat-template", "--no-draft"]) == 0
     )
     out, err = capsys.readouterr()
-    assert out == generate(model, tokenizer, prompt, None, 16) + "\n"
+    assert out == generate(model, tokenizer, prompt, 16) + "\n"
     assert "no drafting" in err
 
     sampling = {"temperature": 0.8, "top_p": 0.9, "seed": 3}
@@ -168,7 +168,7 @@ def test_generate_flags(checkpoints, model_dir, pair, capsys, monkeypatch):
     assert main(["generate", str(model_dir), "-m", "16", *flags]) == 0
     out, err = capsys.readouterr()
     templated = _templated(tokenizer, prompt)
-    assert out == generate(model, tokenizer, templated, drafter, 16, 2, **sampling) + "\n"
+    assert out == generate(model, tokenizer, templated, 16, draft_model=drafter, num_draft_tokens=2, **sampling) + "\n"
     assert "acceptance" in err
 
     # A lone target (its drafter is not named `-assistant`): decoded alone, with a note;

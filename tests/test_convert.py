@@ -62,7 +62,7 @@ def _in_memory(hf_dirs: tuple[Path, Path], variant: str):
 
 
 def _greedy(model, tokenizer, drafter=None) -> list[int]:
-    responses = stream_generate(model, tokenizer, PROMPT, drafter, NEW_TOKENS, num_draft_tokens=DRAFTS)
+    responses = stream_generate(model, tokenizer, PROMPT, NEW_TOKENS, draft_model=drafter, num_draft_tokens=DRAFTS)
     return [r.token for r in responses]
 
 
@@ -560,7 +560,7 @@ def test_peak_memory_is_bounded_by_a_shard_not_the_model(checkpoints, tmp_path):
 
 
 def _logits(model, ids: list[int]) -> np.ndarray:
-    hidden = model(mx.array([ids]), model.make_cache(room=MAX_DRAFT + 1))
+    hidden = model(mx.array([ids]), model.make_cache())
     return np.array(model.logits(hidden).astype(mx.float32))[0]
 
 
@@ -577,7 +577,7 @@ def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
 def _acceptance(model, tokenizer, drafter, prompts) -> float:
     drafted = accepted = 0
     for ids in prompts:
-        last = list(stream_generate(model, tokenizer, ids, drafter, 40, num_draft_tokens=DRAFTS))[-1]
+        last = list(stream_generate(model, tokenizer, ids, 40, draft_model=drafter, num_draft_tokens=DRAFTS))[-1]
         drafted, accepted = drafted + last.drafted, accepted + last.accepted
     return accepted / drafted
 

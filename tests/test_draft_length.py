@@ -265,7 +265,7 @@ def test_stream_generate_schedules(schedule, checkpoints, random_checkpoints):
         drafter = load_drafter(pair["e2b"][1], model)
         prompt = np.array(_prompt(2))[0].tolist()
         plain = [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=60)]
-        out = list(stream_generate(model, tokenizer, prompt, drafter, 60, schedule))
+        out = list(stream_generate(model, tokenizer, prompt, 60, draft_model=drafter, num_draft_tokens=schedule))
         assert [r.token for r in out] == plain
         last = out[-1]
         histogram = last.draft_lengths

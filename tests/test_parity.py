@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mlx_gemma_mtp.load import load_drafter, load_target
-from mlx_gemma_mtp.speculative import MAX_DRAFT, prefill
+from mlx_gemma_mtp.cache import ring_positions
+from mlx_gemma_mtp.speculative import prefill
 from tests.fixtures import KINDS, SLIDING_WINDOW, VOCAB_SIZE
 
 TOLERANCE = 1e-4
@@ -31,14 +32,14 @@ def test_target_logits_and_hidden(kind, checkpoints, hf_models):
     target = load_target(checkpoints[kind][0])
     ids = _prompt()
     ref = _hf_forward(hf_models[kind][0], ids)
-    hidden = target(mx.array(ids), target.make_cache(room=MAX_DRAFT + 1))
+    hidden = target(mx.array(ids), target.make_cache())
     logits_err = np.abs(np.array(target.logits(hidden)) - ref.logits.numpy()).max()
     hidden_err = np.abs(np.array(hidden) - ref.hidden_states[-1].numpy()).max()
     print(f"\n{kind} target: max |logits - tf| {logits_err:.2e}, max |hidden - tf| {hidden_err:.2e}")
     assert logits_err <= TOLERANCE and hidden_err <= TOLERANCE
 
     # One token at a time through our caches, past the window: the same logits.
-    cache = target.make_cache(room=MAX_DRAFT + 1)
+    cache = target.make_cache()
     steps = [target.logits(target(mx.array(ids[:, i : i + 1]), cache)) for i in range(PROMPT_LEN)]
     step_err = np.abs(np.array(mx.concatenate(steps, axis=1)) - ref.logits.numpy()).max()
     assert step_err <= TOLERANCE, f"incremental decoding differs by {step_err}"
@@ -50,13 +51,15 @@ def test_shared_kv_is_what_transformers_shares(kind, checkpoints, hf_models):
     target = load_target(checkpoints[kind][0])
     ids = _prompt(1)
     ref = _hf_forward(hf_models[kind][0], ids).shared_kv_states
-    cache = target.make_cache(room=MAX_DRAFT + 1)
-    prefill(target, mx.array(ids), cache)
+    cache = target.make_cache()
+    prefill(target, ids[0].tolist(), cache)
     reach = {}
-    for layer_type, layer in target.kv_producers.items():
-        keys, values, mask = cache[layer].view()
-        seen = np.array(mask)[0] == 0  # additive mask: 0 where the drafter sees the position
-        keys, values = np.array(keys)[:, :, seen], np.array(values)[:, :, seen]
+    for layer_type, (keys, values, mask) in cache.views(target.kv_producers, mx.float32).items():
+        S = keys.shape[2]
+        held = np.arange(S) if layer_type == "full_attention" else np.array(ring_positions(cache.positions.offset, S))[0]
+        seen = np.array(mask)[0, 0, 0] == 0  # additive mask: 0 where the drafter sees the position
+        order = np.argsort(np.where(seen, held, np.iinfo(np.int32).max))[: seen.sum()]  # seen slots by position
+        keys, values = np.array(keys)[:, :, order], np.array(values)[:, :, order]
         reach[layer_type] = keys.shape[2]
         ref_k, ref_v = (t[:, :, -reach[layer_type] :].numpy() for t in ref[layer_type])
         assert keys.shape == ref_k.shape
@@ -85,11 +88,11 @@ def test_drafter_logits_and_projection(kind, checkpoints, hf_models):
             shared_kv_states=hf_kv,
         )
 
-    cache = target.make_cache(room=MAX_DRAFT + 1)
-    prefill(target, mx.array(ids[:, :position]), cache)
-    shared_kv = {t: cache[i].view() for t, i in target.kv_producers.items()}
+    cache = target.make_cache()
+    prefill(target, ids[0, :position].tolist(), cache)
+    shared_kv = cache.views(target.kv_producers, mx.float32)
     inputs = mx.concatenate([target.embed(mx.array(token)), mx.array(hidden.numpy())], axis=-1)
-    h, projected = drafter(inputs, shared_kv, position)
+    h, projected = drafter(inputs, shared_kv, cache.positions.offset)
 
     proj_err = np.abs(np.array(projected) - ref.last_hidden_state.numpy()).max()
     ref_logits = ref.logits.numpy()[0, 0]

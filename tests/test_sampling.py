@@ -11,7 +11,7 @@ rejected token redrawn from p instead of the residual. Transformers is not the o
 
 from __future__ import annotations
 
-import itertools
+import dataclasses
 from collections import Counter
 
 import mlx.core as mx
@@ -21,18 +21,10 @@ import torch
 from mlx_lm.sample_utils import make_sampler
 
 from mlx_gemma_mtp import load, load_drafter, stream_generate
-from mlx_gemma_mtp.sample import draft_probability, judge, make_sampling, residual
-from mlx_gemma_mtp.speculative import (
-    MAX_DRAFT,
-    Draft,
-    DraftStats,
-    drafter_proposer,
-    plain_tokens,
-    prefill,
-    rewind,
-    speculative_tokens,
-)
+from mlx_gemma_mtp.sample import categorical, draft_probability, judge, make_sampling, residual
+from mlx_gemma_mtp.speculative import Draft, Rows, prefill
 from tests.fixtures import KINDS
+from tests.run import decode
 
 ALPHA = 1e-3  # significance of every test: a correct sampler fails one in a thousand seeds
 DEPTH = 3  # tokens of each continuation whose joint distribution is tested
@@ -69,13 +61,6 @@ def chi_square(counts: Counter, probs: dict, min_expected: float = 5.0) -> tuple
         observed[-1] += pooled_o
         expected[-1] += pooled_e
     return sum((o - e) ** 2 / e for o, e in zip(observed, expected)), len(expected) - 1
-
-
-def take(tokens, n: int) -> list[int]:
-    """The first n tokens of a token generator, which is then closed."""
-    out = [t for t, _ in itertools.islice(tokens, n)]
-    tokens.close()
-    return out
 
 
 def greedy(logprobs: mx.array) -> mx.array:
@@ -126,15 +111,18 @@ def test_draft_probability_and_zero_residual():
     assert np.allclose(np.array(residual(p, p, None)), np.array(p))
 
 
-def _drawn_positions(p, q, ids, drafts, key, wrong_residual=False):
-    """Run `judge` on N independent positions (same p and q, drafts given): the token each
-    would emit, drafts[i] if kept, else its residual draw."""
+def _drawn_positions(p, q, ids, drafts, seed, wrong_residual=False):
+    """Run `judge` on N independent positions (same p and q, drafts given; one row drafting N
+    tokens, each position its own random numbers): the token each would emit, drafts[i] if
+    kept, else its residual draw."""
     N = drafts.shape[0]
-    logp = mx.log(mx.broadcast_to(mx.array(p), (N + 1, p.shape[0])))
-    kept, tokens = judge(logp, drafts, q, ids, key)
+    logp = mx.log(mx.broadcast_to(mx.array(p), (1, N + 1, p.shape[0])))
+    seeds = mx.array([[seed, 0]], dtype=mx.uint32)
+    batch = (lambda a: None if a is None else a[None])
+    kept, tokens = judge(logp, drafts[None], batch(q), batch(ids), seeds, mx.array([0]))
     if wrong_residual:  # the classic mistake: redraw a rejected position from p itself
-        tokens = mx.random.categorical(logp, key=mx.random.key(99))
-    return np.array(mx.where(kept, drafts, tokens[:N]))
+        tokens = categorical(logp, seeds, mx.arange(N + 1)[None], 99)
+    return np.array(mx.where(kept[0], drafts, tokens[0, :N]))
 
 
 def _counts(tokens: np.ndarray) -> Counter:
@@ -152,7 +140,7 @@ def test_judge_draws_p_and_rejects_wrong_rules():
     rng = np.random.RandomState(1)
     V = 10
     p, q = _distribution(rng, V, zeros=2), _distribution(rng, V, zeros=1)
-    key = mx.random.key(0)
+    key = 0
     drafts = mx.random.categorical(mx.log(mx.array(q)), shape=(N_SYNTHETIC,), key=mx.random.key(1))
     q_rows = mx.broadcast_to(mx.array(q), (N_SYNTHETIC, V))
     right = chi_square_pvalue(_counts(_drawn_positions(p, q_rows, None, drafts, key)), _probs(p))
@@ -182,7 +170,7 @@ def test_judge_with_clustered_q():
     q = rng.dirichlet(np.ones(C), size=N_SYNTHETIC).astype(np.float32)
     picks = (rng.random_sample((N_SYNTHETIC, 1)) > np.cumsum(q, axis=1)).sum(axis=1)
     drafts = mx.array(ids[np.arange(N_SYNTHETIC), np.minimum(picks, C - 1)])
-    tokens = _drawn_positions(p, mx.array(q), mx.array(ids), drafts, mx.random.key(3))
+    tokens = _drawn_positions(p, mx.array(q), mx.array(ids), drafts, 3)
     value = chi_square_pvalue(_counts(tokens), _probs(p))
     assert value > ALPHA, f"clustered q: p-value {value:.2e}"
 
@@ -200,7 +188,7 @@ def exact_joint(target, sampling, prompt=PROMPT, depth=DEPTH) -> dict:
             out[tuple(prefix)] = prob
             return
         ids = prompt + prefix
-        hidden = prefill(target, mx.array([ids], dtype=mx.int32), target.make_cache(MAX_DRAFT + 1))
+        hidden = prefill(target, ids, target.make_cache())
         history = mx.array(ids, dtype=mx.int32) if sampling.processors else None
         p = np.array(mx.exp(sampling.log_probs(sampling.process(target.logits(hidden)[0], history)))[0])
         for token in np.flatnonzero(p > 0):
@@ -210,42 +198,30 @@ def exact_joint(target, sampling, prompt=PROMPT, depth=DEPTH) -> dict:
     return out
 
 
-def sample_joint(target, tokens_from, n: int, prompt=PROMPT, depth=DEPTH) -> Counter:
-    """Counts of the first `depth` tokens of n generations, each with its own key; the cache
-    holds the prompt but its last token, which each generation prefills."""
-    cache = target.make_cache(MAX_DRAFT + 1)
-    prefill(target, mx.array([prompt[:-1]], dtype=mx.int32), cache)
-    last = mx.array([prompt[-1:]], dtype=mx.int32)
-    counts = Counter()
-    for i in range(n):
-        counts[tuple(take(tokens_from(last, cache, mx.random.key(i)), depth))] += 1
-        rewind(cache, depth)
-    return counts
-
-
-def _speculative(target, propose, k, sampling, stats):
-    def tokens_from(last, cache, key):
-        return speculative_tokens(
-            target, last, cache, propose, k, 8, stats, sampling=sampling, key=key, context=PROMPT[:-1]
-        )
-
-    return tokens_from
+def sample_joint(target, drafter, k, sampling, n: int, propose=None, prompt=PROMPT, depth=DEPTH):
+    """Counts of the first `depth` tokens of n generations, one row at a time, each with its
+    own seed; and the drafts accepted / drafted."""
+    settings = [dataclasses.replace(sampling, seed=i) for i in range(n)]
+    out = decode(target, drafter, [prompt] * n, k, depth, sampling=settings, max_batch=1, propose=propose)
+    drafted = sum(o.usage.drafted for o in out)
+    return Counter(tuple(o.tokens) for o in out), sum(o.usage.accepted for o in out) / max(drafted, 1)
 
 
 def greedy_drafts_judged_as_sampled(drafter, target):
     """The wrong variant: argmax drafts, reported as drawn from q = the drafter's softmax."""
 
-    def propose(request, cache):
-        shared_kv = {kind: cache[layer].view() for kind, layer in target.kv_producers.items()}
-        token, hidden, tokens, qs = request.token, request.hidden, [], []
-        for _ in range(request.k):
+    def propose(rows: Rows, k: int) -> Draft:
+        shared_kv = rows.cache.views(target.kv_producers, rows.hidden.dtype)
+        position = rows.cache.positions.offset
+        token, hidden, tokens, qs = rows.token, rows.hidden, [], []
+        for _ in range(k):
             inputs = mx.concatenate([target.embed(token), hidden], axis=-1)
-            h, hidden = drafter(inputs, shared_kv, request.position)
-            logq = request.sampling.log_probs(drafter.logits(h)[0])  # [1, V]
-            token = mx.argmax(logq, axis=-1, keepdims=True)
+            h, hidden = drafter(inputs, shared_kv, position)
+            logq = rows.settings[0].log_probs(drafter.logits(h)[:, 0])  # [B, V]
+            token = mx.argmax(logq, axis=-1, keepdims=True).astype(mx.int32)
             tokens.append(token)
             qs.append(mx.exp(logq))
-        return Draft(tokens=mx.concatenate(tokens, axis=1), q=mx.concatenate(qs, axis=0))
+        return Draft(tokens=mx.concatenate(tokens, axis=1), q=mx.stack(qs, axis=1))
 
     return propose
 
@@ -260,24 +236,18 @@ def test_speculative_sampling_draws_the_target_distribution(kind, loaded):
     """Dense head (q over the vocabulary) and clustered head (q over candidates)."""
     target, drafter = loaded[kind]
     exact = exact_joint(target, SAMPLING)
-    stats = DraftStats()
-    propose = drafter_proposer(drafter, target)
     n, k = RUNS[kind]
-    counts = sample_joint(target, _speculative(target, propose, k, SAMPLING, stats), n)
+    counts, acceptance = sample_joint(target, drafter, k, SAMPLING, n)
     value = chi_square_pvalue(counts, exact)
-    print(f"\n{kind}: speculative sampling p-value {value:.3f}, acceptance {stats.acceptance_rate:.2f} "
-          f"({stats.accepted}/{stats.drafted}), {len(exact)} outcomes")
-    assert stats.acceptance_rate > 0.3, "too few drafts accepted for the test to have power"
+    print(f"\n{kind}: speculative sampling p-value {value:.3f}, acceptance {acceptance:.2f}, {len(exact)} outcomes")
+    assert acceptance > 0.3, "too few drafts accepted for the test to have power"
     assert value > ALPHA, f"speculative sampling differs from the target's distribution: p-value {value:.2e}"
 
 
 def test_plain_sampling_draws_the_target_distribution(loaded):
     target, _ = loaded["dense"]
-
-    def tokens_from(last, cache, key):
-        return plain_tokens(target, last, cache, sampling=SAMPLING, key=key, context=PROMPT[:-1])
-
-    value = chi_square_pvalue(sample_joint(target, tokens_from, 1000), exact_joint(target, SAMPLING))
+    counts, _ = sample_joint(target, None, 0, SAMPLING, 1000)
+    value = chi_square_pvalue(counts, exact_joint(target, SAMPLING))
     print(f"\nplain sampling p-value {value:.3f}")
     assert value > ALPHA
 
@@ -286,14 +256,12 @@ def test_wrong_variant_is_rejected(loaded):
     """Greedy drafts judged with q = softmax(drafter logits) — what transformers' assisted
     sampling does with these drafters — is measurably not the target's distribution."""
     target, drafter = loaded["dense"]
-    stats = DraftStats()
     propose = greedy_drafts_judged_as_sampled(drafter, target)
-    counts = sample_joint(target, _speculative(target, propose, 2, SAMPLING, stats), 300)
+    counts, acceptance = sample_joint(target, None, 2, SAMPLING, 300, propose=propose)
     exact = exact_joint(target, SAMPLING)
     value = chi_square_pvalue(counts, exact)
     stat, dof = chi_square(counts, exact)
-    print(f"\nwrong variant: p-value {value:.1e} (chi-square {stat:.0f}, {dof} dof), "
-          f"acceptance {stats.acceptance_rate:.2f}")
+    print(f"\nwrong variant: p-value {value:.1e} (chi-square {stat:.0f}, {dof} dof), acceptance {acceptance:.2f}")
     assert value < ALPHA, f"the wrong variant was not rejected: p-value {value:.2e}"
 
 
@@ -313,11 +281,9 @@ def test_processors_see_each_rows_history(loaded):
         logits_processors=[follow_the_last],
     )  # fmt: skip
     exact = exact_joint(target, sampling)
-    stats = DraftStats()
-    propose = drafter_proposer(drafter, target)
-    counts = sample_joint(target, _speculative(target, propose, 2, sampling, stats), 600)
+    counts, acceptance = sample_joint(target, drafter, 2, sampling, 600)
     value = chi_square_pvalue(counts, exact)
-    print(f"\nlogits processors: p-value {value:.3f}, acceptance {stats.acceptance_rate:.2f}")
+    print(f"\nlogits processors: p-value {value:.3f}, acceptance {acceptance:.2f}")
     assert value > ALPHA
 
 
@@ -333,7 +299,7 @@ def test_top_k_1_sampling_is_greedy(kind, checkpoints):
     greedy = [r.token for r in stream_generate(model, tokenizer, PROMPT, max_tokens=40)]
     for k in (1, 4):
         out = list(stream_generate(
-            model, tokenizer, PROMPT, drafter, 40, k, temperature=0.8, top_k=1, seed=3
+            model, tokenizer, PROMPT, 40, draft_model=drafter, num_draft_tokens=k, temperature=0.8, top_k=1, seed=3
         ))  # fmt: skip
         assert [r.token for r in out] == greedy
         assert out[-1].accepted > 0
@@ -345,7 +311,7 @@ def test_seeded_runs_reproduce(checkpoints):
 
     def run(seed, k=3):
         kwargs = dict(temperature=1.0, top_p=0.9, min_p=0.05, seed=seed)
-        return [r.token for r in stream_generate(model, tokenizer, PROMPT, drafter, 30, k, **kwargs)]
+        return [r.token for r in stream_generate(model, tokenizer, PROMPT, 30, draft_model=drafter, num_draft_tokens=k, **kwargs)]
 
     assert run(5) == run(5)
     assert run(5) != run(6)
@@ -366,13 +332,11 @@ def test_greedy_with_processors_is_exact(loaded):
     target, drafter = loaded["dense"]
     sampling = make_sampling(repetition_penalty=1.5, repetition_context_size=6)
     prompt = mx.array([PROMPT], dtype=mx.int32)
-    plain = take(plain_tokens(target, prompt, target.make_cache(MAX_DRAFT + 1), sampling=sampling), 40)
-    assert plain != take(plain_tokens(target, prompt, target.make_cache(MAX_DRAFT + 1)), 40), "no test"
+    (plain,) = decode(target, None, [PROMPT], 0, 40, sampling=sampling)
+    assert plain.tokens != decode(target, None, [PROMPT], 0, 40)[0].tokens, "no test"
     for k in (2, 5):
-        cache = target.make_cache(MAX_DRAFT + 1)
-        propose = drafter_proposer(drafter, target)
-        tokens = speculative_tokens(target, prompt, cache, propose, k, 40, DraftStats(), sampling=sampling)
-        assert take(tokens, 40) == plain
+        assert decode(target, drafter, [PROMPT], k, 40, sampling=sampling)[0].tokens == plain.tokens
+    plain = plain.tokens
     model = Model(target.args)
     model.model = target.model
     processors = make_logits_processors(repetition_penalty=1.5, repetition_context_size=6)
@@ -404,7 +368,8 @@ def test_log_probs_are_what_mlx_lm_samples(params):
 
 def test_bad_sampling_arguments():
     for bad in (dict(temperature=-1), dict(top_p=1.5), dict(min_p=-0.1), dict(top_k=-2), dict(top_k=2.5),
-                dict(repetition_penalty=0), dict(repetition_context_size=0), dict(logits_processors=[3])):
+                dict(repetition_penalty=0), dict(repetition_context_size=0), dict(logits_processors=[3]),
+                dict(seed=-1), dict(seed=2**70), dict(seed=1.5), dict(seed="7"), dict(temperature=float("nan"))):
         name = next(iter(bad))
         with pytest.raises(ValueError, match=name):
             make_sampling(**bad)

@@ -1,0 +1,186 @@
+"""Batched speculative decoding: every row is exactly what its prompt gives alone.
+
+Rows of different lengths, stop points and draft acceptance; rows joining and leaving while
+others decode; per-row sampling settings and seeds; logprobs with speculation on; bad input
+refused before anything runs.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from mlx_gemma_mtp import batch_generate, load, stream_batch_generate
+from mlx_gemma_mtp.engine import Engine, Request
+from mlx_gemma_mtp.generate import draft_length
+from mlx_gemma_mtp.sample import GREEDY, make_sampling
+from tests.fixtures import KINDS, SLIDING_WINDOW, VOCAB_SIZE
+from tests.run import decode, prompts
+from tests.test_sampling import (
+    DEPTH,
+    PROMPT,
+    SAMPLING,
+    chi_square_pvalue,
+    exact_joint,
+    greedy_drafts_judged_as_sampled,
+)
+
+LENGTHS = [3 * SLIDING_WINDOW + 5, 6, 40, 17]  # ragged prompts
+MAX_TOKENS = [40, 25, 33, 12]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rows_equal_their_single_runs(kind, loaded):
+    """Greedy rows of different lengths, stop points and acceptance equal each prompt decoded
+    alone, for fixed k and auto."""
+    target, drafter = loaded[kind]
+    batch = prompts(10, LENGTHS)
+    alone = [decode(target, None, [p], 0, n)[0].tokens for p, n in zip(batch, MAX_TOKENS)]
+    # Stop ids that end two of the rows early, at different points.
+    stops = frozenset({alone[1][7], alone[2][20]}) - set(alone[0]) - set(alone[3])
+    alone = [_cut(tokens, stops) for tokens in alone]
+    for k in (1, 3, 7, draft_length("auto", target, drafter)):
+        out = decode(target, drafter, batch, k, MAX_TOKENS, stop_ids=stops)
+        assert [o.tokens for o in out] == alone, f"k={k}"
+        assert sum(o.usage.accepted for o in out) > 0
+        assert [o.finish_reason for o in out] == ["stop" if t[-1] in stops else "length" for t in alone]
+
+
+def _cut(tokens: list[int], stops) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in stops:
+            return tokens[: i + 1]
+    return tokens
+
+
+def test_rows_joining_and_cancelled_mid_generation_leave_the_others_exact(loaded):
+    target, drafter = loaded["e2b"]
+    batch = prompts(11, [20, 9, 300, 14])  # the third needs two prefill chunks
+    alone = [decode(target, None, [p], 0, 30)[0].tokens for p in batch]
+    late = {}
+
+    def on_step(engine, step, rids):
+        if step == 4:
+            late["join"] = engine.add(Request(prompt=batch[3], max_tokens=30))
+        if step == 6:
+            engine.cancel(rids[1])
+
+    engine_out = decode(target, drafter, batch[:3], 3, 30, max_batch=4, on_step=on_step)
+    assert [o.tokens for o in engine_out[:1] + engine_out[2:3]] == [alone[0], alone[2]]
+    assert engine_out[1].finish_reason == "cancelled" and alone[1][: len(engine_out[1].tokens)] == engine_out[1].tokens
+    assert engine_out[3].tokens == alone[3]  # the row that joined mid-generation
+
+
+def test_seeded_rows_do_not_depend_on_their_neighbours(loaded):
+    target, drafter = loaded["dense"]
+    a, b, c = prompts(12, [15, 30, 7])
+    s = make_sampling(temperature=1.0, top_p=0.95, seed=5)
+    with_b = decode(target, drafter, [a, b], 3, [30, 200], sampling=[s, make_sampling(temperature=0.7, seed=9)])
+    with_c = decode(target, drafter, [a, c], 3, [30, 200], sampling=[s, make_sampling(temperature=1.2, seed=11)])
+    assert with_b[0].tokens == with_c[0].tokens
+    assert with_b[1].tokens != with_c[1].tokens
+    greedy_too = decode(target, drafter, [a, b], 3, [30, 30], sampling=[s, GREEDY])
+    assert greedy_too[0].tokens == with_b[0].tokens  # a greedy neighbour: the same row still
+    assert greedy_too[1].tokens == decode(target, None, [b], 0, 30)[0].tokens  # and it is exact
+
+
+N_BATCHED = 900
+
+
+def _batched_joint(target, drafter, n: int, propose=None) -> tuple[Counter, float]:
+    settings = [make_sampling(temperature=1.5, top_k=4, seed=i) for i in range(n)]
+    out = decode(target, drafter, [PROMPT] * n, 2, DEPTH, sampling=settings, max_batch=16, propose=propose)
+    accepted = sum(o.usage.accepted for o in out) / sum(o.usage.drafted for o in out)
+    return Counter(tuple(o.tokens) for o in out), accepted
+
+
+def test_batched_sampling_draws_the_target_distribution(loaded):
+    """Hundreds of sampled rows, each with its own seed, joining and leaving a batch of 16: the
+    joint distribution of their first tokens is the target's. A planted bias fails the same
+    test: greedy drafts judged as if drawn from the drafter's softmax (transformers' way)."""
+    target, drafter = loaded["dense"]
+    exact = exact_joint(target, SAMPLING)
+    counts, accepted = _batched_joint(target, drafter, N_BATCHED)
+    value = chi_square_pvalue(counts, exact)
+    print(f"\nbatched sampling p-value {value:.3f}, acceptance {accepted:.2f}")
+    assert accepted > 0.3, "too few drafts accepted for the test to have power"
+    assert value > 1e-3
+
+    biased, _ = _batched_joint(target, None, N_BATCHED // 3, greedy_drafts_judged_as_sampled(drafter, target))
+    assert chi_square_pvalue(biased, exact) < 1e-3
+
+
+def test_logprobs_with_speculation_are_plain_decodings(loaded):
+    target, drafter = loaded["moe"]
+    batch = prompts(13, [12, 31])
+    plain = decode(target, None, batch, 0, 20, logprobs=3)
+    spec = decode(target, drafter, batch, 3, 20, logprobs=3)
+    for p, s in zip(plain, spec):
+        assert s.tokens == p.tokens and sum(s.usage.accepted for s in [s]) > 0
+        lp = [v for e in p.events for v in e.logprobs]
+        ls = [v for e in s.events for v in e.logprobs]
+        assert np.allclose(lp, ls, atol=1e-4)
+        tops = [t for e in s.events for t in e.top_logprobs]
+        assert [t[0][0] for t in tops] == s.tokens  # greedy: the chosen token is on top
+        assert all(len(t) == 3 and t[0][1] >= t[1][1] >= t[2][1] for t in tops)
+        assert np.allclose([t[0][1] for t in tops], ls, atol=1e-6)
+
+
+def test_prefix_cache_skips_what_a_finished_row_held(loaded):
+    target, drafter = loaded["dense"]
+    engine = Engine(target, drafter, num_draft_tokens=3, prefix_cache_size=2)
+    first = prompts(14, [30])[0]
+    rid = engine.add(Request(prompt=first, max_tokens=10, stop_ids=frozenset()))
+    answer = [t for _ in iter(lambda: engine.busy, False) for e in engine.step() for t in e.tokens]
+    follow = first + answer + [5, 6, 7]
+    rid = engine.add(Request(prompt=follow, max_tokens=10, stop_ids=frozenset()))
+    events = [e for _ in iter(lambda: engine.busy, False) for e in engine.step()]
+    assert events[-1].usage.cached_tokens == len(first) + len(answer) - 1
+    assert [t for e in events for t in e.tokens] == decode(target, None, [follow], 0, 10)[0].tokens
+    assert rid == 1
+
+
+def test_batch_generate_api(loaded, checkpoints):
+    target, drafter = loaded["e2b"]
+    _, tokenizer = load(checkpoints["e2b"][0])
+    texts = ["the quick brown fox", "hello there", [2, 5, 9, 13]]
+    result = batch_generate(target, tokenizer, texts, drafter, max_tokens=[12, 20, 8], num_draft_tokens=3)
+    assert [len(t) <= n for t, n in zip(result.tokens, [12, 20, 8])]
+    for text, tokens, prompt, n in zip(result.texts, result.tokens, texts, [12, 20, 8]):
+        single = [r for r in _stream(target, tokenizer, prompt, n)]
+        assert tokens == [r.token for r in single]
+        assert text == "".join(r.text for r in single)
+    assert result.total.generation_tokens == sum(map(len, result.tokens)) and result.total.accepted > 0
+    chunks = list(stream_batch_generate(target, tokenizer, texts, drafter, max_tokens=8, num_draft_tokens=3))
+    assert {c.index for c in chunks} == {0, 1, 2} and all(c.tokens for c in chunks if not c.finish_reason)
+    assert sum(c.finish_reason is not None for c in chunks) == 3
+
+
+def _stream(target, tokenizer, prompt, n):
+    from mlx_gemma_mtp import stream_generate
+
+    return stream_generate(target, tokenizer, prompt, n)
+
+
+def test_bad_prompts_are_refused_before_anything_runs(loaded, checkpoints, monkeypatch):
+    target, drafter = loaded["dense"]
+    _, tokenizer = load(checkpoints["dense"][0])
+    monkeypatch.setattr(Engine, "step", lambda self: pytest.fail("a step ran"))
+    context = target.args.max_position_embeddings
+    for bad, message in (
+        ([], "prompt 1: prompt is empty"),
+        ([5, VOCAB_SIZE + 3], r"prompt 1: prompt token ids \[515\] are outside the vocabulary"),
+        ([5] * context, f"prompt 1: prompt of {context} tokens plus max_tokens 8 exceeds the model's context"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            batch_generate(target, tokenizer, ["fine", bad, "also fine"], drafter, max_tokens=8)
+    with pytest.raises(ValueError, match="prompts must be a non-empty list"):
+        batch_generate(target, tokenizer, [], drafter)
+    with pytest.raises(ValueError, match="one value or one per prompt"):
+        batch_generate(target, tokenizer, ["a", "b"], drafter, max_tokens=[3])
+    with pytest.raises(ValueError, match="seed must be an int"):
+        batch_generate(target, tokenizer, ["a"], drafter, temperature=1.0, seed=-1)
+    with pytest.raises(ValueError, match="prompt 1: seed must be an int"):
+        batch_generate(target, tokenizer, ["a", "b"], drafter, temperature=1.0, seed=[3, 2**64])
