@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .drafter import Drafter
-from .generate import Response, check_arguments, make_prompt_cache, stream_generate
+from .engine import ContextError
+from .generate import DEFAULT_MAX_TOKENS, Response, check_arguments, make_prompt_cache, stream_generate
 from .target import Target
 
 
@@ -38,6 +39,21 @@ def _model_lock(model: Target) -> threading.Lock:
         return _model_locks.setdefault(id(model), threading.Lock())
 
 
+# Drafts seen without one accepted before a pair is called foreign: an agreeing drafter keeps
+# more than half of them, so none of this many is no accident.
+FOREIGN_AFTER = 32
+
+
+def drafter_warning(drafted: int, accepted: int, drafter: Drafter | None) -> str | None:
+    """A warning when `drafter` keeps agreeing on nothing with its target, else None."""
+    if drafter is None or drafted < FOREIGN_AFTER or accepted:
+        return None
+    return (
+        f"warning: none of {drafted} drafts of the drafter {drafter.source} was accepted: it may not be "
+        "this target's drafter (--draft-model names another, --no-draft decodes without one)"
+    )
+
+
 def stats_line(last: Response) -> str:
     """One line of statistics from a stream's last response (which carries its totals), as
     `generate` prints it to stderr and `chat` shows it for /stats."""
@@ -54,6 +70,8 @@ def stats_line(last: Response) -> str:
             f"mean accepted length {last.mean_accepted:.2f}",
             f"chosen k {mean_k:.1f} (rounds: {chosen})",
         ]
+        if last.drafted >= FOREIGN_AFTER and not last.accepted:
+            parts.append("no draft accepted: the drafter may not be this target's")
     else:
         parts.append("no drafting")
     memory = last.peak_memory
@@ -80,7 +98,7 @@ class ChatSession:
         draft_model: Drafter | None = None,
         *,
         system: str | None = None,
-        max_tokens: int = 512,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
         **generate_kwargs,
     ):
         if not tokenizer.has_chat_template:
@@ -94,8 +112,11 @@ class ChatSession:
         self._cancel = threading.Event()  # the streaming answer's; a fresh one per answer
         self._streaming = False
         # The last answer's last response: its statistics are the answer's totals, and its
-        # finish_reason is None when the answer was cancelled or the caller stopped early.
+        # finish_reason is None when the answer was cancelled or the caller stopped early (None:
+        # no answer yet, or the last was cancelled before its first token).
         self.last: Response | None = None
+        self.drafted = self.accepted = 0  # drafts over the session, for `drafter_warning`
+        self._warned = False
         self.reset()
 
     @property
@@ -108,6 +129,17 @@ class ChatSession:
         """The conversation's token ids as the model saw and produced them (its context)."""
         return list(self._ids)
 
+    @property
+    def full(self) -> bool:
+        """Whether the conversation has reached the model's context."""
+        return len(self._ids) >= self.model.args.max_position_embeddings - 1
+
+    def drafter_warning(self) -> str | None:
+        """A warning, once per session, when the drafter has agreed on nothing so far."""
+        warning = None if self._warned else drafter_warning(self.drafted, self.accepted, self.draft_model)
+        self._warned = self._warned or warning is not None
+        return warning
+
     def reset(self) -> None:
         """Start a new conversation (same system message), with an empty prompt cache."""
         if self._streaming:
@@ -118,20 +150,30 @@ class ChatSession:
         self._cache = make_prompt_cache(self.model)
 
     def cancel(self) -> None:
-        """Stop the answer being streamed (from any thread): the stream ends after the token being
-        computed, within one round; the answer so far stays in the conversation. No-op when no
-        answer is streaming (a `send` not yet iterated has not started)."""
+        """Stop the answer of the last `send` (from any thread): the stream ends after the token
+        being computed, within one round, or before its first token if it has not started;
+        the message and the answer so far stay in the conversation."""
         self._cancel.set()
 
     def send(self, text: str) -> Iterator[Response]:
         """Add a user message and stream the model's answer, one `Response` per token.
 
-        The answer ends at a stop id, after `max_tokens`, on `cancel()`, or when the caller stops
-        iterating; in every case it joins the history and the cache stays ready for the next
-        turn. Errors (an empty message, `ChatBusyError`) raise when iteration starts.
+        The answer ends at a stop id, after `max_tokens`, where the model's context ends, on
+        `cancel()` (from the moment `send` returns), or when the caller stops iterating; in
+        every case the message and the answer so far (possibly empty) join the history and the
+        cache stays ready for the next turn. Errors leave the conversation as it was: an empty
+        message or this session already streaming raise here; another session's answer on the
+        same model (`ChatBusyError`) and a conversation too long for the model's context
+        (`ContextError`: `reset()` starts a new one) raise when iteration starts.
         """
         if not text.strip():
             raise ValueError("message is empty")
+        if self._streaming:
+            raise ChatBusyError("this session is already streaming an answer; finish, close or cancel() it first")
+        self._cancel = cancel = threading.Event()  # cancel() from here on stops this answer
+        return self._stream(text, cancel)
+
+    def _stream(self, text: str, cancel: threading.Event) -> Iterator[Response]:
         if not self._lock.acquire(blocking=False):
             raise ChatBusyError(
                 "the model is already streaming an answer; finish, close or cancel() it first "
@@ -139,7 +181,6 @@ class ChatSession:
             )
         try:
             self._streaming = True
-            self._cancel = cancel = threading.Event()  # cancel() from here on stops this answer
             yield from self._answer(text, cancel)
         finally:
             self._streaming = False
@@ -158,6 +199,12 @@ class ChatSession:
 
     def _answer(self, text: str, cancel: threading.Event) -> Iterator[Response]:
         prompt_ids, rendered = self._prompt(text)
+        context = self.model.args.max_position_embeddings
+        if len(prompt_ids) >= context:
+            raise ContextError(
+                f"the conversation is full: with this message it holds {len(prompt_ids)} tokens, the "
+                f"model's context {context}; /reset (ChatSession.reset) starts a new one"
+            )
         responses = stream_generate(
             self.model,
             self.tokenizer,
@@ -182,12 +229,11 @@ class ChatSession:
             responses.close()  # settles the cache
             if computing:  # interrupted inside a forward (KeyboardInterrupt, an error): start afresh
                 self._cache = make_prompt_cache(self.model)
-            if seen:
-                self._record(text, prompt_ids, rendered, seen)
+            self._record(text, prompt_ids, rendered, seen)
 
     def _record(self, text: str, prompt_ids: list[int], rendered: str, seen: list[Response]) -> None:
         generated = [r.token for r in seen]
-        finished = seen[-1].finish_reason
+        finished = seen[-1].finish_reason if seen else None
         answer = generated[:-1] if finished == "stop" else generated
         self._history += [
             {"role": "user", "content": text},
@@ -195,4 +241,7 @@ class ChatSession:
         ]
         self._ids = prompt_ids + generated
         self._rendered = rendered + self.tokenizer.decode(generated)
-        self.last = seen[-1]
+        self.last = seen[-1] if seen else None
+        if seen:
+            self.drafted += seen[-1].drafted
+            self.accepted += seen[-1].accepted

@@ -17,10 +17,11 @@ import threading
 
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .chat import ChatBusyError, ChatSession, stats_line
+from .chat import ChatBusyError, ChatSession, drafter_warning, stats_line
 from .drafter import Drafter
-from .generate import stream_generate
+from .generate import DEFAULT_MAX_TOKENS, check_arguments, stream_generate
 from .load import load, load_pair
+from .quantize import BITS, GROUP_SIZES
 from .target import Target
 
 PROG = "mlx-gemma-mtp"
@@ -69,19 +70,30 @@ def _positive_int(value: str) -> int:
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "model",
-        nargs="?",
-        default=DEFAULT_MODEL,
-        help=f"model directory or hub id (default: {DEFAULT_MODEL})",
-    )
+    parser.add_argument("model", nargs="?", help=f"model directory or hub id (default: {DEFAULT_MODEL})")
+    parser.add_argument("--model", dest="model_flag", metavar="MODEL", help="the same, as mlx-lm spells it")
     drafting = parser.add_mutually_exclusive_group()
     drafting.add_argument(
         "--draft-model",
         metavar="PATH",
-        help="drafter directory or hub id (default: the pair's own, or an '-assistant' sibling)",
+        help="drafter directory or hub id (default: the pair's own, an '-assistant' sibling, or the hub's)",
     )
     drafting.add_argument("--no-draft", action="store_true", help="decode with the target alone")
+    quant = parser.add_argument_group("quantize in memory (an unquantized checkpoint, the converter's recipe)")
+    quant.add_argument("-q", "--quantize", action="store_true", help="quantize target and drafter at load")
+    quant.add_argument("--q-bits", type=int, choices=BITS, default=4, help="bits per weight (default 4)")
+    quant.add_argument(
+        "--q-group-size", type=int, choices=GROUP_SIZES, default=64, help="weights per scale (default 64)"
+    )
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse a subcommand's flags; the model from the positional or --model (not both)."""
+    args = parser.parse_args(argv)
+    if args.model and args.model_flag and args.model != args.model_flag:
+        parser.error(f"two models named: {args.model} and --model {args.model_flag}")
+    args.model = args.model or args.model_flag or DEFAULT_MODEL
+    return args
 
 
 # Sampling and draft-length flags: only those given are passed on, so the library's defaults
@@ -101,33 +113,37 @@ _GENERATION_FLAGS = {
 }
 
 
-def _add_generation_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+def _add_generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-m",
         "--max-tokens",
         type=_positive_int,
-        default=max_tokens,
-        help=f"answer length limit (default {max_tokens})",
+        default=DEFAULT_MAX_TOKENS,
+        help=f"answer length limit (default {DEFAULT_MAX_TOKENS})",
     )
     for dest, (flags, kind, help_text) in _GENERATION_FLAGS.items():
         parser.add_argument(*flags, dest=dest, type=kind, default=None, help=help_text)
-    parser.add_argument("--system", help="system message (chat template only)")
+    parser.add_argument("--system", "--system-prompt", dest="system", help="system message (chat template only)")
 
 
 def _generation_kwargs(args: argparse.Namespace) -> dict:
     return {dest: getattr(args, dest) for dest in _GENERATION_FLAGS if getattr(args, dest) is not None}
 
 
-def _load(args: argparse.Namespace) -> tuple[Target, TokenizerWrapper, Drafter | None]:
-    """The target, its tokenizer and the drafter the flags ask for (or the one found)."""
+def load_from_flags(args: argparse.Namespace) -> tuple[Target, TokenizerWrapper, Drafter | None]:
+    """The target, its tokenizer and the drafter the flags ask for (or the one found); says
+    on stderr which drafter decodes."""
+    quantization = {"q_bits": args.q_bits, "q_group_size": args.q_group_size} if args.quantize else {}
     if args.no_draft:
-        return (*load(args.model), None)
-    model, tokenizer, drafter = load_pair(args.model, args.draft_model)
+        return (*load(args.model, **quantization), None)
+    model, tokenizer, drafter = load_pair(args.model, args.draft_model, **quantization)
     if drafter is None:
         print(
             f"No drafter found for {args.model}: decoding with the target alone (--draft-model names one).",
             file=sys.stderr,
         )
+    else:
+        print(f"Drafter: {drafter.source}", file=sys.stderr)
     return model, tokenizer, drafter
 
 
@@ -148,19 +164,39 @@ def setup_generate_parser() -> argparse.ArgumentParser:
         default=None,
         help="wrap the prompt in the model's chat template (default: when the tokenizer has one)",
     )
-    _add_generation_args(parser, max_tokens=256)
+    parser.add_argument(
+        "--ignore-chat-template", dest="chat_template", action="store_false", help="as --no-chat-template"
+    )
+    parser.add_argument(
+        "--verbose",
+        type=_boolean,
+        nargs="?",
+        const=True,
+        default=True,
+        help="the statistics line on stderr (default True; --verbose False: none)",
+    )
+    _add_generation_args(parser)
     return parser
+
+
+def _boolean(value: str) -> bool:
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
 
 
 def generate_main(argv: list[str] | None = None) -> int:
     parser = setup_generate_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     if args.prompt is None and sys.stdin.isatty():
         parser.error("no prompt: pass --prompt or pipe one on stdin")
     prompt = sys.stdin.read().rstrip("\n") if args.prompt is None else args.prompt
     if not prompt.strip():
         parser.error("the prompt is empty")
-    model, tokenizer, drafter = _load(args)
+    check_arguments("generate", args.max_tokens, _generation_kwargs(args))  # before a long load
+    model, tokenizer, drafter = load_from_flags(args)
     use_template = tokenizer.has_chat_template if args.chat_template is None else args.chat_template
     if use_template:
         if not tokenizer.has_chat_template:
@@ -176,7 +212,11 @@ def generate_main(argv: list[str] | None = None) -> int:
         sys.stdout.write(r.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    print(stats_line(r), file=sys.stderr)
+    if args.verbose:
+        print(stats_line(r), file=sys.stderr)
+    warning = drafter_warning(r.drafted, r.accepted, drafter)
+    if warning:
+        print(warning, file=sys.stderr)
     return 0
 
 
@@ -190,20 +230,21 @@ def setup_chat_parser() -> argparse.ArgumentParser:
         description="Chat with a Gemma 4 model and its drafter; /help inside lists the commands.",
     )
     _add_model_args(parser)
-    _add_generation_args(parser, max_tokens=1024)
+    _add_generation_args(parser)
     return parser
 
 
 def chat_main(argv: list[str] | None = None) -> int:
-    args = setup_chat_parser().parse_args(argv)
+    args = parse(setup_chat_parser(), argv)
+    check_arguments("chat", args.max_tokens, _generation_kwargs(args))  # before a long load
     print(f"Loading {args.model} ...", flush=True)
-    model, tokenizer, drafter = _load(args)
+    model, tokenizer, drafter = load_from_flags(args)
     session = ChatSession(
         model, tokenizer, drafter, system=args.system, max_tokens=args.max_tokens, **_generation_kwargs(args)
     )
     if sys.stdin.isatty():
         import readline  # noqa: F401  (line editing and history for input())
-    drafting = "no drafter" if drafter is None else "with its drafter"
+    drafting = "no drafter" if drafter is None else f"drafter {drafter.source}"
     print(f"Chatting with {args.model} ({drafting}). /help for commands, Ctrl-D to leave.")
     repl(session)
     return 0
@@ -258,8 +299,17 @@ def _answer(session: ChatSession, text: str) -> None:
     except KeyboardInterrupt:  # a second Ctrl-C, while a forward was running
         print(" [interrupted]")
         return
-    finish = session.last.finish_reason if session.last else "stop"
-    print({None: " [stopped]", "length": " [max tokens]"}.get(finish, ""))
+    except ValueError as e:  # the conversation is full, an empty message: said, and the chat goes on
+        print(f"({_one_line(e)})")
+        return
+    finish = session.last.finish_reason if session.last else None
+    if finish == "length" and session.full:
+        print(" [the conversation fills the model's context: /reset starts a new one]")
+    else:
+        print({None: " [stopped]", "length": " [max tokens]"}.get(finish, ""))
+    warning = session.drafter_warning()
+    if warning:
+        print(f"({warning})")
 
 
 @contextlib.contextmanager

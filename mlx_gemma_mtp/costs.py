@@ -112,8 +112,9 @@ def measure_costs(target: Target, drafter: Drafter, repeats: int = REPEATS, batc
 
 
 def _scratch_prompt(target: Target, row: int) -> list[int]:
-    """CONTEXT distinct ids per row (a MoE routes distinct tokens apart)."""
-    return [(7 * row + 13 * i + 5) % target.args.vocab_size for i in range(CONTEXT)]
+    """CONTEXT distinct ids per row (a MoE routes distinct tokens apart), fewer in a small context."""
+    n = min(CONTEXT, target.args.max_position_embeddings // 4)
+    return [(7 * row + 13 * i + 5) % target.args.vocab_size for i in range(n)]
 
 
 @dataclass
@@ -131,13 +132,18 @@ def _loop_times(target: Target, drafter: Drafter, prompts: list[list[int]], k: i
     """The engine's timings of its first `rounds` timed rounds of k drafts (k = 0: plain
     steps) for a batch of `prompts` on fresh caches."""
     policy = _Clocked(k)
-    engine = Engine(target, drafter, num_draft_tokens=policy, max_batch=len(prompts))
-    limit = target.args.max_position_embeddings - CONTEXT
-    for prompt in prompts:
-        engine.add(Request(prompt=prompt, max_tokens=limit, stop_ids=frozenset()))
-    while engine.busy and len(policy.seconds) < rounds:
-        engine.step()
-    engine.close()
+    limit = target.args.max_position_embeddings - len(prompts[0])
+    for _ in range(rounds + 2):  # a small context ends generations early: start them again
+        engine = Engine(target, drafter, num_draft_tokens=policy, max_batch=len(prompts))
+        for prompt in prompts:
+            engine.add(Request(prompt=prompt, max_tokens=limit, stop_ids=frozenset()))
+        while engine.busy and len(policy.seconds) < rounds:
+            engine.step()
+        engine.close()
+        if len(policy.seconds) >= rounds:
+            break
+    if not policy.seconds:
+        raise RuntimeError(f"the model's context ({limit} positions) is too short to time rounds of {k}")
     return policy.seconds[:rounds]
 
 

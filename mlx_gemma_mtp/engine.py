@@ -56,8 +56,8 @@ class PromptCache:
 
 @dataclass(frozen=True, kw_only=True)
 class Request:
-    prompt: Sequence[int]  # token ids: non-empty, inside the vocabulary, within the context
-    max_tokens: int
+    prompt: Sequence[int]  # token ids: non-empty, inside the vocabulary, shorter than the context
+    max_tokens: int  # at most; generation also ends where the model's context does ("length")
     sampling: Sampling = GREEDY  # this row's settings, seed included
     stop_ids: frozenset[int] | None = None  # None: the checkpoint's stop ids
     logprobs: int | None = None  # None: none; n in 0..MAX_LOGPROBS: each token's and the top n
@@ -128,6 +128,7 @@ class _Row:
     request: Request
     prompt: list[int]
     stop_ids: frozenset[int]
+    limit: int  # tokens it may emit: max_tokens, or what the model's context leaves
     cached: int = 0  # prompt tokens reused from a prompt cache
     cache: Cache | None = None  # while waiting: its own cache, being prefilled
     done: int = 0  # prompt tokens in that cache
@@ -137,7 +138,7 @@ class _Row:
 
     @property
     def remaining(self) -> int:
-        return self.request.max_tokens - len(self.emitted)
+        return self.limit - len(self.emitted)
 
     def usage(self) -> Usage:
         return Usage(
@@ -158,6 +159,10 @@ class _First:
     rid: int
     token: mx.array  # [1] int32
     logprobs: tuple[mx.array, mx.array, mx.array] | None
+
+
+class ContextError(ValueError):
+    """A prompt that leaves the model's context no room for a token."""
 
 
 class Engine:
@@ -213,7 +218,9 @@ class Engine:
         stop_ids = frozenset(self.model.config.stop_ids) if request.stop_ids is None else request.stop_ids
         if request.sampling.seed is None and not request.sampling.greedy:
             request = replace(request, sampling=replace(request.sampling, seed=random_seed()))
-        self._rows[rid] = _Row(rid=rid, request=request, prompt=list(request.prompt), stop_ids=stop_ids)
+        room = self.model.args.max_position_embeddings - len(request.prompt)
+        limit = min(request.max_tokens, room)
+        self._rows[rid] = _Row(rid=rid, request=request, prompt=list(request.prompt), stop_ids=stop_ids, limit=limit)
         self._waiting.append(rid)
         return rid
 
@@ -360,7 +367,7 @@ class Engine:
         logprobs = None if top is None else log_probs_of(logits, token[:, None], top)
         mx.async_eval(token, *(logprobs or ()))
         self._firsts.append(_First(row.rid, token, logprobs))
-        if row.request.max_tokens == 1:
+        if row.limit == 1:
             return  # it ends with its first token
         alone.token = token[:, None]
         alone.histories = [None if history is None else mx.concatenate([history, token])]
@@ -394,14 +401,15 @@ class Engine:
             self.policy.observe_time(done.k, len(done.ids), now - self._read_at)
 
     def _emit(self, row: _Row, tokens: list[int], from_draft: list[bool], logprobs, b: int) -> Event:
-        """The event of `tokens` for `row`, cut at a stop id (kept) or at max_tokens."""
+        """The event of `tokens` for `row`, cut at a stop id (kept) or at its limit (max_tokens,
+        or the model's context)."""
         cut, finish = len(tokens), None
         for i, token in enumerate(tokens):
             if token in row.stop_ids:
                 cut, finish = i + 1, "stop"
                 break
-        if len(row.emitted) + cut >= row.request.max_tokens:
-            cut, finish = row.request.max_tokens - len(row.emitted), finish or "length"
+        if len(row.emitted) + cut >= row.limit:
+            cut, finish = row.limit - len(row.emitted), finish or "length"
         row.emitted += tokens[:cut]
         chosen = top = None
         if row.request.logprobs is not None:
@@ -508,9 +516,10 @@ def check_request(model: Target, request: Request) -> None:
     if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
         raise ValueError(f"max_tokens must be a positive int, got {n!r}")
     context = model.args.max_position_embeddings
-    if len(prompt) + n > context:
-        raise ValueError(
-            f"prompt of {len(prompt)} tokens plus max_tokens {n} exceeds the model's context of {context} tokens"
+    if len(prompt) >= context:
+        raise ContextError(
+            f"prompt of {len(prompt)} tokens does not fit the model's context of {context} tokens "
+            "(max_position_embeddings): nothing can follow it"
         )
     top = request.logprobs
     if top is not None and (not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_LOGPROBS):

@@ -23,6 +23,10 @@ from .sample import SEED_LIMIT, Sampling, make_sampling
 from .target import Target
 
 DRAFT_SCHEDULES = ("auto", "heuristic")
+# Every entry point (the functions here, ChatSession, the CLI, the server) generates at most this
+# many tokens unless told otherwise: Gemma 4 answers often think first, and mlx-lm's 256 cuts
+# most such answers short. Generation also ends where the model's context does.
+DEFAULT_MAX_TOKENS = 1024
 # What `make_sampling` takes: the sampling keywords every public function passes on.
 SAMPLING_KEYWORDS = (
     "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "repetition_context_size",
@@ -121,7 +125,7 @@ def stream_generate(
     model: Target,
     tokenizer: TokenizerWrapper,
     prompt: str | Sequence[int],
-    max_tokens: int = 256,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
     *,
     draft_model: Drafter | None = None,
     num_draft_tokens: int | str = "auto",
@@ -220,7 +224,7 @@ def generate(
     model: Target,
     tokenizer: TokenizerWrapper,
     prompt: str | Sequence[int],
-    max_tokens: int = 256,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
     *,
     verbose: bool = False,
     **kwargs,
@@ -293,7 +297,7 @@ def stream_batch_generate(
     prompts: Sequence[str | Sequence[int]],
     draft_model: Drafter | None = None,
     *,
-    max_tokens: int | Sequence[int] = 256,
+    max_tokens: int | Sequence[int] = DEFAULT_MAX_TOKENS,
     num_draft_tokens: int | str = "auto",
     max_batch: int | None = None,
     **sampling,

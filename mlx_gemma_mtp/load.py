@@ -17,6 +17,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
@@ -29,6 +30,8 @@ from .config import (
     read_json,
 )
 from .drafter import Drafter
+from .quantize import check as check_quantization
+from .quantize import quantize
 from .target import Target, WeightsError
 
 # What a snapshot of a model repo needs; towers' extra files and other formats are skipped.
@@ -114,7 +117,19 @@ def _quantize(model: nn.Module, quantization: dict, weights: dict[str, mx.array]
     )
 
 
-def _fill(model: nn.Module, weights: dict[str, mx.array], where: Path, dtype) -> None:
+DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+
+
+def as_dtype(dtype) -> mx.Dtype | None:
+    """An MLX float dtype from its name or itself (None: the checkpoint's own)."""
+    if dtype is None or isinstance(dtype, mx.Dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (or that mlx dtype), got {dtype!r}")
+
+
+def _fill(model: nn.Module, weights: dict[str, mx.array], where: Path, dtype, evaluate: bool = True) -> None:
     if dtype is not None:
         weights = {
             k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and not k.endswith(".scales") else v
@@ -124,44 +139,71 @@ def _fill(model: nn.Module, weights: dict[str, mx.array], where: Path, dtype) ->
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
         raise WeightsError(f"{where}: checkpoint does not fit the model: {e}") from None
-    mx.eval(model.state)  # parameters and buffers (rope frequencies): a model made here runs on any thread
+    if evaluate:
+        mx.eval(model.state)  # parameters and buffers (rope frequencies): a model made here runs on any thread
 
 
-def _load_weights(model: Target | Drafter, model_dir: Path, dtype) -> None:
-    """Read, sanitize, quantize as the checkpoint was, and load strictly: target or drafter."""
+def _load_weights(model: Target | Drafter, model_dir: Path, dtype, q_bits: int | None, q_group_size: int) -> None:
+    """Read, sanitize, quantize as the checkpoint was (or, `q_bits` given, with the converter's
+    recipe, in memory), and load strictly: target or drafter."""
     weights = model.sanitize(read_safetensors(model_dir))
-    if model.config.quantization:
-        _quantize(model, model.config.quantization, weights)
-    _fill(model, weights, model_dir, dtype)
+    stored = model.config.quantization
+    if stored and q_bits is not None:
+        raise ConfigError(
+            f"{model_dir} is already quantized ({stored.get('bits')}-bit): load it without quantizing again"
+        )
+    if stored:
+        _quantize(model, stored, weights)
+    _fill(model, weights, model_dir, as_dtype(dtype), evaluate=q_bits is None)
+    if q_bits is not None:
+        quantize(model, q_bits, q_group_size)
+        # Layer by layer: one layer's full-precision weights in memory at a time, not the model's.
+        for _, value in tree_flatten(model.parameters()):
+            mx.eval(value)
+        mx.eval(model.state)
 
 
-def load_target(model_dir: Path, dtype=None) -> Target:
+def load_target(model_dir: Path, dtype=None, q_bits: int | None = None, q_group_size: int = 64) -> Target:
     model = Target(load_target_config(model_dir))
-    _load_weights(model, model_dir, dtype)
+    _load_weights(model, model_dir, dtype, q_bits, q_group_size)
     return model
 
 
-def load(path_or_id: str | Path, dtype=None) -> tuple[Target, TokenizerWrapper]:
+def load(
+    path_or_id: str | Path, dtype=None, *, q_bits: int | None = None, q_group_size: int = 64
+) -> tuple[Target, TokenizerWrapper]:
     """Load a Gemma 4 target and its tokenizer (of a pair directory: its target's).
 
-    `dtype` (e.g. mx.float32) casts the unquantized weights; default: the checkpoint's own.
-    The drafter is loaded by `load_pair` or `load_drafter`.
+    `dtype` ("bfloat16", "float16", "float32", or that mlx dtype) casts the unquantized
+    weights; default: the checkpoint's own. `q_bits` (4 or 8) with `q_group_size` (32, 64,
+    128) quantizes an unquantized checkpoint in memory with the converter's recipe
+    (`mlx_gemma_mtp.quantize`), one layer at a time. The drafter is loaded by `load_pair` or
+    `load_drafter`.
     """
+    as_dtype(dtype)
+    if q_bits is not None:
+        check_quantization(q_bits, q_group_size)
     model_dir = resolve(path_or_id)
     pair = read_pair(model_dir)
     target_dir = model_dir / pair["target"] if pair else model_dir
-    model = load_target(target_dir, dtype)
+    model = load_target(target_dir, dtype, q_bits, q_group_size)
     tokenizer = load_tokenizer(target_dir, eos_token_ids=list(model.config.stop_ids))
     return model, tokenizer
 
 
 def load_pair(
-    path_or_id: str | Path, draft_model: str | Path | None = None, dtype=None
+    path_or_id: str | Path,
+    draft_model: str | Path | None = None,
+    dtype=None,
+    *,
+    q_bits: int | None = None,
+    q_group_size: int = 64,
 ) -> tuple[Target, TokenizerWrapper, Drafter | None]:
     """Load a target, its tokenizer and its drafter: `draft_model` when given, else the one
     `find_drafter` finds for `path_or_id` (or, for a hub id, the hub's `<id>-assistant`);
-    None when there is none. The drafter's directory is `drafter.source`."""
-    model, tokenizer = load(path_or_id, dtype)
+    None when there is none. The drafter's directory is `drafter.source`. dtype and the
+    quantization apply to both (as `load`)."""
+    model, tokenizer = load(path_or_id, dtype, q_bits=q_bits, q_group_size=q_group_size)
     if draft_model is None:
         draft_model = find_drafter(path_or_id)
     if draft_model is None and not Path(path_or_id).expanduser().exists():
@@ -169,13 +211,16 @@ def load_pair(
             draft_model = resolve(f"{path_or_id}-assistant")
         except ConfigError:
             draft_model = None
-    drafter = None if draft_model is None else load_drafter(draft_model, model, dtype)
-    return model, tokenizer, drafter
+    if draft_model is None:
+        return model, tokenizer, None
+    return model, tokenizer, load_drafter(draft_model, model, dtype, q_bits=q_bits, q_group_size=q_group_size)
 
 
-def load_drafter(path_or_id: str | Path, model: Target, dtype=None) -> Drafter:
+def load_drafter(
+    path_or_id: str | Path, model: Target, dtype=None, *, q_bits: int | None = None, q_group_size: int = 64
+) -> Drafter:
     """Load the MTP assistant for `model` (a pair directory gives its drafter); refuses one
-    that does not fit it."""
+    that does not fit it. dtype and quantization as `load`."""
     model_dir = resolve(path_or_id)
     pair = read_pair(model_dir)
     if pair:
@@ -183,7 +228,7 @@ def load_drafter(path_or_id: str | Path, model: Target, dtype=None) -> Drafter:
     config = load_drafter_config(model_dir)
     check_fit(config, model, model_dir)
     drafter = Drafter(config, source=model_dir)
-    _load_weights(drafter, model_dir, dtype)
+    _load_weights(drafter, model_dir, dtype, q_bits, q_group_size)
     return drafter
 
 

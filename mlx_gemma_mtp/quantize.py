@@ -31,6 +31,16 @@ import mlx.nn as nn
 
 ROUTER_BITS = 8
 MODE = "affine"
+BITS = (4, 8)  # what `convert -q` and in-memory quantization offer
+GROUP_SIZES = (32, 64, 128)
+
+
+def check(bits, group_size) -> None:
+    """ValueError naming a quantization this recipe does not offer."""
+    if bits not in BITS:
+        raise ValueError(f"quantization bits must be one of {BITS}, got {bits!r}")
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"quantization group size must be one of {GROUP_SIZES}, got {group_size!r}")
 
 
 def quant_predicate(bits: int, group_size: int):

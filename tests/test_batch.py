@@ -172,7 +172,7 @@ def test_bad_prompts_are_refused_before_anything_runs(loaded, checkpoints, monke
     for bad, message in (
         ([], "prompt 1: prompt is empty"),
         ([5, VOCAB_SIZE + 3], r"prompt 1: prompt token ids \[515\] are outside the vocabulary"),
-        ([5] * context, f"prompt 1: prompt of {context} tokens plus max_tokens 8 exceeds the model's context"),
+        ([5] * context, f"prompt 1: prompt of {context} tokens does not fit the model's context of {context}"),
     ):
         with pytest.raises(ValueError, match=message):
             batch_generate(target, tokenizer, ["fine", bad, "also fine"], drafter, max_tokens=8)

@@ -85,7 +85,7 @@ def test_chat_in_a_terminal(model_dir, pair):
         timeout=90,
         dimensions=(40, 250),
     )
-    chat.expect_exact("(with its drafter)")  # found beside the target as tiny-it-assistant
+    chat.expect_exact(f"(drafter {model_dir}-assistant)")  # found beside the target as tiny-it-assistant
     chat.expect_exact(">>> ")
 
     for text, answer in zip(("hello there", "and the water"), answers):
@@ -146,8 +146,8 @@ def test_generate_reads_stdin(model_dir, pair):
     assert out.returncode == 0, out.stderr
     expected = generate(model, tokenizer, _templated(tokenizer, "the quick brown fox"), 24, draft_model=drafter)
     assert out.stdout == expected + "\n"
-    stats = out.stderr.strip()
-    assert "\n" not in stats
+    said, stats = out.stderr.strip().splitlines()
+    assert said == f"Drafter: {model_dir}-assistant"  # which drafter decodes
     assert re.search(r"prompt \d+ tokens, [\d.]+ tok/s \| generation \d+ tokens, [\d.]+ tok/s", stats)
     assert re.search(r"acceptance \d+% \(\d+/\d+\)", stats) and "peak memory" in stats
 
