@@ -307,4 +307,3 @@ def _padded(buffer: mx.array, capacity: int) -> mx.array:
     """buffer [B, H, S, D] with zeros up to `capacity` positions."""
     missing = capacity - buffer.shape[2]
     return buffer if not missing else mx.pad(buffer, [(0, 0), (0, 0), (0, missing), (0, 0)])
-Position = int | mx.array  # TEMP
