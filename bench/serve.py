@@ -207,8 +207,9 @@ def engine_run(engine, ids: list[list[int]], clients: int, tokens: int) -> dict:
 
 
 def bench_engine(pair: Path, ids: list[list[int]], args) -> dict:
-    from mlx_gemma_mtp import load_pair
     from mlx_gemma_mtp.engine import Engine
+
+    from mlx_gemma_mtp import load_pair
 
     model, _, drafter = load_pair(pair)
     k = args.num_draft_tokens if args.num_draft_tokens == "auto" else int(args.num_draft_tokens)
@@ -218,9 +219,7 @@ def bench_engine(pair: Path, ids: list[list[int]], args) -> dict:
         c: _trials(lambda c=c: engine_run(engine, ids[: c * args.requests], c, args.tokens), args)
         for c in args.clients
     }
-    del engine, model, drafter
-    mx.clear_cache()
-    return out
+    return out  # the engine and models go with this frame; main clears MLX's cache after
 
 
 def _trials(run, args) -> dict:
@@ -255,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                 if side == "engine"
                 else bench_server(side, workdir, texts, args)
             )
+            mx.clear_cache()
             for clients, run in results[side].items():
                 print(_line(side, clients, run), flush=True)
     finally:
