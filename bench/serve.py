@@ -37,6 +37,10 @@ import httpx
 import mlx.core as mx
 import numpy as np
 
+from mlx_gemma_mtp import load_pair
+from mlx_gemma_mtp.engine import Engine, Request
+from mlx_gemma_mtp.generate import draft_length
+
 from . import environment
 from .models import SHAPES, build
 from .peer import FIRST_ORDINARY, write_pair
@@ -189,8 +193,6 @@ def bench_server(side: str, pair: Path, texts: list[str], args) -> dict:
 
 def engine_run(engine, ids: list[list[int]], clients: int, tokens: int) -> dict:
     """Keep `clients` rows in flight over `ids`, as the server's clients do."""
-    from mlx_gemma_mtp.engine import Request
-
     pending, in_flight, records = list(ids), 0, []
     start = time.perf_counter()
     while pending or engine.busy:
@@ -207,13 +209,14 @@ def engine_run(engine, ids: list[list[int]], clients: int, tokens: int) -> dict:
 
 
 def bench_engine(pair: Path, ids: list[list[int]], args) -> dict:
-    from mlx_gemma_mtp.engine import Engine
-
-    from mlx_gemma_mtp import load_pair
-
     model, _, drafter = load_pair(pair)
-    k = args.num_draft_tokens if args.num_draft_tokens == "auto" else int(args.num_draft_tokens)
-    engine = Engine(model, drafter, num_draft_tokens=k, max_batch=max(args.clients))
+    k = (
+        args.num_draft_tokens
+        if args.num_draft_tokens in ("auto", "heuristic")
+        else int(args.num_draft_tokens)
+    )
+    policy = draft_length(k, model, drafter)
+    engine = Engine(model, drafter, num_draft_tokens=policy, max_batch=max(args.clients))
     engine_run(engine, ids[: max(args.clients)], max(args.clients), args.tokens)  # warm-up
     out = {
         c: _trials(lambda c=c: engine_run(engine, ids[: c * args.requests], c, args.tokens), args)

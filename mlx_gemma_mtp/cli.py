@@ -327,6 +327,13 @@ def setup_serve_parser() -> argparse.ArgumentParser:
         default=32,
         help="requests waiting for a row; beyond: 429 (default 32)",
     )
+    parser.add_argument(
+        "--prefix-cache",
+        type=_non_negative_int,
+        default=8,
+        help="finished requests' caches kept, so that a conversation's next turn prefills only what is new "
+        "(default 8; 0: none)",
+    )
     parser.add_argument("--served-model-name", help="the model id clients see (default: MODEL as given)")
     parser.add_argument(
         "--shutdown-grace",
@@ -347,6 +354,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     try:
         from . import server
         from .engine import Engine
+        from .generate import draft_length
     except ImportError as e:
         print(
             f"{PROG} serve: {_one_line(e)}; the server needs its extra: pip install 'mlx-gemma-mtp[server]'",
@@ -364,10 +372,18 @@ def serve_main(argv: list[str] | None = None) -> int:
         grace=args.shutdown_grace,
     )
     draft = "auto" if args.num_draft_tokens is None else args.num_draft_tokens
-    engine_options = {"num_draft_tokens": draft, "max_batch": args.max_batch}
-    worker = server.Worker(
-        lambda: _load(args), lambda model, drafter: Engine(model, drafter, **engine_options)
-    )
+
+    def make_engine(model, drafter):  # on the worker thread: "auto" measures costs here, once per device
+        policy = draft_length(draft, model, drafter)
+        return Engine(
+            model,
+            drafter,
+            num_draft_tokens=policy,
+            max_batch=args.max_batch,
+            prefix_cache_size=args.prefix_cache,
+        )
+
+    worker = server.Worker(lambda: _load(args), make_engine)
     print(
         f"Loading {args.model} (and measuring draft costs if this device has none yet) ...", file=sys.stderr
     )

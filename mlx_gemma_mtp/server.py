@@ -92,10 +92,12 @@ class Run:
         self.finished = event.finish_reason is not None
         return event
 
-    def cancel(self) -> None:
+    def cancel(self, keep: int | None = None) -> None:
+        """Free the row unless it finished; `keep`: the tokens the answer used (a stop string
+        may end it inside an event), which is what the prefix cache should hold."""
         if not self.finished:
             self.finished = True
-            self._service.worker.cancel(self.job)
+            self._service.worker.cancel(self.job, keep)
 
     def close(self) -> None:
         """Free the row if it still runs, and the admission (idempotent)."""
@@ -217,6 +219,7 @@ class Service:
         try:
             while answer.finish_reason is None:
                 answer.feed(await run.next())
+            run.cancel(keep=answer.tokens)  # a stop string ended it: the row may still run
         finally:
             watcher.cancel()
         if answer.finish_reason == "cancelled":  # the client has left: nobody reads this
@@ -243,6 +246,7 @@ class Service:
                 delta, logprobs = answer.feed(await run.next())
                 if delta or logprobs:
                     yield _sse(answer.chunk(meta, delta, logprobs))
+            run.cancel(keep=answer.tokens)  # a stop string ended it: the row may still run
             yield _sse(answer.last_chunk(meta))
             if include_usage:
                 yield _sse(answer.usage_chunk(meta))

@@ -74,9 +74,10 @@ class Worker:
     def submit(self, job: Job) -> None:
         self._commands.put(("add", job))
 
-    def cancel(self, job: Job) -> None:
-        """Stop the job's row (a no-op once it finished); its last Event says "cancelled"."""
-        self._commands.put(("cancel", job))
+    def cancel(self, job: Job, keep: int | None = None) -> None:
+        """Stop the job's row (a no-op once it finished); its last Event says "cancelled".
+        keep: how many of its tokens the client took (the prefix cache then keeps those)."""
+        self._commands.put(("cancel", (job, keep)))
 
     def drain(self, grace: float) -> None:
         """Rows still running `grace` seconds from now end with a ServiceError."""
@@ -97,7 +98,7 @@ class Worker:
             self._model, self._drafter = model, drafter
             self.drafter_source = None if drafter is None else str(drafter.source)
             self._engine = self._make_engine(model, drafter)
-        except Exception as e:  # handed to start()'s caller, which reports it
+        except Exception as e:  # noqa: BLE001  (handed to start()'s caller, which reports it)
             self._ready.set_exception(e)
             return
         self._ready.set_result(tokenizer)
@@ -128,8 +129,9 @@ class Worker:
         if name == "deadline":
             self._draining, self._deadline = True, arg
         elif name == "cancel":
-            if arg.rid in self._jobs:
-                self._engine.cancel(arg.rid)
+            job, keep = arg
+            if job.rid in self._jobs:
+                self._engine.cancel(job.rid, keep)
         elif self._draining:  # "add"
             arg.deliver(ServiceError("the server is shutting down"))
         else:

@@ -12,6 +12,8 @@ import json
 import resource
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -22,15 +24,12 @@ import pytest
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from mlx_gemma_mtp import cli, generate, load_pair, stream_generate
-from tests.engine_double import ScriptedEngine, install
-from tests.fixtures import SPECIAL_TOKENS, build_tokenizer
-
-install()  # before the server's imports: the engine double stands in until the engine lands
-from mlx_gemma_mtp.engine import Engine
-
 from mlx_gemma_mtp import server as server_module
+from mlx_gemma_mtp.engine import Engine, Request
 from mlx_gemma_mtp.server import ServeConfig, make_server
 from mlx_gemma_mtp.worker import Worker
+from tests.engine_double import ScriptedEngine
+from tests.fixtures import SPECIAL_TOKENS, build_tokenizer
 
 KIND = "dense"
 MAX_TOKENS = 24
@@ -81,9 +80,11 @@ def pair(checkpoints):
 @pytest.fixture(scope="module")
 def served(checkpoints):
     target_dir, drafter_dir = checkpoints[KIND]
-    with serving(
-        lambda: load_pair(target_dir, drafter_dir), lambda m, d: Engine(m, d, num_draft_tokens=3)
-    ) as (url, _):
+
+    def make_engine(model, drafter):
+        return Engine(model, drafter, num_draft_tokens=3, max_batch=8, prefix_cache_size=4)
+
+    with serving(lambda: load_pair(target_dir, drafter_dir), make_engine) as (url, _):
         yield url
 
 
@@ -155,29 +156,34 @@ def test_concurrent_streams_equal_sequential_answers_while_one_drops(served):
     assert health["pending"] == 0
 
 
-def _reference_logprobs(model, ids: list[int], n_prompt: int) -> mx.array:
-    """log-softmax of the target's logits at each generated position, from one plain forward."""
-    hidden = model(mx.array([ids[:-1]], dtype=mx.int32), model.make_cache(room=1))
-    logits = model.logits(hidden)[0, n_prompt - 1 :].astype(mx.float32)
-    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+def _plain_decoding(model, prompt: list[int], max_tokens: int, top: int) -> list:
+    """The events of plain decoding (no drafter), in this thread: the reference logprobs."""
+    engine = Engine(model, None, max_batch=1)
+    engine.add(Request(prompt=prompt, max_tokens=max_tokens, logprobs=top))
+    events = []
+    while engine.busy:
+        events += engine.step()
+    return events
 
 
 def test_logprobs_equal_plain_decoding(served, pair):
     model, tokenizer, _ = pair
     text = PROMPTS[2]
-    prompt = _chat_ids(tokenizer, text)
-    tokens = [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=MAX_TOKENS)]
-    reference = _reference_logprobs(model, prompt + tokens, len(prompt))
+    events = _plain_decoding(model, _chat_ids(tokenizer, text), MAX_TOKENS, top=3)
+    tokens = [t for e in events for t in e.tokens]
+    logprobs = [v for e in events for v in e.logprobs]
+    tops = [t for e in events for t in e.top_logprobs]
     answer = _ask(_client(served), text, logprobs=True, top_logprobs=3)
+    assert answer.model_extra["drafting"]["drafted"] > 0  # speculation was on
     entries = answer.choices[0].logprobs.content
-    shown = tokens[:-1] if answer.choices[0].finish_reason == "stop" else tokens  # a stop id is not text
-    assert len(entries) == len(shown)
-    for i, (entry, token) in enumerate(zip(entries, shown)):
+    shown = len(tokens) - (events[-1].finish_reason == "stop")  # a stop id is not text
+    assert len(entries) == shown
+    for entry, token, logprob, top in zip(entries, tokens, logprobs, tops):
         assert entry.token == tokenizer.decode([token])
         assert entry.top_logprobs[0].token == entry.token  # greedy: the chosen token is on top
-        assert entry.logprob == pytest.approx(reference[i, token].item(), abs=1e-4)
-        top = mx.sort(reference[i])[::-1][:3].tolist()
-        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(top, abs=1e-4)
+        assert entry.logprob == pytest.approx(logprob, abs=1e-4)
+        assert [t.token for t in entry.top_logprobs] == [tokenizer.decode([t]) for t, _ in top]
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx([v for _, v in top], abs=1e-4)
     legacy = _client(served).completions.create(model="tiny", prompt="the sound of", max_tokens=4, logprobs=2)
     lp = legacy.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) and all(
@@ -215,12 +221,26 @@ def test_usage_and_drafting_statistics(served, pair):
     assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (len(prompt), len(tokens))
     assert whole.usage.total_tokens == len(prompt) + len(tokens)
     drafting = whole.model_extra["drafting"]
-    assert 0 <= drafting["accepted"] <= drafting["drafted"]
+    assert 0 < drafting["accepted"] <= drafting["drafted"]
     rounds = drafting["rounds"]
     assert drafting["mean_accepted"] == pytest.approx(drafting["accepted"] / rounds if rounds else 0.0)
     _, chunks = _streamed(client, text, stream_options={"include_usage": True})
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(tokens)
     assert chunks[-1].usage.prompt_tokens == len(prompt)
+
+
+def test_the_next_turn_reuses_the_cache(served, pair):
+    _, tokenizer, _ = pair
+    client = _client(served)
+    first = [{"role": "user", "content": "a new conversation about water"}]
+    answer = client.chat.completions.create(model="tiny", messages=first, max_tokens=MAX_TOKENS)
+    turn = [
+        {"role": "assistant", "content": answer.choices[0].message.content},
+        {"role": "user", "content": "and"},
+    ]
+    again = client.chat.completions.create(model="tiny", messages=first + turn, max_tokens=4)
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert len(_chat_ids(tokenizer, first[0]["content"])) <= cached < again.usage.prompt_tokens
 
 
 BAD_CHAT_BODIES = [
@@ -343,18 +363,18 @@ def gemma4_tokenizer(request, tmp_path_factory):
 
 
 @contextlib.contextmanager
-def scripted(tokenizer, script_ids, stop_id, **config):
-    engine = ScriptedEngine(script_ids, stop_ids=[stop_id])
+def scripted(model, tokenizer, script_ids, stop_id, **config):
+    engine = ScriptedEngine(model, script_ids, stop_ids=[stop_id])
     with serving(lambda: (None, tokenizer, None), lambda m, d: engine, **config) as (url, server):
         yield url, engine, server
 
 
-def test_tools_and_reasoning_are_parsed(gemma4_tokenizer):
+def test_tools_and_reasoning_are_parsed(gemma4_tokenizer, pair):
     tokenizer, stop_id = gemma4_tokenizer
     answer = f"<|channel>thought\n{THOUGHT}<channel|>{SPOKEN}{CALL}"
     script = tokenizer.encode(answer, add_special_tokens=False) + [stop_id]
     question = [{"role": "user", "content": "Weather in Paris?"}]
-    with scripted(tokenizer, script, stop_id) as (url, engine, _):
+    with scripted(pair[0], tokenizer, script, stop_id) as (url, engine, _):
         client = _client(url)
         thinking = {"chat_template_kwargs": {"enable_thinking": True}}
         whole = client.chat.completions.create(
@@ -410,9 +430,9 @@ def _script(tokenizer, words: int) -> list[int]:
     return tokenizer.encode(" ".join(["the model"] * words), add_special_tokens=False)
 
 
-def test_a_full_queue_answers_429_with_retry_after(plain_tokenizer):
+def test_a_full_queue_answers_429_with_retry_after(plain_tokenizer, pair):
     gate = threading.Event()
-    engine = ScriptedEngine(_script(plain_tokenizer, 10), stop_ids=[106], gate=gate)
+    engine = ScriptedEngine(pair[0], _script(plain_tokenizer, 10), stop_ids=[106], gate=gate)
     with serving(lambda: (None, plain_tokenizer, None), lambda m, d: engine, max_pending=2) as (url, _):
         client = _client(url)
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -429,8 +449,8 @@ def test_a_full_queue_answers_429_with_retry_after(plain_tokenizer):
         assert _health(url)["rejected"] == 1
 
 
-def test_sigterm_finishes_or_errors_what_is_in_flight(plain_tokenizer):
-    engine = ScriptedEngine(_script(plain_tokenizer, 300), stop_ids=[106], delay=0.02)
+def test_sigterm_finishes_or_errors_what_is_in_flight(plain_tokenizer, pair):
+    engine = ScriptedEngine(pair[0], _script(plain_tokenizer, 300), stop_ids=[106], delay=0.02)
     with serving(lambda: (None, plain_tokenizer, None), lambda m, d: engine, grace=1.5) as (url, server):
         client = _client(url)
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -493,7 +513,7 @@ def test_serve_command_wires_flags_to_the_server(checkpoints, monkeypatch, capsy
     target_dir, drafter_dir = checkpoints[KIND]
     started = []
     monkeypatch.setattr(server_module.Server, "run", lambda self: started.append(self))
-    argv = ["serve", "--model", str(target_dir), "--draft-model", str(drafter_dir), "--port", "9999",
+    argv = ["serve", "--model", str(target_dir), "--draft-model", str(drafter_dir), "--port", "9999", "-k", "2",
             "--max-batch", "3", "--max-queue", "5", "--temperature", "0.5", "--served-model-name", "gemma"]  # fmt: skip
     assert cli.main(argv) == 0
     (server,) = started
@@ -508,3 +528,49 @@ def test_serve_command_wires_flags_to_the_server(checkpoints, monkeypatch, capsy
     with pytest.raises(SystemExit) as two_models:
         cli.main(["serve", "a", "--model", "b"])
     assert two_models.value.code == 2 and "two models" in capsys.readouterr().err
+
+
+def test_the_command_serves_until_sigterm(checkpoints):
+    """`python -m mlx_gemma_mtp serve` as users start it: answers, then on SIGTERM ends the
+    request in flight with an error after the grace period and exits."""
+    target_dir, drafter_dir = checkpoints[KIND]
+    port = _free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "mlx_gemma_mtp",
+        "serve",
+        str(target_dir),
+        "--draft-model",
+        str(drafter_dir),
+    ]
+    command += ["--port", str(port), "-k", "2", "--shutdown-grace", "0.5", "--log-level", "warning"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while not _answers(url):
+            assert process.poll() is None and time.monotonic() < deadline, (
+                process.stderr.read() if process.poll() else ""
+            )
+            time.sleep(0.1)
+        client = _client(url)
+        assert _ask(client, PROMPTS[0], max_tokens=4).choices[0].finish_reason == "length"
+        stream = iter(_ask(client, PROMPTS[1], max_tokens=3000, stream=True))
+        next(stream)
+        process.send_signal(signal.SIGTERM)
+        with pytest.raises(openai.APIError, match="shutting down"):
+            list(stream)
+        # uvicorn re-raises the signal once it has shut down: the conventional exit of SIGTERM
+        assert process.wait(30) == -signal.SIGTERM
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health").status_code == 200
+    except httpx.ConnectError:
+        return False
