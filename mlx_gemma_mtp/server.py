@@ -264,6 +264,25 @@ class Service:
 # The app
 
 
+async def _invalid_request(http: HTTPRequest, exc: RequestValidationError) -> JSONResponse:
+    """pydantic's first complaint as OpenAI's 400, naming the field."""
+    first = exc.errors()[0]
+    if first["type"] == "json_invalid":
+        message = f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})"
+        return _error(400, message, "invalid_request_error")
+    where = ".".join(str(p) for p in first["loc"] if p != "body")
+    # A validator's own ValueError reads as it was written, not as "Value error, ..."
+    reason = str(first["ctx"]["error"]) if first["type"] == "value_error" else first["msg"]
+    return _error(
+        400, f"{where}: {reason}" if where else reason, "invalid_request_error", param=where or None
+    )
+
+
+async def _http_error(http: HTTPRequest, exc: HTTPException) -> JSONResponse:
+    """Unknown paths and methods, in OpenAI's error shape too."""
+    return _error(exc.status_code, str(exc.detail), "invalid_request_error")
+
+
 def create_app(worker: Worker, tokenizer, config: ServeConfig) -> FastAPI:
     """The ASGI app over a started `worker`; stopping the app (lifespan end) stops the worker."""
     service = Service(worker, tokenizer, config)
@@ -276,22 +295,8 @@ def create_app(worker: Worker, tokenizer, config: ServeConfig) -> FastAPI:
     app = FastAPI(title="mlx-gemma-mtp", lifespan=lifespan)
     app.state.service = service
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(http: HTTPRequest, exc: RequestValidationError):
-        first = exc.errors()[0]
-        if first["type"] == "json_invalid":
-            message = f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})"
-            return _error(400, message, "invalid_request_error")
-        where = ".".join(str(p) for p in first["loc"] if p != "body")
-        # A validator's own ValueError reads as it was written, not as "Value error, ..."
-        reason = str(first["ctx"]["error"]) if first["type"] == "value_error" else first["msg"]
-        return _error(
-            400, f"{where}: {reason}" if where else reason, "invalid_request_error", param=where or None
-        )
-
-    @app.exception_handler(HTTPException)
-    async def http_error(http: HTTPRequest, exc: HTTPException):
-        return _error(exc.status_code, str(exc.detail), "invalid_request_error")
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(HTTPException, _http_error)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, http: HTTPRequest):
