@@ -302,8 +302,6 @@ def setup_serve_parser() -> argparse.ArgumentParser:
         "/health): every request is a row of one batch, decoded speculatively with the drafter.",
     )
     _add_model_args(parser)
-    parser.set_defaults(model=None)  # to tell the positional from --model
-    parser.add_argument("--model", dest="model_flag", metavar="MODEL", help="the model, as the positional")
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)"
     )
@@ -312,8 +310,8 @@ def setup_serve_parser() -> argparse.ArgumentParser:
         "-m",
         "--max-tokens",
         type=_positive_int,
-        default=2048,
-        help="answer length limit of a request that sets none",
+        default=DEFAULT_MAX_TOKENS,
+        help=f"answer length limit of a request that sets none (default {DEFAULT_MAX_TOKENS})",
     )
     for dest, (flags, kind, help_text) in _GENERATION_FLAGS.items():
         if dest != "seed":  # a seed is per request
@@ -346,15 +344,12 @@ def setup_serve_parser() -> argparse.ArgumentParser:
 
 
 def serve_main(argv: list[str] | None = None) -> int:
-    parser = setup_serve_parser()
-    args = parser.parse_args(argv)
-    if args.model and args.model_flag and args.model != args.model_flag:
-        parser.error(f"two models given: {args.model!r} and --model {args.model_flag!r}")
-    args.model = args.model or args.model_flag or DEFAULT_MODEL
+    args = parse(setup_serve_parser(), argv)
     try:
         from . import server
         from .engine import Engine
         from .generate import draft_length
+        from .sample import make_sampling
     except ImportError as e:
         print(
             f"{PROG} serve: {_one_line(e)}; the server needs its extra: pip install 'mlx-gemma-mtp[server]'",
@@ -364,6 +359,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     sampling = {
         dest: getattr(args, dest) for dest in server.SAMPLING_FIELDS if getattr(args, dest) is not None
     }
+    make_sampling(**sampling)  # a bad default says so now, not after a long load
     config = server.ServeConfig(
         model=args.served_model_name or args.model,
         max_tokens=args.max_tokens,
@@ -383,7 +379,7 @@ def serve_main(argv: list[str] | None = None) -> int:
             prefix_cache_size=args.prefix_cache,
         )
 
-    worker = server.Worker(lambda: _load(args), make_engine)
+    worker = server.Worker(lambda: load_from_flags(args), make_engine)
     print(
         f"Loading {args.model} (and measuring draft costs if this device has none yet) ...", file=sys.stderr
     )

@@ -47,7 +47,7 @@ class ServeConfig:
     """What the server was started with."""
 
     model: str  # the model id /v1/models lists and responses carry
-    max_tokens: int = 2048  # for a request that names no max_tokens
+    max_tokens: int  # for a request that names no max_tokens
     sampling: dict = field(default_factory=dict)  # defaults of SAMPLING_FIELDS (unset: the library's)
     max_pending: int = 40  # requests admitted at once (rows of the batch plus the queue); more: 429
     grace: float = 30.0  # seconds requests in flight get to finish after SIGTERM
