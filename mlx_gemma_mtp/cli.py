@@ -1,7 +1,8 @@
-"""The `mlx-gemma-mtp` command: `convert`, `generate`, `chat`, `bench`.
+"""The `mlx-gemma-mtp` command: `convert`, `generate`, `chat`, `bench`, `serve`.
 
 Each subcommand is a parser and a `main(argv) -> int`; `main` here only dispatches. `convert` and
-`bench` live in the top-level packages of the same names and are imported only when asked for.
+`bench` live in the top-level packages of the same names, and `serve` in `server.py` (FastAPI
+and uvicorn, an optional extra): each is imported only when asked for.
 A user's mistake (a bad flag, a model that cannot be loaded) ends with one line on stderr and a
 non-zero exit, not a traceback.
 """
@@ -331,6 +332,116 @@ def _ctrl_c_cancels(session: ChatSession, interrupted: threading.Event):
 
 
 # --------------------------------------------------------------------------------------------
+# serve
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def _non_negative_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {value!r}")
+    return n
+
+
+def setup_serve_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=f"{PROG} serve",
+        description="An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, "
+        "/health): every request is a row of one batch, decoded speculatively with the drafter.",
+    )
+    _add_model_args(parser)
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)"
+    )
+    parser.add_argument("--port", type=_positive_int, default=8080, help="port (default 8080)")
+    parser.add_argument(
+        "-m",
+        "--max-tokens",
+        type=_positive_int,
+        default=DEFAULT_MAX_TOKENS,
+        help=f"answer length limit of a request that sets none (default {DEFAULT_MAX_TOKENS})",
+    )
+    for dest, (flags, kind, help_text) in _GENERATION_FLAGS.items():
+        if dest != "seed":  # a seed is per request
+            parser.add_argument(*flags, dest=dest, type=kind, default=None, help=f"default {help_text}")
+    parser.add_argument(
+        "--max-batch", type=_positive_int, default=8, help="requests decoded together (default 8)"
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=_non_negative_int,
+        default=32,
+        help="requests waiting for a row; beyond: 429 (default 32)",
+    )
+    parser.add_argument(
+        "--prefix-cache",
+        type=_non_negative_int,
+        default=8,
+        help="finished requests' caches kept, so that a conversation's next turn prefills only what is new "
+        "(default 8; 0: none)",
+    )
+    parser.add_argument("--served-model-name", help="the model id clients see (default: MODEL as given)")
+    parser.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=30.0,
+        help="seconds requests in flight get after SIGTERM (default 30)",
+    )
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    return parser
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    args = parse(setup_serve_parser(), argv)
+    try:
+        from . import server
+        from .engine import Engine
+        from .generate import draft_length
+        from .sample import make_sampling
+    except ImportError as e:
+        print(
+            f"{PROG} serve: {_one_line(e)}; the server needs its extra: pip install 'mlx-gemma-mtp[server]'",
+            file=sys.stderr,
+        )
+        return 1
+    sampling = {
+        dest: getattr(args, dest) for dest in server.SAMPLING_FIELDS if getattr(args, dest) is not None
+    }
+    make_sampling(**sampling)  # a bad default says so now, not after a long load
+    config = server.ServeConfig(
+        model=args.served_model_name or args.model,
+        max_tokens=args.max_tokens,
+        sampling=sampling,
+        max_pending=args.max_batch + args.max_queue,
+        grace=args.shutdown_grace,
+    )
+    draft = "auto" if args.num_draft_tokens is None else args.num_draft_tokens
+
+    def make_engine(model, drafter):  # on the worker thread: "auto" measures costs here, once per device
+        policy = draft_length(draft, model, drafter)
+        return Engine(
+            model,
+            drafter,
+            num_draft_tokens=policy,
+            max_batch=args.max_batch,
+            prefix_cache_size=args.prefix_cache,
+        )
+
+    worker = server.Worker(lambda: load_from_flags(args), make_engine)
+    print(
+        f"Loading {args.model} (and measuring draft costs if this device has none yet) ...", file=sys.stderr
+    )
+    instance = server.make_server(worker, config, host=args.host, port=args.port, log_level=args.log_level)
+    print(f"OpenAI base URL: http://{args.host}:{args.port}/v1", file=sys.stderr)
+    instance.run()
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # Dispatch
 
 
@@ -358,6 +469,7 @@ COMMANDS = {
     "generate": ("generate once from --prompt or stdin", generate_main),
     "chat": ("chat in the terminal", chat_main),
     "bench": ("benchmark speculative against plain decoding", _package_main("bench")),
+    "serve": ("OpenAI-compatible HTTP server, batched", serve_main),
 }
 USAGE = f"usage: {PROG} {{{','.join(COMMANDS)}}} [--help] ...\n\n" + "\n".join(
     f"  {name:<9} {summary}" for name, (summary, _) in COMMANDS.items()

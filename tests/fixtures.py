@@ -208,27 +208,31 @@ def load_hf_pair(target_dir, drafter_dir) -> tuple[torch.nn.Module, torch.nn.Mod
     return target, drafter
 
 
-def build_tokenizer(out_dir: pathlib.Path) -> None:
+def build_tokenizer(
+    out_dir: pathlib.Path, *, special_tokens: dict[int, str] | None = None, chat_template: str | None = None
+) -> None:
     """Write a tiny tokenizer (tokenizer.json, tokenizer_config.json, chat_template.jinja) into out_dir.
 
     A SentencePiece-style BPE like Gemma's (spaces become "▁", the post-processor prepends <bos>)
     with exactly VOCAB_SIZE entries: the special tokens sit at their Gemma 4 ids and every other
-    id is a printable piece, so decoding any id in 4..511 gives text.
+    id is a printable piece, so decoding any other id gives text. (`special_tokens` may add more of
+    Gemma 4's, with a template that uses them.)
     """
+    special_tokens = SPECIAL_TOKENS if special_tokens is None else special_tokens
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    vocab, merges = _bpe_vocab()
+    vocab, merges = _bpe_vocab(special_tokens)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True))
     tok.normalizer = normalizers.Replace(" ", "▁")
     # Gemma's decoder; mlx-lm recognises it and streams with its SPM detokenizer.
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS.values()])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens.values()])
     tok.post_processor = processors.TemplateProcessing(
         single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", BOS_ID)]
     )
     tok.save(str(out_dir / "tokenizer.json"))
     (out_dir / "tokenizer_config.json").write_text(json.dumps(_TOKENIZER_CONFIG, indent=2) + "\n")
-    (out_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    (out_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE if chat_template is None else chat_template)
 
 
 def use_hub_config_spelling(model_dir: pathlib.Path) -> None:
@@ -626,9 +630,9 @@ _WORDS = (
 ).split()
 
 
-def _bpe_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    free_ids = iter(i for i in range(VOCAB_SIZE) if i not in SPECIAL_TOKENS)
-    vocab = {text: i for i, text in SPECIAL_TOKENS.items()}
+def _bpe_vocab(special_tokens: dict[int, str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    free_ids = iter(i for i in range(VOCAB_SIZE) if i not in special_tokens)
+    vocab = {text: i for i, text in special_tokens.items()}
     merges: list[tuple[str, str]] = []
     for char in ["▁", "\n"] + [chr(c) for c in range(33, 127)]:
         vocab[char] = next(free_ids)

@@ -1,0 +1,301 @@
+"""`python -m bench.serve`: aggregate tokens/s of `mlx-gemma-mtp serve` with 1, 4, 8, 16
+concurrent clients over loopback, against the in-process batched engine at the same batch (the
+server's overhead) and against `mlx_lm.server` serving the same target without a drafter.
+
+One random-weight checkpoint at a real Gemma 4 shape (`bench.models.build`; `--shape tiny`
+for a CPU check) is written where both servers load it (`bench.peer.write_pair`). Each side
+runs alone, one after the other (the servers as subprocesses, as users start them):
+
+- every client sends `--requests` /v1/completions requests back to back, each a different
+  random `--prompt`-token prompt, greedy, `--tokens` tokens at most; the in-process engine keeps
+  the same number of rows in flight over the same prompts;
+- tokens/s = completion tokens of all requests / wall time from the first request to the last
+  answer; the median of `--trials` after one warm-up round at the largest client count.
+
+The drafter's weights are random, so acceptance is what a random drafter gets (alpha ~ 0):
+`auto` then mostly decodes plainly, and the comparison with mlx_lm.server shows what the
+server costs when drafting does not pay. (Alpha 0.8 by replay needs the engine to take replayed
+proposals; see the issue.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import json
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import mlx.core as mx
+import numpy as np
+
+from mlx_gemma_mtp import load_pair
+from mlx_gemma_mtp.engine import Engine, Request
+from mlx_gemma_mtp.generate import draft_length
+
+from . import environment
+from .models import SHAPES, build
+from .peer import FIRST_ORDINARY, write_pair
+
+SIDES = ("serve", "engine", "mlx_lm")
+START_TIMEOUT = 1800  # seconds: loading a large model and measuring draft costs on first use
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.serve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--shape", default="E2B", choices=list(SHAPES) + ["tiny"])
+    p.add_argument("--bits", default="4", choices=["bf16", "4", "8"])
+    p.add_argument("--clients", nargs="+", type=int, default=[1, 4, 8, 16])
+    p.add_argument("--requests", type=int, default=4, help="requests per client per trial")
+    p.add_argument("--prompt", type=int, default=256, help="prompt tokens")
+    p.add_argument("--tokens", type=int, default=128, help="max tokens per request")
+    p.add_argument("-k", "--num-draft-tokens", default="auto", help="ours: an int or 'auto'")
+    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES)
+    p.add_argument("--port", type=int, default=8391)
+    p.add_argument("--workdir", type=Path, default=None, help="write the checkpoint here and keep it")
+    p.add_argument("--out", type=Path, default=Path("bench/results/serve.json"))
+    p.add_argument("--quick", action="store_true", help="tiny model, few short requests: a CPU check")
+    return p
+
+
+def prompts(n: int, length: int, vocab: int, seed: int = 5) -> list[list[int]]:
+    rng = np.random.RandomState(seed)
+    return [rng.randint(FIRST_ORDINARY, vocab, size=length).tolist() for _ in range(n)]
+
+
+def as_text(ids: list[int]) -> str:
+    """The text `bench.peer.write_tokenizer`'s tokenizer encodes to exactly `ids` (one word per id)."""
+    return " ".join(f"▁w{i}" for i in ids)
+
+
+# ------------------------------------------------------------------------------------------
+# Clients
+
+
+def drive(url: str, texts: list[str], clients: int, tokens: int) -> dict:
+    """`clients` threads send `texts` as completions back to back; the run's totals."""
+    queue = iter(texts)
+    records: list[dict] = []
+
+    def client() -> None:
+        with httpx.Client(timeout=600) as http:
+            for text in queue:  # the iterator is shared: each text goes to one client
+                start = time.perf_counter()
+                body = {
+                    "prompt": text,
+                    "max_tokens": tokens,
+                    "temperature": 0.0,
+                }  # mlx_lm loads a named model
+                response = http.post(f"{url}/v1/completions", json=body)
+                response.raise_for_status()
+                answer = response.json()
+                records.append(
+                    {
+                        "tokens": answer["usage"]["completion_tokens"],
+                        "seconds": time.perf_counter() - start,
+                        "drafting": answer.get("drafting"),
+                    }
+                )
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        for future in [pool.submit(client) for _ in range(clients)]:
+            future.result()
+    return _totals(records, time.perf_counter() - start)
+
+
+def _totals(records: list[dict], wall: float) -> dict:
+    tokens = sum(r["tokens"] for r in records)
+    out = {"requests": len(records), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
+    if records and "seconds" in records[0]:
+        out["median_request_s"] = statistics.median(r["seconds"] for r in records)
+    drafting = [r["drafting"] for r in records if r.get("drafting")]
+    if drafting:
+        rounds = sum(d["rounds"] for d in drafting)
+        out["drafted"] = sum(d["drafted"] for d in drafting)
+        out["accepted"] = sum(d["accepted"] for d in drafting)
+        out["mean_accepted"] = out["accepted"] / rounds if rounds else 0.0
+    return out
+
+
+@contextlib.contextmanager
+def server_process(command: list[str], url: str, health: str):
+    """A server subprocess, up once `health` answers 200; SIGTERM and wait at the end."""
+    process = subprocess.Popen(command, stdout=sys.stderr, stderr=sys.stderr)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"{command[:4]} exited with {process.returncode} before serving")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}{health}", timeout=5).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{command[:4]} did not answer {health} in {START_TIMEOUT} s")
+            time.sleep(1)
+        yield
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def serve_command(side: str, pair: Path, args) -> tuple[list[str], str]:
+    """The command line of a server side and its health path."""
+    batch = str(max(args.clients))
+    if side == "serve":
+        command = [sys.executable, "-m", "mlx_gemma_mtp", "serve", str(pair), "--port", str(args.port)]
+        command += ["--max-batch", batch, "-k", str(args.num_draft_tokens), "--log-level", "warning"]
+        return command, "/health"
+    command = [
+        sys.executable,
+        "-m",
+        "mlx_lm",
+        "server",
+        "--model",
+        str(pair / "target"),
+        "--port",
+        str(args.port),
+    ]
+    return command + ["--decode-concurrency", batch, "--log-level", "WARNING"], "/health"
+
+
+def bench_server(side: str, pair: Path, texts: list[str], args) -> dict:
+    url = f"http://127.0.0.1:{args.port}"
+    command, health = serve_command(side, pair, args)
+    with server_process(command, url, health):
+        drive(url, texts[: max(args.clients)], max(args.clients), args.tokens)  # warm-up
+        return {
+            c: _trials(lambda c=c: drive(url, texts[: c * args.requests], c, args.tokens), args)
+            for c in args.clients
+        }
+
+
+# ------------------------------------------------------------------------------------------
+# The in-process engine
+
+
+def engine_run(engine, ids: list[list[int]], clients: int, tokens: int) -> dict:
+    """Keep `clients` rows in flight over `ids`, as the server's clients do."""
+    pending, in_flight, records = list(ids), 0, []
+    start = time.perf_counter()
+    while pending or engine.busy:
+        while pending and in_flight < clients:
+            engine.add(Request(prompt=pending.pop(0), max_tokens=tokens))
+            in_flight += 1
+        for event in engine.step():
+            if event.finish_reason is not None:
+                in_flight -= 1
+                u = event.usage
+                drafting = {"drafted": u.drafted, "accepted": u.accepted, "rounds": u.rounds}
+                records.append({"tokens": u.generation_tokens, "drafting": drafting})
+    return _totals(records, time.perf_counter() - start)
+
+
+def bench_engine(pair: Path, ids: list[list[int]], args) -> dict:
+    model, _, drafter = load_pair(pair)
+    k = (
+        args.num_draft_tokens
+        if args.num_draft_tokens in ("auto", "heuristic")
+        else int(args.num_draft_tokens)
+    )
+    policy = draft_length(k, model, drafter)
+    engine = Engine(model, drafter, num_draft_tokens=policy, max_batch=max(args.clients))
+    engine_run(engine, ids[: max(args.clients)], max(args.clients), args.tokens)  # warm-up
+    out = {
+        c: _trials(lambda c=c: engine_run(engine, ids[: c * args.requests], c, args.tokens), args)
+        for c in args.clients
+    }
+    return out  # the engine and models go with this frame; main clears MLX's cache after
+
+
+def _trials(run, args) -> dict:
+    trials = [run() for _ in range(args.trials)]
+    best = dict(trials[0])
+    best["tokens_per_s"] = statistics.median(t["tokens_per_s"] for t in trials)
+    best["tokens_per_s_trials"] = [t["tokens_per_s"] for t in trials]
+    return best
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = setup_arg_parser().parse_args(argv)
+    if args.quick:
+        args.shape, args.bits, args.clients, args.requests = "tiny", "bf16", [1, 4], 2
+        args.prompt, args.tokens, args.trials = 32, 16, 2
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    try:
+        target, drafter = build(args.shape, bits=None if args.bits == "bf16" else int(args.bits))
+        vocab = target.args.vocab_size
+        write_pair(target, drafter, workdir)
+        del target, drafter  # each side loads its own copy from the files
+        mx.clear_cache()
+        ids = prompts(max(args.clients) * args.requests, args.prompt, vocab)
+        texts = [as_text(p) for p in ids]
+        results = {}
+        for side in args.sides:
+            results[side] = (
+                bench_engine(workdir, ids, args)
+                if side == "engine"
+                else bench_server(side, workdir, texts, args)
+            )
+            mx.clear_cache()
+            for clients, run in results[side].items():
+                print(_line(side, clients, run), flush=True)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    report = {"environment": environment(), "arguments": {k: str(v) for k, v in vars(args).items()}}
+    report["results"] = {side: {str(c): run for c, run in runs.items()} for side, runs in results.items()}
+    report["ratios"] = _ratios(results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    for line in _ratio_lines(report["ratios"]):
+        print(line)
+    return 0
+
+
+def _ratios(results: dict) -> dict:
+    """Per client count: the server's tokens/s over the in-process engine's and over mlx_lm.server's."""
+    out = {}
+    for other in ("engine", "mlx_lm"):
+        if "serve" in results and other in results:
+            serve, base = results["serve"], results[other]
+            out[f"serve/{other}"] = {
+                str(c): serve[c]["tokens_per_s"] / base[c]["tokens_per_s"] for c in serve if c in base
+            }
+    return out
+
+
+def _line(side: str, clients: int, run: dict) -> str:
+    drafting = f", mean accepted {run['mean_accepted']:.2f}" if "mean_accepted" in run else ""
+    latency = f", median request {run['median_request_s']:.2f} s" if "median_request_s" in run else ""
+    return f"{side:7} {clients:3} clients: {run['tokens_per_s']:8.1f} tok/s ({run['requests']} requests{latency}{drafting})"
+
+
+def _ratio_lines(ratios: dict) -> list[str]:
+    return [
+        f"{name}: " + ", ".join(f"{c} clients x{r:.3f}" for c, r in by.items()) for name, by in ratios.items()
+    ]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""The server's one MLX thread: it loads the model, owns the engine and steps it.
+
+MLX streams belong to the thread that made them, and the engine is not thread-safe, so
+everything that touches either happens here. Other threads talk to the worker only through
+`submit`, `cancel`, `drain` and `stop`, which queue a command; the worker hands each request's
+results to the `deliver` callback of its `Job` (called on the worker thread: the callback
+must only hand the item on, e.g. with `loop.call_soon_threadsafe`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """The engine refused the request (a bad prompt, max_tokens, ...): the client's mistake."""
+
+
+class ServiceError(RuntimeError):
+    """The request could not be finished: the server is shutting down, or the engine failed."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One request on its way through the worker.
+
+    `deliver` receives, in order: the row id once the engine accepted the request (or a
+    RequestError), then the row's Events until one with a finish_reason (or a ServiceError).
+    """
+
+    request: Any  # engine.Request
+    deliver: Callable[[object], None]
+    rid: int | None = field(default=None, init=False)
+
+
+class Worker:
+    """Runs `load()` -> (model, tokenizer, drafter or None), as `load_pair` returns them, and
+    `make_engine(model, drafter)` on its own thread, then serves jobs until `stop()`.
+
+    An engine step that raises fails the rows it held (ServiceError) and the worker goes on
+    with a fresh engine on the same model: one failure does not take the server down.
+    """
+
+    def __init__(self, load: Callable[[], tuple], make_engine: Callable[[Any, Any], Any]):
+        self._load, self._make_engine = load, make_engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._jobs: dict[int, Job] = {}  # rid -> job, the rows the engine holds
+        self._draining = False  # refuse new jobs
+        self._deadline: float | None = None  # when the rows still running are failed
+        self._thread = threading.Thread(target=self._run, name="mlx-worker", daemon=True)
+        self._ready: concurrent.futures.Future = concurrent.futures.Future()
+        self.drafter_source: str | None = None  # the drafter's directory, once loaded
+
+    def start(self):
+        """Start the thread and wait until the model is loaded and the engine built; returns the
+        tokenizer. Loading errors raise here."""
+        self._thread.start()
+        return self._ready.result()
+
+    @property
+    def rows(self) -> int:
+        """Requests the engine holds (decoding or waiting for a row)."""
+        return len(self._jobs)
+
+    def submit(self, job: Job) -> None:
+        self._commands.put(("add", job))
+
+    def cancel(self, job: Job, keep: int | None = None) -> None:
+        """Stop the job's row (a no-op once it finished); its last Event says "cancelled".
+        keep: how many of its tokens the client took (the prefix cache then keeps those)."""
+        self._commands.put(("cancel", (job, keep)))
+
+    def drain(self, grace: float) -> None:
+        """Rows still running `grace` seconds from now end with a ServiceError."""
+        self._commands.put(("deadline", time.monotonic() + grace))
+
+    def stop(self, timeout: float | None = None) -> None:
+        """End the thread; rows still running end with a ServiceError."""
+        if self._thread.is_alive():
+            self._commands.put(("stop", None))
+            self._thread.join(timeout)
+
+    # ----------------------------------------------------------------------------------------
+    # On the worker thread
+
+    def _run(self) -> None:
+        try:
+            model, tokenizer, drafter = self._load()
+            self._model, self._drafter = model, drafter
+            self.drafter_source = None if drafter is None else str(drafter.source)
+            self._engine = self._make_engine(model, drafter)
+        except Exception as e:  # noqa: BLE001  (handed to start()'s caller, which reports it)
+            self._ready.set_exception(e)
+            return
+        self._ready.set_result(tokenizer)
+        while self._take_commands():
+            if self._deadline is not None and time.monotonic() >= self._deadline:
+                self._deadline = None
+                self._fail_all(ServiceError("the server is shutting down"))
+            if self._engine.busy:
+                self._step()
+        self._fail_all(ServiceError("the server is shutting down"))
+
+    def _take_commands(self) -> bool:
+        """Apply the queued commands, waiting for one while the engine is idle; False on stop."""
+        idle = not self._engine.busy
+        timeout = None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+        try:
+            command = self._commands.get(block=idle, timeout=timeout if idle else None)
+            while True:
+                if not self._apply(*command):
+                    return False
+                command = self._commands.get_nowait()
+        except queue.Empty:
+            return True
+
+    def _apply(self, name: str, arg) -> bool:
+        if name == "stop":
+            return False
+        if name == "deadline":
+            self._draining, self._deadline = True, arg
+        elif name == "cancel":
+            job, keep = arg
+            if job.rid in self._jobs:
+                self._engine.cancel(job.rid, keep)
+        elif self._draining:  # "add"
+            arg.deliver(ServiceError("the server is shutting down"))
+        else:
+            self._add(arg)
+        return True
+
+    def _add(self, job: Job) -> None:
+        try:
+            job.rid = self._engine.add(job.request)
+        except ValueError as e:
+            job.deliver(RequestError(str(e)))
+            return
+        self._jobs[job.rid] = job
+        job.deliver(job.rid)
+
+    def _step(self) -> None:
+        try:
+            events = self._engine.step()
+        except Exception as e:  # an engine bug: fail its rows, keep serving on a fresh engine
+            log.exception("engine step failed; its %d rows end with an error", len(self._jobs))
+            self._engine = self._make_engine(self._model, self._drafter)
+            self._fail_all(ServiceError(f"the engine failed: {type(e).__name__}: {e}"), cancel=False)
+            return
+        for event in events:
+            job = self._jobs.get(event.rid)
+            if job is None:  # a row already failed (shutdown) whose cancellation came through
+                continue
+            if event.finish_reason is not None:
+                del self._jobs[event.rid]
+            job.deliver(event)
+
+    def _fail_all(self, error: ServiceError, cancel: bool = True) -> None:
+        for rid, job in list(self._jobs.items()):
+            if cancel:
+                self._engine.cancel(rid)
+            job.deliver(error)
+        self._jobs.clear()
