@@ -16,6 +16,7 @@ from .drafter import Drafter
 from .sample import LogitsProcessor, make_sampling, random_key
 from .speculative import DraftStats, drafter_proposer, plain_tokens, rewind, speculative_tokens
 from .target import Target
+from .threads import clear_streams_at_thread_exit
 
 DRAFT_SCHEDULES = ("auto", "heuristic")
 
@@ -180,6 +181,7 @@ def _responses(
 ):  # fmt: skip
     """stream_generate's work, from its first iteration on ("auto" measures this device's costs
     at first use, before the clock of the first response starts)."""
+    clear_streams_at_thread_exit()  # this thread evaluates: it must free MLX's state before it ends
     prompt = mx.array([new_ids], dtype=mx.int32)
     context = prompt_ids[: len(prompt_ids) - len(new_ids)]  # already in the cache
     cache = prompt_cache.cache
