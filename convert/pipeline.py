@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlx_gemma_mtp.config import load_drafter_config, load_target_config
+from mlx_gemma_mtp.config import load_drafter_config, load_target_config, placeholder_fields
 from mlx_gemma_mtp.drafter import Drafter
 from mlx_gemma_mtp.load import PAIR_FORMAT, PAIR_MANIFEST, check_fit, read_shards, resolve
 from mlx_gemma_mtp.quantize import config_block, layer_recipe, quantize_weight
@@ -352,6 +352,8 @@ def _output_config(role: str, model, quantization: dict | None) -> dict:
     if role == "target":
         text = dict(config.raw["text_config"]) if config.multimodal else dict(config.raw)
         out = _hub_spelling(text, args)
+        if config.multimodal:  # the runtime embeds them as <pad>, as the multimodal model does
+            out.update(placeholder_fields(config.raw, multimodal=True))
         out.update(
             model_type="gemma4_text",
             architectures=["Gemma4ForCausalLM"],
