@@ -102,6 +102,29 @@ def test_unknown_model_type_and_missing_config(checkpoints, tmp_path):
         load(tmp_path / "nowhere")
 
 
+def test_bidirectional_attention_all_is_refused(checkpoints, tmp_path):
+    """'all' makes every token attend both ways (transformers: is_causal False, a halved window);
+    this runtime decodes causally, so such a config is refused by name, not run as causal."""
+    moe = _copy(checkpoints["moe"][0], tmp_path, "moe")  # multimodal, "vision": loads as it is
+    load(moe)
+    config = json.loads((moe / "config.json").read_text())
+    config["text_config"]["use_bidirectional_attention"] = "all"
+    (moe / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"moe/config.json: text_config.use_bidirectional_attention is 'all'"):
+        load(moe)
+    dense = _copy(checkpoints["dense"][0], tmp_path, "dense")  # text-only: the field is top-level
+    config = json.loads((dense / "config.json").read_text())
+    (dense / "config.json").write_text(json.dumps(config | {"use_bidirectional_attention": "all"}))
+    with pytest.raises(ConfigError, match=r"dense/config.json: use_bidirectional_attention is 'all'"):
+        load(dense)
+    drafter = _copy(checkpoints["dense"][1], tmp_path, "drafter")
+    config = json.loads((drafter / "config.json").read_text())
+    config["text_config"]["use_bidirectional_attention"] = "all"
+    (drafter / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"drafter/config.json: text_config.use_bidirectional_attention"):
+        load_drafter(drafter, load(checkpoints["dense"][0])[0])
+
+
 def test_weights_that_do_not_fit(checkpoints, tmp_path):
     target_dir = _copy(checkpoints["dense"][0], tmp_path)
     config = json.loads((target_dir / "config.json").read_text())
