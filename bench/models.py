@@ -119,7 +119,7 @@ def build(
     drafter = Drafter(drafter_config(drafter_json, CONFIGS))
     if drafter.config.use_ordered_embeddings:
         vocab = drafter.args.vocab_size
-        drafter.masked_embedding.token_ordering = mx.random.permutation(vocab).astype(mx.int32)
+        drafter.masked_embedding.set_token_ordering(mx.random.permutation(vocab))
     if calm_target:
         calm(target)
     _materialise(target, dtype, bits)

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 
 from mlx_gemma_mtp.config import load_drafter_config, load_target_config, placeholder_fields
 from mlx_gemma_mtp.drafter import Drafter
@@ -268,7 +267,7 @@ def _plan(
 ) -> Plan:
     """Map, check and lay out one checkpoint's tensors (`shards`: lazy, from `read_shards`)
     for the lazily built `model`, reading no weights."""
-    expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
+    expected = model.checkpoint_shapes()
     recipe = layer_recipe(model, quant.bits, quant.group_size) if quant else {}
     groups, produced = [], {}
     dropped, dropped_bytes, read_count, read_bytes = Counter(), 0, 0, 0

@@ -12,6 +12,7 @@ import functools
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 from mlx_lm.models.gemma4_text import Gemma4TextModel, logit_softcap
 
 from .cache import FullCache, SlidingCache
@@ -50,6 +51,10 @@ class Target(nn.Module):
     @property
     def args(self):
         return self.config.text
+
+    def checkpoint_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor a checkpoint of this target holds (in our names), by name: its parameters."""
+        return {name: tuple(value.shape) for name, value in tree_flatten(self.parameters())}
 
     def make_cache(self, room: int) -> list[FullCache | SlidingCache]:
         """One cache per layer that computes K/V; sliding ones keep `room` extra positions
