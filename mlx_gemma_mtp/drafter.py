@@ -66,9 +66,8 @@ class MaskedEmbedding(nn.Module):
         """Install a checkpoint's table (integers, int64 on disk; kept as int32)."""
         expected = self._token_ordering.shape
         if ordering.shape != expected or not mx.issubdtype(ordering.dtype, mx.integer):
-            raise WeightsError(
-                f"{ORDERING} must be {expected[0]} integers, got shape {tuple(ordering.shape)} {ordering.dtype}"
-            )
+            got = f"shape {tuple(ordering.shape)} {ordering.dtype}"
+            raise WeightsError(f"{ORDERING} must be {expected[0]} integers, got {got}")
         self._token_ordering = ordering.astype(mx.int32)
 
     def candidates(self, h: mx.array) -> mx.array:
