@@ -191,7 +191,8 @@ def _check_output(out: Path, force: bool) -> None:
     if out.is_dir() and not any(out.iterdir()):
         return
     if out.exists() and not force:
-        raise ConvertError(f"{out} exists and is not empty; pass --force to replace it")
+        what = "exists and is not empty" if out.is_dir() else "is a file, not a directory"
+        raise ConvertError(f"--out {out} {what}; pass --force to replace it")
 
 
 def _check_not_inside(out: Path, source: Path) -> None:
