@@ -5,8 +5,8 @@ objects; `mx.compile`d functions fill it (mlx-lm's samplers and activations, our
 If nobody clears it, it is destroyed when the OS thread exits, which is *after* Python's
 `Thread.join()` has returned. Should the main thread be finalizing the interpreter by then, the
 destructor's `PyGILState_Ensure` calls `pthread_exit` inside a `noexcept` TLS destructor:
-`terminate called without an active exception`, exit 134. MLX registers an `atexit` cleanup for
-the main thread only; every other thread has to call `mx.clear_streams()` itself before it ends
+`terminate called without an active exception`, exit 134. MLX cleans up the main thread at
+interpreter exit; every other thread has to call `mx.clear_streams()` itself before it ends
 (ml-explore/mlx#4373; MLX's own python/tests/test_threads.py do so). docs/threads.md has the
 backtrace and a reproduction with MLX alone.
 
