@@ -32,7 +32,7 @@ def _chat_cancel(target: str, drafter: str) -> None:
 
     model, tokenizer, draft_model = load_pair(target, draft_model=drafter)
     session = ChatSession(
-        model, tokenizer, draft_model, system="Be brief.", max_tokens=32, num_draft_tokens=3
+        model, tokenizer, draft_model=draft_model, system="Be brief.", max_tokens=32, num_draft_tokens=3
     )
 
     def answer(text):
