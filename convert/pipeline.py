@@ -268,7 +268,7 @@ def _plan(
 ) -> Plan:
     """Map, check and lay out one checkpoint's tensors (`shards`: lazy, from `read_shards`)
     for the lazily built `model`, reading no weights."""
-    expected = model.checkpoint_shapes()
+    expected = {name: value.shape for name, value in model.checkpoint_weights().items()}
     recipe = layer_recipe(model, quant.bits, quant.group_size) if quant else {}
     groups, produced = [], {}
     dropped, dropped_bytes, read_count, read_bytes = Counter(), 0, 0, 0

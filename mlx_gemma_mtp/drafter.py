@@ -95,13 +95,13 @@ class Drafter(nn.Module):
     def args(self):
         return self.config.text
 
-    def checkpoint_shapes(self) -> dict[str, tuple[int, ...]]:
+    def checkpoint_weights(self) -> dict[str, mx.array]:
         """Every tensor a checkpoint of this drafter holds, by name: the parameters and, for a
         clustered head, the token ordering."""
-        shapes = {name: tuple(value.shape) for name, value in tree_flatten(self.parameters())}
+        weights = dict(tree_flatten(self.parameters()))
         if self.config.use_ordered_embeddings:
-            shapes[ORDERING] = tuple(self.masked_embedding.token_ordering.shape)
-        return shapes
+            weights[ORDERING] = self.masked_embedding.token_ordering
+        return weights
 
     def load_weights(self, file_or_weights, strict: bool = True) -> Drafter:
         """`nn.Module.load_weights`, the token ordering (not a parameter) included."""

@@ -52,9 +52,9 @@ class Target(nn.Module):
     def args(self):
         return self.config.text
 
-    def checkpoint_shapes(self) -> dict[str, tuple[int, ...]]:
+    def checkpoint_weights(self) -> dict[str, mx.array]:
         """Every tensor a checkpoint of this target holds (in our names), by name: its parameters."""
-        return {name: tuple(value.shape) for name, value in tree_flatten(self.parameters())}
+        return dict(tree_flatten(self.parameters()))
 
     def make_cache(self, room: int) -> list[FullCache | SlidingCache]:
         """One cache per layer that computes K/V; sliding ones keep `room` extra positions
