@@ -11,7 +11,6 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 import mlx_gemma_mtp
 from mlx_gemma_mtp.config import drafter_config, target_config
@@ -105,7 +104,7 @@ def _materialise(model: nn.Module, dtype, bits: int | None) -> None:
         quantize(model, bits=bits, group_size=64)
     for layer in model.model.layers:
         mx.eval(layer.parameters())
-    mx.eval(model.parameters())
+    mx.eval(model.checkpoint_weights())  # the drafter's token ordering too
 
 
 def build(
@@ -119,7 +118,7 @@ def build(
     drafter = Drafter(drafter_config(drafter_json, CONFIGS))
     if drafter.config.use_ordered_embeddings:
         vocab = drafter.args.vocab_size
-        drafter.masked_embedding.token_ordering = mx.random.permutation(vocab).astype(mx.int32)
+        drafter.masked_embedding.set_token_ordering(mx.random.permutation(vocab))
     if calm_target:
         calm(target)
     _materialise(target, dtype, bits)
@@ -128,4 +127,4 @@ def build(
 
 
 def nbytes(module: nn.Module) -> int:
-    return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
+    return sum(v.nbytes for v in module.checkpoint_weights().values())

@@ -34,7 +34,6 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
 
 import mlx_gemma_mtp
 from mlx_gemma_mtp.quantize import config_block
@@ -161,7 +160,7 @@ def write_pair(target, drafter, root: Path, dense_drafter_embedding: bool = Fals
         block = _quantization_block(model)
         if block:
             config["quantization"] = block
-        weights = dict(tree_flatten(model.parameters()))
+        weights = model.checkpoint_weights()
         if model is drafter and dense_drafter_embedding:
             weights = _dequantized(weights, "model.embed_tokens", block)
         _write_weights(weights, out)

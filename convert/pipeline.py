@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 
-from mlx_gemma_mtp.config import load_drafter_config, load_target_config
+from mlx_gemma_mtp.config import load_drafter_config, load_target_config, placeholder_fields
 from mlx_gemma_mtp.drafter import Drafter
 from mlx_gemma_mtp.load import PAIR_FORMAT, PAIR_MANIFEST, check_fit, read_shards, resolve
 from mlx_gemma_mtp.quantize import config_block, layer_recipe, quantize_weight
@@ -192,7 +191,8 @@ def _check_output(out: Path, force: bool) -> None:
     if out.is_dir() and not any(out.iterdir()):
         return
     if out.exists() and not force:
-        raise ConvertError(f"{out} exists and is not empty; pass --force to replace it")
+        what = "exists and is not empty" if out.is_dir() else "is a file, not a directory"
+        raise ConvertError(f"--out {out} {what}; pass --force to replace it")
 
 
 def _check_not_inside(out: Path, source: Path) -> None:
@@ -268,7 +268,7 @@ def _plan(
 ) -> Plan:
     """Map, check and lay out one checkpoint's tensors (`shards`: lazy, from `read_shards`)
     for the lazily built `model`, reading no weights."""
-    expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
+    expected = {name: value.shape for name, value in model.checkpoint_weights().items()}
     recipe = layer_recipe(model, quant.bits, quant.group_size) if quant else {}
     groups, produced = [], {}
     dropped, dropped_bytes, read_count, read_bytes = Counter(), 0, 0, 0
@@ -352,6 +352,8 @@ def _output_config(role: str, model, quantization: dict | None) -> dict:
     if role == "target":
         text = dict(config.raw["text_config"]) if config.multimodal else dict(config.raw)
         out = _hub_spelling(text, args)
+        if config.multimodal:  # the runtime embeds them as <pad>, as the multimodal model does
+            out.update(placeholder_fields(config.raw, multimodal=True))
         out.update(
             model_type="gemma4_text",
             architectures=["Gemma4ForCausalLM"],

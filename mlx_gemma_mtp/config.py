@@ -17,6 +17,8 @@ from mlx_lm.models.gemma4_text import ModelArgs as TextArgs
 TARGET_MODEL_TYPES = ("gemma4", "gemma4_text")
 DRAFTER_MODEL_TYPE = "gemma4_assistant"
 LAYER_TYPES = ("sliding_attention", "full_attention")
+# Multimodal placeholder ids and their defaults (transformers 5.17 configuration_gemma4.py, Gemma4Config).
+PLACEHOLDER_DEFAULTS = {"image_token_id": 258_880, "audio_token_id": 258_881, "video_token_id": 258_884}
 
 
 class ConfigError(ValueError):
@@ -68,6 +70,18 @@ def _check_layer_types(args: TextArgs, where: Path) -> None:
         raise ConfigError(f"{where}: unknown layer_types {unknown}")
 
 
+def _check_attention(text: dict, where: Path, field: str) -> None:
+    """Refuse `use_bidirectional_attention: "all"` (every token attends both ways): generation
+    is causal here. "vision" only changes the mask around image tokens, which a text-only
+    runtime never sees, so it runs as transformers runs text."""
+    value = text.get("use_bidirectional_attention")
+    if value not in (None, "vision"):
+        raise ConfigError(
+            f"{where}: {field} is {value!r}; only null or 'vision' can be run "
+            "(this runtime decodes causally, and no Gemma 4 generation checkpoint uses 'all')"
+        )
+
+
 def text_args(text: dict, where: Path) -> TextArgs:
     """mlx-lm `ModelArgs` from a `gemma4_text` config dict (either spelling)."""
     text = _fold_per_layer_config(text, where)
@@ -105,6 +119,25 @@ class TargetConfig:
     stop_ids: tuple[int, ...]
     quantization: dict | None  # mlx-lm's "quantization" block of a converted checkpoint
     raw: dict  # the config.json as read, for saving back
+    # Ids embedded as `pad_id` (token embedding and per-layer inputs), as transformers'
+    # Gemma4Model.forward does for image/audio/video placeholders; empty for a text-only model.
+    placeholder_ids: tuple[int, ...] = ()
+    pad_id: int = 0
+
+
+def placeholder_fields(config: dict, multimodal: bool) -> dict[str, int | None]:
+    """The config's image/audio/video placeholder ids by field: Gemma4Config's defaults fill in
+    what a multimodal config leaves out; a converted text-only target carries them as written."""
+    defaults = PLACEHOLDER_DEFAULTS if multimodal else dict.fromkeys(PLACEHOLDER_DEFAULTS)
+    return {key: config.get(key, default) for key, default in defaults.items()}
+
+
+def placeholder_ids(config: dict, where: Path, multimodal: bool) -> tuple[int, ...]:
+    fields = placeholder_fields(config, multimodal)
+    bad = {key: value for key, value in fields.items() if value is not None and type(value) is not int}
+    if bad:
+        raise ConfigError(f"{where}: placeholder ids must be integers or null, got {bad}")
+    return tuple(sorted({value for value in fields.values() if value is not None}))
 
 
 def load_target_config(model_dir: Path) -> TargetConfig:
@@ -129,12 +162,25 @@ def target_config(config: dict, where: Path, stops: tuple[int, ...]) -> TargetCo
     else:
         text = dict(config)
     text["model_type"] = "gemma4_text"
+    _check_attention(
+        text,
+        where,
+        "text_config.use_bidirectional_attention" if multimodal else "use_bidirectional_attention",
+    )
+    placeholders = placeholder_ids(config, where, multimodal)
+    pad_id = text.get("pad_token_id", 0)
+    if placeholders and type(pad_id) is not int:
+        raise ConfigError(
+            f"{where}: pad_token_id must be an integer (placeholder ids embed as it), got {pad_id!r}"
+        )
     return TargetConfig(
         text=text_args(text, where),
         multimodal=multimodal,
         stop_ids=stops,
         quantization=config.get("quantization"),
         raw=config,
+        placeholder_ids=placeholders,
+        pad_id=pad_id if placeholders else 0,
     )
 
 
@@ -165,6 +211,7 @@ def drafter_config(config: dict, where: Path) -> DrafterConfig:
         )
     text = dict(config.get("text_config") or {})
     text["model_type"] = "gemma4_text"
+    _check_attention(text, where, "text_config.use_bidirectional_attention")
     # The assistant owns no K/V: every layer reads the target's.
     text["num_kv_shared_layers"] = text.get("num_hidden_layers", 4)
     text.setdefault("hidden_size_per_layer_input", 0)
@@ -195,4 +242,3 @@ def kv_heads(args: TextArgs) -> dict[str, int]:
     if args.attention_k_eq_v and args.num_global_key_value_heads is not None:
         full = args.num_global_key_value_heads
     return {"sliding_attention": args.num_key_value_heads, "full_attention": full}
-

@@ -19,10 +19,13 @@ from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 from mlx_lm.models.gemma4_text import DecoderLayer, logit_softcap
 
 from .config import DrafterConfig
 from .target import WeightsError
+
+ORDERING = "masked_embedding.token_ordering"  # the clustered head's table, as checkpoints name it
 
 
 class DrafterModel(nn.Module):
@@ -50,8 +53,22 @@ class MaskedEmbedding(nn.Module):
         self.top_k = config.centroid_intermediate_top_k
         self.num_centroids = config.num_centroids
         self.centroids = nn.Linear(config.text.hidden_size, config.num_centroids, bias=False)
-        # token_ordering.reshape(num_centroids, vocab // num_centroids)[c] = token ids of cluster c
-        self.token_ordering = mx.zeros((vocab,), dtype=mx.int32)
+        # An index table, not a parameter (the leading underscore keeps it out of parameters()):
+        # casting, quantizing or training the parameters must never turn it into floats.
+        self._token_ordering = mx.zeros((vocab,), dtype=mx.int32)
+
+    @property
+    def token_ordering(self) -> mx.array:
+        """[vocab] int32: `.reshape(num_centroids, -1)[c]` are the token ids of cluster c."""
+        return self._token_ordering
+
+    def set_token_ordering(self, ordering: mx.array) -> None:
+        """Install a checkpoint's table (integers, int64 on disk; kept as int32)."""
+        expected = self._token_ordering.shape
+        if ordering.shape != expected or not mx.issubdtype(ordering.dtype, mx.integer):
+            got = f"shape {tuple(ordering.shape)} {ordering.dtype}"
+            raise WeightsError(f"{ORDERING} must be {expected[0]} integers, got {got}")
+        self._token_ordering = ordering.astype(mx.int32)
 
     def candidates(self, h: mx.array) -> mx.array:
         """Token ids of the top-k clusters for each row of h: [B, L, top_k * cluster_size]."""
@@ -78,6 +95,23 @@ class Drafter(nn.Module):
     def args(self):
         return self.config.text
 
+    def checkpoint_weights(self) -> dict[str, mx.array]:
+        """Every tensor a checkpoint of this drafter holds, by name: the parameters and, for a
+        clustered head, the token ordering."""
+        weights = dict(tree_flatten(self.parameters()))
+        if self.config.use_ordered_embeddings:
+            weights[ORDERING] = self.masked_embedding.token_ordering
+        return weights
+
+    def load_weights(self, file_or_weights, strict: bool = True) -> Drafter:
+        """`nn.Module.load_weights`, the token ordering (not a parameter) included."""
+        weights = dict(mx.load(file_or_weights) if isinstance(file_or_weights, str) else file_or_weights)
+        if self.config.use_ordered_embeddings and ORDERING in weights:
+            self.masked_embedding.set_token_ordering(weights.pop(ORDERING))
+        elif self.config.use_ordered_embeddings and strict:
+            raise ValueError(f"Missing parameters: {ORDERING}.")
+        return super().load_weights(list(weights.items()), strict=strict)
+
     def __call__(
         self,
         inputs: mx.array,
@@ -87,7 +121,7 @@ class Drafter(nn.Module):
         """One drafting step.
 
         inputs: [B, 1, 2*backbone] = concat(target embedding (scaled), hidden state).
-        shared_kv: per attention type, the target cache's `view()`: (keys, values)
+        shared_kv: per attention type, the target cache's view (`Cache.views`): (keys, values)
             [B, kv_heads, S, head_dim] and a [1, S] additive mask (0 / -inf) of the positions
             before `position` (sliding: the last `window + 1` of them); None when all S are those
             (the caches' views always give one: their buffers hold more than is visible).
@@ -136,7 +170,7 @@ class Drafter(nn.Module):
         for name, value in weights.items():
             if name.endswith("lm_head.weight") or "rotary_emb" in name:
                 continue  # tied to model.embed_tokens; rotary buffers are recomputed
-            if name == "masked_embedding.token_ordering":
+            if name == ORDERING:
                 if not self.config.use_ordered_embeddings:
                     raise WeightsError(
                         "use_ordered_embeddings is False but the checkpoint has "

@@ -21,6 +21,7 @@ from .drafter import Drafter
 from .engine import Engine, Event, PromptCache, Request, check_request
 from .sample import SEED_LIMIT, Sampling, make_sampling
 from .target import Target
+from .threads import clear_streams_at_thread_exit
 
 DRAFT_SCHEDULES = ("auto", "heuristic")
 # Every entry point (the functions here, ChatSession, the CLI, the server) generates at most this
@@ -166,6 +167,7 @@ def stream_generate(
 def _responses(model, tokenizer, draft_model, num_draft_tokens, request: Request) -> Iterator[Response]:
     """stream_generate's work, from its first iteration on ("auto" may measure this device's
     costs first, before the clock of the first response starts)."""
+    clear_streams_at_thread_exit()  # this thread evaluates: it must free MLX's state before it ends
     policy = draft_length(num_draft_tokens, model, draft_model)
     engine = Engine(model, draft_model, num_draft_tokens=policy, max_batch=1)
     rid = engine.add(request)

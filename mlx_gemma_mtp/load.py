@@ -205,15 +205,24 @@ def load_pair(
     quantization apply to both (as `load`)."""
     model, tokenizer = load(path_or_id, dtype, q_bits=q_bits, q_group_size=q_group_size)
     if draft_model is None:
-        draft_model = find_drafter(path_or_id)
-    if draft_model is None and not Path(path_or_id).expanduser().exists():
-        try:  # a hub id: Google publishes each drafter as '<target>-assistant'
-            draft_model = resolve(f"{path_or_id}-assistant")
-        except ConfigError:
-            draft_model = None
+        draft_model = pair_drafter(path_or_id)
     if draft_model is None:
         return model, tokenizer, None
     return model, tokenizer, load_drafter(draft_model, model, dtype, q_bits=q_bits, q_group_size=q_group_size)
+
+
+def pair_drafter(path_or_id: str | Path) -> Path | str | None:
+    """The drafter that goes with a target when none is named: `find_drafter`'s for a local
+    path; for a hub id, the hub's `<id>-assistant` (returned as that id) when it can be had.
+    None when there is none."""
+    if Path(path_or_id).expanduser().exists():
+        return find_drafter(path_or_id)
+    assistant = f"{path_or_id}-assistant"  # Google publishes each drafter so
+    try:
+        resolve(assistant)
+    except ConfigError:
+        return None
+    return assistant
 
 
 def load_drafter(

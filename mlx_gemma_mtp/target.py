@@ -8,8 +8,11 @@ asked, and caches that rewind exactly (`cache.py`).
 
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 from mlx_lm.models.gemma4_text import Gemma4TextModel, logit_softcap
 
 from .cache import Cache
@@ -49,6 +52,10 @@ class Target(nn.Module):
     def args(self):
         return self.config.text
 
+    def checkpoint_weights(self) -> dict[str, mx.array]:
+        """Every tensor a checkpoint of this target holds (in our names), by name: its parameters."""
+        return dict(tree_flatten(self.parameters()))
+
     def make_cache(self) -> Cache:
         """An empty cache for one sequence (rows join with `Cache.join`)."""
         return Cache(list(self.args.layer_types[: self.first_shared]), self.args.sliding_window)
@@ -59,10 +66,21 @@ class Target(nn.Module):
         # transformers (bf16 sqrt(1536) -> 39.25, modeling_gemma4.py Gemma4TextScaledWordEmbedding).
         return self.model.embed_tokens(tokens) * self.model.embed_scale
 
+    def text_tokens(self, tokens: mx.array) -> mx.array:
+        """`tokens` with the multimodal placeholder ids as <pad>: transformers' Gemma4Model.forward
+        embeds them so (token embedding and per-layer inputs). The drafter's input stays the raw
+        `embed` row, as transformers' candidate generator looks it up."""
+        ids = self.config.placeholder_ids
+        if not ids:
+            return tokens
+        is_placeholder = functools.reduce(mx.logical_or, [tokens == i for i in ids])
+        return mx.where(is_placeholder, self.config.pad_id, tokens)
+
     def __call__(self, tokens: mx.array, cache: Cache) -> mx.array:
         """Hidden states after the final norm, [B, L, hidden]; appends L positions to each row
         of `cache`, at each row's own position."""
         m = self.model
+        tokens = self.text_tokens(tokens)
         h = self.embed(tokens)
         per_layer_inputs = [None] * len(m.layers)
         if m.hidden_size_per_layer_input:

@@ -7,10 +7,13 @@ import shutil
 
 import mlx.core as mx
 import pytest
+from mlx.utils import tree_flatten, tree_map
 
-from mlx_gemma_mtp import generate, load, load_drafter, stream_generate
+from convert import convert
+from mlx_gemma_mtp import generate, load, load_drafter, load_pair, stream_generate
 from mlx_gemma_mtp.config import ConfigError
 from mlx_gemma_mtp.generate import make_prompt_cache
+from mlx_gemma_mtp.quantize import quantize
 from mlx_gemma_mtp.target import WeightsError
 
 
@@ -102,6 +105,30 @@ def test_unknown_model_type_and_missing_config(checkpoints, tmp_path):
         load(tmp_path / "nowhere")
 
 
+def test_bidirectional_attention_all_is_refused(checkpoints, tmp_path):
+    """'all' makes every token attend both ways (transformers: is_causal False, a halved window);
+    this runtime decodes causally, so such a config is refused by name, not run as causal."""
+    moe = _copy(checkpoints["moe"][0], tmp_path, "moe")  # multimodal, "vision": loads as it is
+    load(moe)
+    config = json.loads((moe / "config.json").read_text())
+    config["text_config"]["use_bidirectional_attention"] = "all"
+    (moe / "config.json").write_text(json.dumps(config))
+    refused = r"moe/config.json: text_config.use_bidirectional_attention is 'all'"
+    with pytest.raises(ConfigError, match=refused):
+        load(moe)
+    dense = _copy(checkpoints["dense"][0], tmp_path, "dense")  # text-only: the field is top-level
+    config = json.loads((dense / "config.json").read_text())
+    (dense / "config.json").write_text(json.dumps(config | {"use_bidirectional_attention": "all"}))
+    with pytest.raises(ConfigError, match=r"dense/config.json: use_bidirectional_attention is 'all'"):
+        load(dense)
+    drafter = _copy(checkpoints["dense"][1], tmp_path, "drafter")
+    config = json.loads((drafter / "config.json").read_text())
+    config["text_config"]["use_bidirectional_attention"] = "all"
+    (drafter / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"drafter/config.json: text_config.use_bidirectional_attention"):
+        load_drafter(drafter, load(checkpoints["dense"][0])[0])
+
+
 def test_weights_that_do_not_fit(checkpoints, tmp_path):
     target_dir = _copy(checkpoints["dense"][0], tmp_path)
     config = json.loads((target_dir / "config.json").read_text())
@@ -130,6 +157,30 @@ def test_dtype_is_kept_unless_asked(checkpoints):
     assert model.model.embed_tokens.weight.dtype == mx.bfloat16
     drafter = load_drafter(checkpoints["e2b"][1], load(checkpoints["e2b"][0])[0], dtype=mx.bfloat16)
     assert drafter.masked_embedding.token_ordering.dtype == mx.int32
+
+
+def test_token_ordering_is_not_a_parameter(checkpoints, tmp_path):
+    """The clustered head's index table stays int32 whatever is done to the parameters: cast,
+    quantized, converted and loaded again."""
+    model, _ = load(checkpoints["e2b"][0])
+    drafter = load_drafter(checkpoints["e2b"][1], model)
+    ordering = drafter.masked_embedding.token_ordering
+    assert "masked_embedding.token_ordering" not in {name for name, _ in tree_flatten(drafter.parameters())}
+    h = mx.random.normal((1, 1, drafter.args.hidden_size))
+    greedy = drafter.greedy_token(h)
+
+    drafter.update(tree_map(lambda p: p.astype(mx.float16), drafter.parameters()))  # cast every parameter
+    quantize(drafter, 8, 32)
+    table = drafter.masked_embedding.token_ordering
+    assert table.dtype == mx.int32 and mx.array_equal(table, ordering)
+
+    pair = convert(*checkpoints["e2b"], tmp_path / "pair", quiet=True)
+    converted = load_pair(pair)[2]
+    assert mx.array_equal(converted.masked_embedding.token_ordering, ordering)
+    assert mx.array_equal(converted.greedy_token(h), greedy)
+    refused = r"token_ordering must be 512 integers, got shape \(512,\) .*float32"
+    with pytest.raises(WeightsError, match=refused):
+        drafter.masked_embedding.set_token_ordering(ordering.astype(mx.float32))
 
 
 def test_prompt_cache_prefills_only_the_new_turn(e2b):

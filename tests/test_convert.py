@@ -168,6 +168,43 @@ def test_lone_target_and_sibling_drafter(checkpoints, tmp_path, capsys):
     assert len(_params(model)) == len(_params(load(out)[0]))
 
 
+def test_mlx_lm_flags(checkpoints, tmp_path, capsys):
+    """mlx_lm.convert's spelling: --hf-path (a target brings the drafter load_pair would find,
+    a drafter comes alone), --mlx-path, -q."""
+    root = tmp_path / "models"
+    target = shutil.copytree(checkpoints["e2b"][0], root / "tiny-it")
+    assistant = shutil.copytree(checkpoints["e2b"][1], root / "tiny-it-assistant")
+    out = tmp_path / "pair"
+    assert convert_pkg.main(["--hf-path", str(target), "--mlx-path", str(out), "-q", "--q-bits", "8"]) == 0
+    assert f"drafter: {assistant}, found for {target}" in capsys.readouterr().out
+    model, _, drafter = load_pair(out)
+    assert drafter.source == out / "drafter" and model.config.quantization["bits"] == 8
+
+    assert convert_pkg.main(["--hf-path", str(assistant), "--mlx-path", str(tmp_path / "alone")]) == 0
+    assert load_drafter(tmp_path / "alone", model).source == tmp_path / "alone"
+    lone = shutil.copytree(checkpoints["dense"][0], root / "lone")
+    assert convert_pkg.main(["--hf-path", str(lone), "-o", str(tmp_path / "lone")]) == 0
+    assert f"no drafter found for {lone}: converting the target alone" in capsys.readouterr().out
+    assert load_pair(tmp_path / "lone")[2] is None
+    with pytest.raises(SystemExit):
+        convert_pkg.main(["--hf-path", str(target), "--target", str(target), "--out", str(tmp_path / "x")])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_flag_errors_name_the_flag_and_value(checkpoints, tmp_path, capsys):
+    args = ["--target", str(checkpoints["dense"][0]), "--quiet", "--out"]
+    for size in ("-1", "0", "nan", "1e-12", "big"):
+        with pytest.raises(SystemExit):
+            convert_pkg.main([*args, str(tmp_path / "out"), "--max-shard-gb", size])
+        err = capsys.readouterr().err
+        assert f"argument --max-shard-gb: must be a positive size in GiB, got '{size}'" in err
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    assert convert_pkg.main([*args, str(empty)]) == 1
+    assert f"error: --out {empty} is a file, not a directory; pass --force" in capsys.readouterr().err
+    assert empty.read_text() == "" and not (tmp_path / "out").exists()
+
+
 def test_pair_manifest_is_checked(converted, tmp_path):
     pair = Path(shutil.copytree(converted["dense", "bf16"], tmp_path / "pair"))
     manifest = json.loads((pair / PAIR_MANIFEST).read_text())
@@ -301,6 +338,11 @@ def test_hub_ids_from_an_offline_cache(checkpoints, tmp_path, monkeypatch):
     assert not (out / "target" / "config.json").is_symlink()
     reference, _ = load(checkpoints["dense"][0])
     assert _greedy(model, tokenizer, drafter) == _greedy(reference, tokenizer)
+
+    # mlx-lm's --hf-path with a hub id finds the hub's '<id>-assistant'.
+    assert convert_pkg.main(["--hf-path", "tiny-org/gemma-tiny-it", "-o", str(tmp_path / "p2"), "--quiet"]) == 0
+    sources = json.loads((tmp_path / "p2" / PAIR_MANIFEST).read_text())["sources"]
+    assert sources == {"target": "tiny-org/gemma-tiny-it", "drafter": "tiny-org/gemma-tiny-it-assistant"}
 
     with pytest.raises(ConfigError, match="tiny-org/not-cached: cannot fetch from the hub or find it in"):
         convert("tiny-org/not-cached", out=tmp_path / "nothing", quiet=True)

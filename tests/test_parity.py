@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import mlx.core as mx
 import numpy as np
 import pytest
 import torch
 
+from convert import convert
 from mlx_gemma_mtp.load import load_drafter, load_target
 from mlx_gemma_mtp.cache import ring_positions
 from mlx_gemma_mtp.speculative import prefill
-from tests.fixtures import KINDS, SLIDING_WINDOW, VOCAB_SIZE
+from tests.fixtures import KINDS, SLIDING_WINDOW, VOCAB_SIZE, load_hf_pair
 
 TOLERANCE = 1e-4
 PROMPT_LEN = 4 * SLIDING_WINDOW + 3  # crosses the sliding window several times
@@ -107,3 +111,30 @@ def test_drafter_logits_and_projection(kind, checkpoints, hf_models):
     print(f"\n{kind} drafter: max |logits - tf| {logits_err:.2e}, max |projected - tf| {proj_err:.2e}")
     assert logits_err <= TOLERANCE and proj_err <= TOLERANCE
     assert int(drafter.greedy_token(h).item()) == int(ref_logits.argmax())
+
+
+PLACEHOLDERS = {"image_token_id": 500, "audio_token_id": 501, "video_token_id": 502}
+
+
+def test_multimodal_placeholder_ids_embed_as_pad(checkpoints, tmp_path):
+    """transformers' Gemma4Model.forward embeds the image/audio/video placeholder ids as <pad>,
+    for the token embedding and the per-layer inputs; the drafter's input embedding
+    (candidate_generator.py) stays the raw row. The fixture's own placeholder ids lie outside
+    its vocabulary, so this copy moves them inside."""
+    target_dir = shutil.copytree(checkpoints["e2b"][0], tmp_path / "target")
+    config = json.loads((target_dir / "config.json").read_text())
+    (target_dir / "config.json").write_text(json.dumps({**config, **PLACEHOLDERS}))
+    hf_target, _ = load_hf_pair(target_dir, checkpoints["e2b"][1])
+    ids = _prompt(3)
+    ids[0, [5, 12, 13, 30]] = [500, 501, 502, 500]
+    ref = _hf_forward(hf_target, ids)
+    raw = hf_target.get_input_embeddings()(torch.tensor([[500, 501, 502]])).detach().numpy()
+
+    converted = convert(target=target_dir, out=tmp_path / "converted", quiet=True)  # text-only gemma4_text
+    for model_dir in (target_dir, converted):
+        target = load_target(model_dir)
+        hidden = target(mx.array(ids), target.make_cache())
+        logits_err = np.abs(np.array(target.logits(hidden)) - ref.logits.numpy()).max()
+        hidden_err = np.abs(np.array(hidden) - ref.hidden_states[-1].numpy()).max()
+        assert logits_err <= TOLERANCE and hidden_err <= TOLERANCE, (model_dir, logits_err, hidden_err)
+        assert np.abs(np.array(target.embed(mx.array([[500, 501, 502]]))) - raw).max() <= TOLERANCE
