@@ -117,9 +117,12 @@ def test_greedy_equals_transformers(k, pair, reference):
     assert len(PROMPT) + len(reference) > 4 * SLIDING_WINDOW
     assert plain == reference, "plain greedy differs from transformers'"
     assert spec == reference, f"k={k}: speculative greedy differs from transformers'"
-    print(f"\nunified k={k}: acceptance {last.acceptance_rate:.2f} ({last.accepted}/{last.drafted})")
+    print(
+        f"\nunified k={k}: acceptance {last.acceptance_rate:.2f}, {last.mean_accepted:.2f} accepted per round"
+    )
     if k != "auto":  # auto may find that drafting does not pay on this device
-        assert last.accepted > 0, "the agreeing drafter never had a draft accepted"
+        # 0.7-1.9 accepted per round; a drafter reading the first layer of each type: 0.2-0.45.
+        assert last.mean_accepted > 0.5, "the agreeing drafter's drafts are seldom accepted"
 
 
 def test_random_drafter_is_rejected_and_exact(pair, unified):
