@@ -19,7 +19,7 @@ from mlx_gemma_mtp.quantize import quantize
 from mlx_gemma_mtp.target import Target
 
 CONFIGS = Path(mlx_gemma_mtp.__file__).parent / "configs"
-SHAPES = ("E2B", "E4B", "26B-A4B", "31B")
+SHAPES = ("E2B", "E4B", "12B", "26B-A4B", "31B")
 
 # A small model of the E2B structure (per-layer inputs, KV-shared layers, clustered drafter)
 # for --quick runs on a CPU.

@@ -6,7 +6,7 @@ import argparse
 import math
 import sys
 
-from mlx_gemma_mtp.config import DRAFTER_MODEL_TYPE, read_json
+from mlx_gemma_mtp.config import DRAFTER_MODEL_TYPES, read_json
 from mlx_gemma_mtp.load import pair_drafter, resolve
 
 from .pipeline import DTYPES, MAX_SHARD_BYTES, Q_BITS, Q_GROUP_SIZES, ConvertError, convert
@@ -74,7 +74,7 @@ def _models(args, say) -> tuple[str | None, str | None]:
     if args.hf_path is None:
         return args.target, args.drafter
     config = read_json(resolve(args.hf_path) / "config.json")
-    if config.get("model_type") == DRAFTER_MODEL_TYPE:
+    if config.get("model_type") in DRAFTER_MODEL_TYPES:
         if args.drafter is not None:
             raise ConvertError(f"--hf-path {args.hf_path} is a drafter; give its target with --target")
         return None, args.hf_path

@@ -27,9 +27,17 @@ from typing import Callable, Iterator
 
 import mlx.core as mx
 
-from mlx_gemma_mtp.config import load_drafter_config, load_target_config, placeholder_fields
+from mlx_gemma_mtp.config import drafter_config, load_target_config, placeholder_fields, read_json
 from mlx_gemma_mtp.drafter import Drafter
-from mlx_gemma_mtp.load import PAIR_FORMAT, PAIR_MANIFEST, check_fit, read_shards, resolve
+from mlx_gemma_mtp.load import (
+    PAIR_FORMAT,
+    PAIR_MANIFEST,
+    check_fit,
+    embedded_drafter,
+    locate_drafter,
+    read_shards,
+    resolve,
+)
 from mlx_gemma_mtp.quantize import config_block, layer_recipe, quantize_weight
 from mlx_gemma_mtp.target import Target, WeightsError
 
@@ -49,6 +57,14 @@ SIDE_FILES = (
     "chat_template.json",
 )
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+# Text-config fields written as the runtime resolved them (see `_hub_spelling`).
+RESOLVED_FIELDS = (
+    "hidden_size_per_layer_input",
+    "vocab_size_per_layer_input",
+    "enable_moe_block",
+    "num_kv_shared_layers",
+    "use_double_wide_mlp",
+)
 
 
 class ConvertError(ValueError):
@@ -83,6 +99,7 @@ class Plan:
     dropped: Counter  # tensor family -> count
     dropped_bytes: int
     unquantized: int  # layers the recipe keeps unquantized (centroids, widths the group does not divide)
+    embedded: bool = False  # an assistant embedded beside its target: the side files are the target's
 
 
 def convert(
@@ -131,14 +148,10 @@ def convert(
         target_model = Target(load_target_config(path))  # lazy: shapes, names, the recipe
         _check_source("target", path, target_model)
         plans.append(_plan("target", str(target), path, target_model, read_shards(path), quant, cast))
+        if drafter is None and (embedded := embedded_drafter(path)) is not None:
+            say(f"note: {path} embeds an assistant ({embedded.config}); give it as the drafter to convert it")
     if drafter is not None:
-        path = resolve(drafter)
-        config = load_drafter_config(path)
-        if target_model is not None:
-            check_fit(config, target_model, path / "config.json")
-        model = Drafter(config)
-        _check_source("drafter", path, model)
-        plans.append(_plan("drafter", str(drafter), path, model, read_shards(path), quant, cast))
+        plans.append(_drafter_plan(drafter, target_model, quant, cast))
     for plan in plans:
         _check_not_inside(out, plan.source)
 
@@ -255,6 +268,20 @@ def _check_source(role: str, source: Path, model) -> None:
         )
     if role == "target" and not any((source / f).is_file() for f in TOKENIZER_FILES):
         raise ConvertError(f"{source}: no tokenizer ({' or '.join(TOKENIZER_FILES)})")
+
+
+def _drafter_plan(name: str | Path, target: Target | None, quant: Quantization | None, cast) -> Plan:
+    """The plan of a drafter directory, a pair's drafter or an assistant embedded in a target's
+    directory (`locate_drafter`), checked against `target` when there is one."""
+    files = locate_drafter(resolve(name))
+    config = drafter_config(read_json(files.config), files.config)
+    if target is not None:
+        check_fit(config, target, files.config)
+    model = Drafter(config)
+    _check_source("drafter", files.directory, model)
+    shards = read_shards(files.directory, files.embedded)
+    plan = _plan("drafter", str(name), files.directory, model, shards, quant, cast)
+    return dataclasses.replace(plan, embedded=files.embedded)
 
 
 def _plan(
@@ -374,6 +401,10 @@ def _hub_spelling(text: dict, args) -> dict:
     text.pop("per_layer_config", None)
     text["global_head_dim"] = args.global_head_dim
     text["num_global_key_value_heads"] = args.num_global_key_value_heads
+    # As resolved: a 12B (`gemma4_unified_text`) config omits them, and as `gemma4_text` it
+    # would get mlx-lm's defaults, E2B's per-layer inputs and KV sharing.
+    for field in RESOLVED_FIELDS:
+        text[field] = getattr(args, field)
     return text
 
 
@@ -434,7 +465,7 @@ def _write_weights(plan: Plan, dest: Path, max_bytes: int, quiet: bool, say, on_
 
 
 def _write_configs(plan: Plan, dest: Path) -> None:
-    for name in SIDE_FILES:
+    for name in () if plan.embedded else SIDE_FILES:
         if (plan.source / name).is_file():
             shutil.copyfile(plan.source / name, dest / name)  # follows the hub cache's symlinks
     (dest / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")

@@ -12,10 +12,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
 from mlx_lm.models.gemma4_text import ModelArgs as TextArgs
 
-TARGET_MODEL_TYPES = ("gemma4", "gemma4_text")
-DRAFTER_MODEL_TYPE = "gemma4_assistant"
+# Multimodal wrappers (text stack under `language_model`) and text-only models. `gemma4_unified` is
+# the 12B: the same text stack without per-layer inputs or MoE, beside an encoder-free embedder.
+MULTIMODAL_TYPES = {"gemma4": "gemma4_text", "gemma4_unified": "gemma4_unified_text"}
+TARGET_MODEL_TYPES = (*MULTIMODAL_TYPES, *MULTIMODAL_TYPES.values())
+UNIFIED_TEXT_TYPE = "gemma4_unified_text"
+# Each assistant type with transformers' default backbone_hidden_size (E2B's, 12B's).
+DRAFTER_MODEL_TYPES = {"gemma4_assistant": 1536, "gemma4_unified_assistant": 3840}
 LAYER_TYPES = ("sliding_attention", "full_attention")
 # Multimodal placeholder ids and their defaults (transformers 5.17 configuration_gemma4.py, Gemma4Config).
 PLACEHOLDER_DEFAULTS = {"image_token_id": 258_880, "audio_token_id": 258_881, "video_token_id": 258_884}
@@ -82,9 +88,33 @@ def _check_attention(text: dict, where: Path, field: str) -> None:
         )
 
 
+def _without_unified_fields(text: dict) -> dict:
+    """A `gemma4_unified_text` config as the `gemma4_text` one it is.
+
+    transformers' Gemma4UnifiedTextConfig has no per-layer-input or MoE fields (5.17,
+    configuration_gemma4_unified.py: they are AttributeError) and its model builds neither: a
+    `save_pretrained` config omits them, the Hub one carries leftovers (`vocab_size_per_layer_input`
+    262144), and mlx-lm's defaults would build E2B's per-layer inputs. Both mean none.
+    """
+    text = dict(text)
+    text.update(
+        hidden_size_per_layer_input=0,
+        vocab_size_per_layer_input=0,
+        enable_moe_block=False,
+        num_experts=None,
+        top_k_experts=None,
+        moe_intermediate_size=None,
+    )
+    return text
+
+
 def text_args(text: dict, where: Path) -> TextArgs:
-    """mlx-lm `ModelArgs` from a `gemma4_text` config dict (either spelling)."""
+    """mlx-lm `ModelArgs` from a `gemma4_text` or `gemma4_unified_text` config dict (either
+    spelling of the full-attention overrides)."""
+    if text.get("model_type") == UNIFIED_TEXT_TYPE:
+        text = _without_unified_fields(text)
     text = _fold_per_layer_config(text, where)
+    text["model_type"] = "gemma4_text"  # mlx-lm's layers build both
     text.setdefault("global_head_dim", 512)  # transformers' default when the key is absent
     args = TextArgs.from_dict(text)
     _check_layer_types(args, where)
@@ -115,7 +145,7 @@ class TargetConfig:
     """A Gemma 4 target's text stack, as the runtime needs it."""
 
     text: TextArgs
-    multimodal: bool  # saved as Gemma4ForConditionalGeneration (keys under language_model)
+    multimodal: bool  # saved as Gemma4[Unified]ForConditionalGeneration (keys under language_model)
     stop_ids: tuple[int, ...]
     quantization: dict | None  # mlx-lm's "quantization" block of a converted checkpoint
     raw: dict  # the config.json as read, for saving back
@@ -154,14 +184,14 @@ def target_config(config: dict, where: Path, stops: tuple[int, ...]) -> TargetCo
             f"{where}: model_type {model_type!r} is not a Gemma 4 target "
             f"(expected one of {TARGET_MODEL_TYPES})"
         )
-    multimodal = model_type == "gemma4"
+    multimodal = model_type in MULTIMODAL_TYPES
     if multimodal:
         if not isinstance(config.get("text_config"), dict):
-            raise ConfigError(f"{where}: model_type 'gemma4' needs a text_config")
+            raise ConfigError(f"{where}: model_type {model_type!r} needs a text_config")
         text = dict(config["text_config"])
+        text["model_type"] = MULTIMODAL_TYPES[model_type]
     else:
         text = dict(config)
-    text["model_type"] = "gemma4_text"
     _check_attention(
         text,
         where,
@@ -204,13 +234,17 @@ def load_drafter_config(model_dir: Path) -> DrafterConfig:
 
 def drafter_config(config: dict, where: Path) -> DrafterConfig:
     """A drafter's config from its config.json contents (`where` names it in errors)."""
-    if config.get("model_type") != DRAFTER_MODEL_TYPE:
+    model_type = config.get("model_type")
+    if model_type not in DRAFTER_MODEL_TYPES:
         raise ConfigError(
-            f"{where}: model_type {config.get('model_type')!r} is not a Gemma 4 assistant "
-            f"(expected {DRAFTER_MODEL_TYPE!r})"
+            f"{where}: model_type {model_type!r} is not a Gemma 4 assistant "
+            f"(expected one of {tuple(DRAFTER_MODEL_TYPES)})"
         )
     text = dict(config.get("text_config") or {})
-    text["model_type"] = "gemma4_text"
+    # transformers builds the text config its model_type names, by default its assistant's own.
+    text.setdefault(
+        "model_type", UNIFIED_TEXT_TYPE if model_type == "gemma4_unified_assistant" else "gemma4_text"
+    )
     _check_attention(text, where, "text_config.use_bidirectional_attention")
     # The assistant owns no K/V: every layer reads the target's.
     text["num_kv_shared_layers"] = text.get("num_hidden_layers", 4)
@@ -224,7 +258,7 @@ def drafter_config(config: dict, where: Path) -> DrafterConfig:
         raise ConfigError(f"{where}: an assistant has no per-layer inputs and no MoE block")
     return DrafterConfig(
         text=args,
-        backbone_hidden_size=int(config.get("backbone_hidden_size", 1536)),
+        backbone_hidden_size=int(config.get("backbone_hidden_size", DRAFTER_MODEL_TYPES[model_type])),
         use_ordered_embeddings=bool(config.get("use_ordered_embeddings", False)),
         num_centroids=int(config.get("num_centroids", 2048)),
         centroid_intermediate_top_k=int(config.get("centroid_intermediate_top_k", 32)),

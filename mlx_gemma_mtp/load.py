@@ -6,13 +6,19 @@ or field and leaves nothing behind.
 
 `load(path)` gives the target and its tokenizer, as mlx-lm's `load` does; `load_pair(path)` gives
 the drafter beside them, the one named or the one found for the target (`find_drafter`): a
-pair directory's own (written by `convert`: `target/`, `drafter/` and a manifest), a sibling
-named `<target>-assistant`, or the hub's `<id>-assistant`.
+pair directory's own (written by `convert`: `target/`, `drafter/` and a manifest), one embedded
+in the target's directory, a sibling named `<target>-assistant`, or the hub's `<id>-assistant`.
+
+An embedded assistant, as some community conversions ship one inside the target's directory, is
+either a subdirectory holding a complete assistant (its config.json and safetensors), or
+`assistant_config.json` beside the target's config.json with its weights in
+`assistant*.safetensors` (never read as the target's).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -22,10 +28,11 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from .config import (
+    DRAFTER_MODEL_TYPES,
     ConfigError,
+    drafter_config,
     head_dims,
     kv_heads,
-    load_drafter_config,
     load_target_config,
     read_json,
 )
@@ -36,6 +43,8 @@ from .target import Target, WeightsError
 
 # What a snapshot of a model repo needs; towers' extra files and other formats are skipped.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
+EMBEDDED_CONFIG = "assistant_config.json"
+EMBEDDED_WEIGHTS = "assistant*.safetensors"
 
 
 def resolve(path_or_id: str | Path) -> Path:
@@ -58,15 +67,20 @@ def resolve(path_or_id: str | Path) -> Path:
         raise ConfigError(f"{repo_id}: cannot fetch from the hub or find it in the cache ({e})") from None
 
 
-def read_shards(model_dir: Path) -> list[tuple[Path, dict[str, mx.array]]]:
-    """Each safetensors file of the checkpoint (the index decides which) with its tensors.
+def read_shards(model_dir: Path, embedded: bool = False) -> list[tuple[Path, dict[str, mx.array]]]:
+    """Each safetensors file of the checkpoint (the index decides which) with its tensors;
+    `embedded`: those of the assistant embedded beside the target (`EMBEDDED_WEIGHTS`) instead.
 
     The tensors are lazy (`mx.load` reads a tensor's bytes only when it is evaluated), so
     this holds no weights; the files' headers are checked here: a missing shard, a truncated
     or unreadable file, a tensor the index names but no file holds.
     """
     index_path = model_dir / "model.safetensors.index.json"
-    if index_path.exists():
+    if embedded:
+        weight_map, files = None, sorted(model_dir.glob(EMBEDDED_WEIGHTS))
+        if not files:
+            raise WeightsError(f"{model_dir}: {EMBEDDED_CONFIG} but no {EMBEDDED_WEIGHTS} files")
+    elif index_path.exists():
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
@@ -77,7 +91,7 @@ def read_shards(model_dir: Path) -> list[tuple[Path, dict[str, mx.array]]]:
                 raise WeightsError(f"{f} is named by {index_path.name} but missing")
     else:
         weight_map = None
-        files = sorted(model_dir.glob("*.safetensors"))
+        files = sorted(set(model_dir.glob("*.safetensors")) - set(_embedded_weights(model_dir)))
         if not files:
             raise WeightsError(f"{model_dir}: no *.safetensors files")
     shards = []
@@ -94,9 +108,14 @@ def read_shards(model_dir: Path) -> list[tuple[Path, dict[str, mx.array]]]:
     return shards
 
 
-def read_safetensors(model_dir: Path) -> dict[str, mx.array]:
+def _embedded_weights(model_dir: Path) -> list[Path]:
+    """The embedded assistant's files in a target directory that has one, else none."""
+    return list(model_dir.glob(EMBEDDED_WEIGHTS)) if (model_dir / EMBEDDED_CONFIG).is_file() else []
+
+
+def read_safetensors(model_dir: Path, embedded: bool = False) -> dict[str, mx.array]:
     """Every tensor of the checkpoint's safetensors files (lazy, see `read_shards`)."""
-    return {name: value for _, tensors in read_shards(model_dir) for name, value in tensors.items()}
+    return {name: value for _, tensors in read_shards(model_dir, embedded) for name, value in tensors.items()}
 
 
 def _quantize(model: nn.Module, quantization: dict, weights: dict[str, mx.array]) -> None:
@@ -143,10 +162,13 @@ def _fill(model: nn.Module, weights: dict[str, mx.array], where: Path, dtype, ev
         mx.eval(model.state)  # parameters and buffers (rope frequencies): a model made here runs on any thread
 
 
-def _load_weights(model: Target | Drafter, model_dir: Path, dtype, q_bits: int | None, q_group_size: int) -> None:
+def _load_weights(
+    model: Target | Drafter, model_dir: Path, dtype, q_bits: int | None, q_group_size: int, embedded: bool = False
+) -> None:
     """Read, sanitize, quantize as the checkpoint was (or, `q_bits` given, with the converter's
-    recipe, in memory), and load strictly: target or drafter."""
-    weights = model.sanitize(read_safetensors(model_dir))
+    recipe, in memory), and load strictly: target or drafter (`embedded`: an assistant's files
+    beside a target's)."""
+    weights = model.sanitize(read_safetensors(model_dir, embedded))
     stored = model.config.quantization
     if stored and q_bits is not None:
         raise ConfigError(
@@ -200,9 +222,9 @@ def load_pair(
     q_group_size: int = 64,
 ) -> tuple[Target, TokenizerWrapper, Drafter | None]:
     """Load a target, its tokenizer and its drafter: `draft_model` when given, else the one
-    `find_drafter` finds for `path_or_id` (or, for a hub id, the hub's `<id>-assistant`);
-    None when there is none. The drafter's directory is `drafter.source`. dtype and the
-    quantization apply to both (as `load`)."""
+    `find_drafter` finds for `path_or_id` (for a hub id: one embedded in its snapshot, else the
+    hub's `<id>-assistant`); None when there is none. The drafter's directory is
+    `drafter.source`. dtype and the quantization apply to both (as `load`)."""
     model, tokenizer = load(path_or_id, dtype, q_bits=q_bits, q_group_size=q_group_size)
     if draft_model is None:
         draft_model = pair_drafter(path_or_id)
@@ -213,10 +235,13 @@ def load_pair(
 
 def pair_drafter(path_or_id: str | Path) -> Path | str | None:
     """The drafter that goes with a target when none is named: `find_drafter`'s for a local
-    path; for a hub id, the hub's `<id>-assistant` (returned as that id) when it can be had.
-    None when there is none."""
+    path; for a hub id, one embedded in its snapshot, else the hub's `<id>-assistant` (returned
+    as that id) when it can be had. None when there is none."""
     if Path(path_or_id).expanduser().exists():
         return find_drafter(path_or_id)
+    embedded = find_drafter(resolve(path_or_id))
+    if embedded is not None:
+        return embedded
     assistant = f"{path_or_id}-assistant"  # Google publishes each drafter so
     try:
         resolve(assistant)
@@ -228,16 +253,14 @@ def pair_drafter(path_or_id: str | Path) -> Path | str | None:
 def load_drafter(
     path_or_id: str | Path, model: Target, dtype=None, *, q_bits: int | None = None, q_group_size: int = 64
 ) -> Drafter:
-    """Load the MTP assistant for `model` (a pair directory gives its drafter); refuses one
-    that does not fit it. dtype and quantization as `load`."""
-    model_dir = resolve(path_or_id)
-    pair = read_pair(model_dir)
-    if pair:
-        model_dir = model_dir / pair["drafter"]
-    config = load_drafter_config(model_dir)
-    check_fit(config, model, model_dir)
-    drafter = Drafter(config, source=model_dir)
-    _load_weights(drafter, model_dir, dtype, q_bits, q_group_size)
+    """Load the MTP assistant for `model` from a drafter directory, a pair directory (its
+    drafter) or a target directory that embeds one; refuses one that does not fit `model`.
+    dtype and quantization as `load`."""
+    files = locate_drafter(resolve(path_or_id))
+    config = drafter_config(read_json(files.config), files.config)
+    check_fit(config, model, files.config if files.embedded else files.directory)
+    drafter = Drafter(config, source=files.directory)
+    _load_weights(drafter, files.directory, dtype, q_bits, q_group_size, files.embedded)
     return drafter
 
 
@@ -291,13 +314,68 @@ def read_pair(model_dir: Path) -> dict | None:
 def find_drafter(path: str | Path) -> Path | None:
     """The drafter directory that goes with a local target or pair directory, or None.
 
-    A pair's `drafter/` (given the pair or its `target/`), else a sibling named
-    `<target>-assistant`, as Google names them (gemma-4-E2B-it, gemma-4-E2B-it-assistant).
+    A pair's `drafter/` (given the pair or its `target/`), else an assistant embedded in the
+    target's directory (`embedded_drafter`: the subdirectory, or the target's directory itself
+    for `assistant_config.json`), else a sibling named `<target>-assistant`, as Google names
+    them (gemma-4-E2B-it, gemma-4-E2B-it-assistant).
     """
     path = Path(path).expanduser()
     for pair_dir in (path, path.parent):
         pair = read_pair(pair_dir) if pair_dir.is_dir() else None
         if pair and (pair_dir == path or path.name == pair["target"]):
             return pair_dir / pair["drafter"]
+    embedded = embedded_drafter(path) if path.is_dir() else None
+    if embedded is not None:
+        return embedded.directory
     sibling = path.parent / f"{path.name}-assistant"
     return sibling if (sibling / "config.json").is_file() else None
+
+
+@dataclass(frozen=True)
+class DrafterFiles:
+    """Where a drafter's config and weights are."""
+
+    directory: Path  # its safetensors are here (`drafter.source`)
+    config: Path
+    embedded: bool  # `EMBEDDED_WEIGHTS` beside a target's files, rather than the directory's own
+
+
+def locate_drafter(model_dir: Path) -> DrafterFiles:
+    """The drafter of a drafter directory, of a pair directory, or embedded in a target's
+    directory; raises naming what `model_dir` holds instead."""
+    pair = read_pair(model_dir)
+    if pair:
+        model_dir = model_dir / pair["drafter"]
+    config = model_dir / "config.json"
+    if _is_assistant_config(config) or not config.is_file():
+        return DrafterFiles(directory=model_dir, config=config, embedded=False)  # a missing file raises
+    embedded = embedded_drafter(model_dir)
+    if embedded is None:
+        model_type = read_json(config).get("model_type")
+        raise ConfigError(
+            f"{config}: model_type {model_type!r} is not a Gemma 4 assistant (expected one of "
+            f"{tuple(DRAFTER_MODEL_TYPES)}), and {model_dir} embeds none (no {EMBEDDED_CONFIG}, "
+            "no subdirectory with an assistant's config.json)"
+        )
+    return embedded
+
+
+def embedded_drafter(target_dir: Path) -> DrafterFiles | None:
+    """The assistant shipped inside a target's directory, or None; raises when there are several."""
+    found = [
+        DrafterFiles(directory=sub, config=sub / "config.json", embedded=False)
+        for sub in sorted(p for p in target_dir.iterdir() if p.is_dir())
+        if _is_assistant_config(sub / "config.json")
+    ]
+    if (target_dir / EMBEDDED_CONFIG).is_file():
+        found.append(DrafterFiles(directory=target_dir, config=target_dir / EMBEDDED_CONFIG, embedded=True))
+    if len(found) > 1:
+        raise ConfigError(
+            f"{target_dir} embeds several assistants ({', '.join(str(f.config) for f in found)}): "
+            "name the one to use"
+        )
+    return found[0] if found else None
+
+
+def _is_assistant_config(path: Path) -> bool:
+    return path.is_file() and read_json(path).get("model_type") in DRAFTER_MODEL_TYPES

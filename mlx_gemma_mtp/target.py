@@ -18,7 +18,8 @@ from mlx_lm.models.gemma4_text import Gemma4TextModel, logit_softcap
 from .cache import Cache
 from .config import TargetConfig
 
-# Checkpoint prefixes of what the text runtime never reads (multimodal towers and embedders).
+# Checkpoint prefixes of what the text runtime never reads: the multimodal towers and embedders
+# (the 12B's encoder-free `vision_embedder`/`embed_vision`/`embed_audio` included).
 NON_TEXT_PREFIXES = (
     "vision_tower.",
     "embed_vision.",
@@ -36,7 +37,7 @@ class WeightsError(ValueError):
 
 
 class Target(nn.Module):
-    """A Gemma 4 text model (E2B, E4B, 26B-A4B, 31B) as the speculative loop drives it."""
+    """A Gemma 4 text model (E2B, E4B, 12B, 26B-A4B, 31B) as the speculative loop drives it."""
 
     def __init__(self, config: TargetConfig):
         super().__init__()
@@ -117,8 +118,8 @@ class Target(nn.Module):
 
         Accepts transformers' multimodal (`model.language_model.*`) and text-only (`model.*`)
         layouts and mlx-lm/mlx-community conversions (`language_model.model.*`). Drops the
-        multimodal towers and the K/V projections of KV-shared layers (Google's files keep
-        them; nothing reads them). Raises on a name it does not know.
+        multimodal towers and embedders and the K/V projections of KV-shared layers (Google's
+        files keep them; nothing reads them). Raises on a name it does not know.
         """
         out = {}
         unknown = []

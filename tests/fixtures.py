@@ -11,8 +11,15 @@ family:
 - ``"moe"``: ``Gemma4ForConditionalGeneration`` (vision tower, no audio) with MoE blocks and K=V;
   dense-head drafter.
 
-Agreeing drafters (``agreeing=True``) copy the target's layers 0-3, embedding and final norm; the
-target is shaped so that what the drafter cannot see matters little (see ``_shape_target``).
+and a fourth, not in ``KINDS`` (its tests build it on their own):
+
+- ``"unified"``: the 12B, ``Gemma4UnifiedForConditionalGeneration`` (encoder-free vision and
+  audio embedders, no towers), a full layer every 6th, K=V, no per-layer inputs or KV sharing;
+  ``Gemma4UnifiedAssistantForCausalLM`` drafter, dense head.
+
+Agreeing drafters (``agreeing=True``) copy the target's last four layers up to its K/V producers
+(layers 0-3; unified 2-5), embedding and final norm; the target is shaped so that what the drafter
+cannot see matters little (see ``_shape_target``).
 Measured with ``python tests/fixtures.py`` (fixture seeds 0-2, four random 40-token prompts each,
 transformers 5.17.0, CPU):
 
@@ -20,6 +27,7 @@ transformers 5.17.0, CPU):
     e2b     0.71 / 0.59                         0.70 / 0.45                              27.5 / 13
     dense   0.78 / 0.64                         0.70 / 0.43                              29.9 / 23
     moe     0.72 / 0.56                         0.67 / 0.42                              31.1 / 25
+    unified 0.76 / 0.67                         0.78 / 0.51                              26.0 / 8
 
 "first draft": at every prompt position p, the drafter's first draft (given token p, the target's
 hidden state at p - 1 and its K/V of positions < p) equals the target's greedy token.
@@ -53,6 +61,13 @@ from transformers import (
     Gemma4ForCausalLM,
     Gemma4ForConditionalGeneration,
     Gemma4TextConfig,
+    Gemma4UnifiedAssistantConfig,
+    Gemma4UnifiedAssistantForCausalLM,
+    Gemma4UnifiedAudioConfig,
+    Gemma4UnifiedConfig,
+    Gemma4UnifiedForConditionalGeneration,
+    Gemma4UnifiedTextConfig,
+    Gemma4UnifiedVisionConfig,
     Gemma4VisionConfig,
     GenerationConfig,
 )
@@ -113,11 +128,14 @@ class _Spec:
     audio: bool
     bidirectional: str | None
     ordered_drafter: bool
+    unified: bool = False  # the 12B's classes (Gemma4Unified*)
+    mirrored_from: int = 0  # drafter layer j mirrors target layer mirrored_from + j
 
 
-# Layers 0-3 are [sliding, sliding, sliding, full] in every kind, so the producers (the last
-# non-shared layer of each type) are layers 2 and 3 and drafter layer j mirrors target layer j.
-# e2b adds two KV-shared layers, one of each type, reading those producers.
+# Layers 0-3 are [sliding, sliding, sliding, full] in every kind but unified, so the producers
+# (the last non-shared layer of each type) are layers 2 and 3 and drafter layer j mirrors target
+# layer j. e2b adds two KV-shared layers, one of each type, reading those producers. unified has
+# the 12B's period (five sliding layers, then a full one): producers 4 and 5, mirrored from 2.
 _SPECS = {
     "e2b": _Spec(
         layer_types=(SLIDING, SLIDING, SLIDING, FULL, SLIDING, FULL),
@@ -161,6 +179,22 @@ _SPECS = {
         bidirectional="vision",
         ordered_drafter=False,
     ),
+    "unified": _Spec(
+        layer_types=(SLIDING,) * 5 + (FULL,),
+        kv_heads=2,
+        global_kv_heads=1,
+        k_eq_v=True,
+        per_layer_inputs=False,
+        kv_shared_layers=0,
+        double_wide_mlp=False,
+        moe=False,
+        vision=True,
+        audio=True,
+        bidirectional="vision",
+        ordered_drafter=False,
+        unified=True,
+        mirrored_from=2,
+    ),
 }
 
 
@@ -183,12 +217,16 @@ def build_pair(
     # build is deterministic and leaves the caller's RNG untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        target_cls = Gemma4ForConditionalGeneration if spec.vision else Gemma4ForCausalLM
+        if spec.unified:
+            target_cls, drafter_cls = Gemma4UnifiedForConditionalGeneration, Gemma4UnifiedAssistantForCausalLM
+        else:
+            target_cls = Gemma4ForConditionalGeneration if spec.vision else Gemma4ForCausalLM
+            drafter_cls = Gemma4AssistantForCausalLM
         target = target_cls(_target_config(spec)).eval()
         ordering = _init_target(target, spec, seed)
-        drafter = Gemma4AssistantForCausalLM(_drafter_config(spec)).eval()
+        drafter = drafter_cls(_drafter_config(spec)).eval()
         if agreeing:
-            _make_agreeing(drafter, target, ordering, seed + 1)
+            _make_agreeing(drafter, target, ordering, seed + 1, spec.mirrored_from)
         else:
             _init_random_drafter(drafter, seed + 1)
     _save(target, target_dir, _target_generation_config())
@@ -199,13 +237,14 @@ def build_pair(
 def load_hf_pair(target_dir, drafter_dir) -> tuple[torch.nn.Module, torch.nn.Module]:
     """transformers models (eval mode, float32) loaded back from those dirs.
 
-    The target comes back as the class it was saved as, the drafter as Gemma4AssistantForCausalLM.
-    A missing, unexpected or mismatched key raises.
+    Each comes back as the class it was saved as. A missing, unexpected or mismatched key raises.
     """
-    arch = json.loads((pathlib.Path(target_dir) / "config.json").read_text())["architectures"][0]
-    target = _load_strict(getattr(transformers, arch), target_dir)
-    drafter = _load_strict(Gemma4AssistantForCausalLM, drafter_dir)
-    return target, drafter
+
+    def saved(path) -> torch.nn.Module:
+        arch = json.loads((pathlib.Path(path) / "config.json").read_text())["architectures"][0]
+        return _load_strict(getattr(transformers, arch), path)
+
+    return saved(target_dir), saved(drafter_dir)
 
 
 def build_tokenizer(
@@ -298,6 +337,8 @@ def _shared_text_fields(spec: _Spec) -> dict:
 
 
 def _text_config(spec: _Spec) -> Gemma4TextConfig:
+    if spec.unified:
+        return _unified_text_config(spec, spec.layer_types, 30.0, kv_shared=0)
     per_layer = PER_LAYER_DIM if spec.per_layer_inputs else 0
     moe = {"num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 32} if spec.moe else {}
     return Gemma4TextConfig(
@@ -315,6 +356,35 @@ def _text_config(spec: _Spec) -> Gemma4TextConfig:
         pad_token_id=PAD_ID,
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
+    )
+
+
+def _unified_text_config(spec: _Spec, layer_types, softcapping, kv_shared) -> Gemma4UnifiedTextConfig:
+    # transformers' unified text config has no per-layer-input or MoE fields at all.
+    return Gemma4UnifiedTextConfig(
+        **_shared_text_fields(spec),
+        final_logit_softcapping=softcapping,
+        num_kv_shared_layers=kv_shared,
+        num_hidden_layers=len(layer_types),
+        layer_types=list(layer_types),
+        use_double_wide_mlp=False,
+        use_bidirectional_attention=spec.bidirectional,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+    )
+
+
+def _unified_target_config(spec: _Spec) -> Gemma4UnifiedConfig:
+    # The encoder-free embedders, small: 8x8-pixel model patches (4x4 merged 2x2), 8-sample audio frames.
+    vision = Gemma4UnifiedVisionConfig(
+        patch_size=4, pooling_kernel_size=2, mm_embed_dim=16, mm_posemb_size=16, output_proj_dims=HIDDEN
+    )
+    return Gemma4UnifiedConfig(
+        text_config=_text_config(spec),
+        vision_config=vision,
+        audio_config=Gemma4UnifiedAudioConfig(audio_embed_dim=8),
+        eos_token_id=list(STOP_IDS),
     )
 
 
@@ -344,7 +414,9 @@ def _audio_config() -> Gemma4AudioConfig:
     )
 
 
-def _target_config(spec: _Spec) -> Gemma4Config | Gemma4TextConfig:
+def _target_config(spec: _Spec) -> Gemma4Config | Gemma4TextConfig | Gemma4UnifiedConfig:
+    if spec.unified:
+        return _unified_target_config(spec)
     text = _text_config(spec)
     if not spec.vision:
         text.eos_token_id = list(STOP_IDS)
@@ -357,7 +429,15 @@ def _target_config(spec: _Spec) -> Gemma4Config | Gemma4TextConfig:
     )
 
 
-def _drafter_config(spec: _Spec) -> Gemma4AssistantConfig:
+def _drafter_config(spec: _Spec) -> Gemma4AssistantConfig | Gemma4UnifiedAssistantConfig:
+    if spec.unified:
+        text = _unified_text_config(spec, DRAFTER_LAYER_TYPES, None, kv_shared=len(DRAFTER_LAYER_TYPES))
+        return Gemma4UnifiedAssistantConfig(
+            text_config=text,
+            backbone_hidden_size=HIDDEN,
+            num_centroids=NUM_CENTROIDS,
+            centroid_intermediate_top_k=CENTROID_TOP_K,
+        )
     text = Gemma4TextConfig(
         **_shared_text_fields(spec),
         num_hidden_layers=len(DRAFTER_LAYER_TYPES),
@@ -449,11 +529,12 @@ def _cluster_embeddings(embed: torch.Tensor, ordering: torch.Tensor, gen: torch.
 def _shape_target(text_model: torch.nn.Module, spec: _Spec, gen: torch.Generator) -> None:
     """Make the target (nearly) a function its drafter can compute.
 
-    The drafter mirrors the target's layers 0-3 but, at position p, reads the producers' K/V of
-    positions < p only: it lacks the target's own key at p, and its sliding mask spans window + 1
-    entries (p-9..p-1 where the target sees p-7..p). It has no per-layer inputs, experts or
-    KV-shared layers. So both producers ignore their own position, the sliding producer's
-    attention (window mismatch) is turned down, and every other contribution is quiet. Gemma 4
+    The drafter mirrors the target's layers 0-3 (unified: 2-5) but, at position p, reads the
+    producers' K/V of positions < p only: it lacks the target's own key at p, and its sliding mask
+    spans window + 1 entries (p-9..p-1 where the target sees p-7..p). It has no per-layer inputs,
+    experts, KV-shared layers or (unified) the layers before those it mirrors. So both producers
+    ignore their own position, the sliding producer's attention (window mismatch) is turned
+    down, and every other contribution is quiet. Gemma 4
     post-norms renormalise their input, so post-norm weights, not projections, set how much a
     block adds to the residual stream. Drafts after the first embed a token one position past
     the drafter's fixed position id, so the full producer's rotated query dims are turned down
@@ -461,6 +542,10 @@ def _shape_target(text_model: torch.nn.Module, spec: _Spec, gen: torch.Generator
     """
     producers = _producer_layers(spec)
     for idx, layer in enumerate(text_model.layers):
+        if idx < spec.mirrored_from:
+            # A layer the drafter has no copy of: quiet, and the residual stream keeps its scale, so
+            # the mirrored layers see the balance of residual and branches the other kinds have.
+            layer.layer_scalar.fill_(1.0)
         if idx in producers:
             _exclude_self_attention(layer.self_attn, gen)
             if layer.self_attn.is_sliding:
@@ -504,21 +589,22 @@ def _exclude_self_attention(attn: torch.nn.Module, gen: torch.Generator) -> None
 
 
 @torch.no_grad()
-def _make_agreeing(drafter: Gemma4AssistantForCausalLM, target: torch.nn.Module, ordering, seed: int) -> None:
-    """Make the drafter a copy of the target's layers 0-3, embedding and final norm."""
+def _make_agreeing(drafter, target: torch.nn.Module, ordering, seed: int, first: int) -> None:
+    """Make the drafter a copy of the target's layers first..first + 3, embedding and final norm."""
     src, dst = _text_model(target), drafter.model
     dst.embed_tokens.weight.copy_(src.embed_tokens.weight)
     dst.norm.weight.copy_(src.norm.weight)
     for j, layer in enumerate(dst.layers):
-        source = dict(src.layers[j].named_parameters()) | dict(src.layers[j].named_buffers())
+        mirrored = src.layers[first + j]
+        source = dict(mirrored.named_parameters()) | dict(mirrored.named_buffers())
         for name, tensor in list(layer.named_parameters()) + list(layer.named_buffers()):
             if name in source and source[name].shape == tensor.shape:
                 tensor.copy_(source[name])
         if "post_feedforward_layernorm_1.weight" in source:
             _fold_moe_norm(layer, source["post_feedforward_layernorm_1.weight"])
     # The drafter's input is concat(scaled target embedding, target hidden state): pass the
-    # embedding through (the target's layer 0 sees the same vector) plus a little of the hidden
-    # state, so that feeding the wrong hidden state still shows in the drafter's logits.
+    # embedding through (the target's layer `first` sees about the same vector) plus a little of
+    # the hidden state, so that feeding the wrong hidden state still shows in the drafter's logits.
     gen = torch.Generator().manual_seed(seed)
     mix = torch.randn(HIDDEN, HIDDEN, generator=gen) * HIDDEN_MIX / math.sqrt(HIDDEN)
     drafter.pre_projection.weight.copy_(torch.cat([torch.eye(HIDDEN), mix], dim=1))
@@ -749,7 +835,7 @@ if __name__ == "__main__":
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
-    for kind in KINDS:
+    for kind in (*KINDS, "unified"):
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             build_pair(kind, pathlib.Path(tmp))

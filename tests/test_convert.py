@@ -29,7 +29,6 @@ from mlx_gemma_mtp import load, load_drafter, load_pair, stream_generate
 from mlx_gemma_mtp.config import ConfigError
 from mlx_gemma_mtp.load import PAIR_MANIFEST, find_drafter
 from mlx_gemma_mtp.quantize import quantize
-from mlx_gemma_mtp.speculative import MAX_DRAFT
 from tests.fixtures import KINDS, VOCAB_SIZE
 
 REPO = Path(__file__).resolve().parents[1]

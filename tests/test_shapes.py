@@ -1,4 +1,4 @@
-"""Full-size E2B, E4B, 26B-A4B and 31B targets and drafters, built lazily from the real configs
+"""Full-size E2B, E4B, 12B, 26B-A4B and 31B targets and drafters, built lazily from the real configs
 (MLX allocates nothing until evaluated): every parameter name and shape is what the checkpoint
 layout in ../shared/reference/gemma4/README.md says, after our sanitize."""
 
@@ -20,6 +20,14 @@ from mlx_gemma_mtp.target import Target
 
 CONFIGS = Path(mlx_gemma_mtp.__file__).parent / "configs"
 VOCAB, PLE = 262144, 256
+# Tensors of the multimodal parts a checkpoint holds beside the text stack (dropped on load).
+VISION_TOWER = {"model.vision_tower.encoder.layers.0.self_attn.q_proj.linear.weight": (768, 768)}
+UNIFIED_EMBEDDERS = {  # the 12B's encoder-free ones, as Google's file names them (TF conversion_mapping.py)
+    "model.vision_embedder.patch_dense.weight": (3840, 6912),
+    "model.vision_embedder.pos_embedding": (1120, 2, 3840),
+    "model.embed_vision.embedding_projection.weight": (3840, 3840),
+    "model.embed_audio.embedding_projection.weight": (3840, 640),
+}
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,7 @@ class Row:
     double_wide_from: int | None = None  # first layer with a 2x MLP
     experts: tuple[int, int] | None = None  # count, width
     drafter: tuple[int, int, int, bool, int] = (256, 2048, 4, True, 0)  # h, I, heads, ordered, params
+    multimodal: tuple = tuple(VISION_TOWER.items())
 
 
 TABLE = {
@@ -45,6 +54,8 @@ TABLE = {
                drafter=(256, 2048, 4, True, 77_731_328)),
     "E4B": Row(2560, 42, 10240, 8, (2, 2), tuple(range(5, 42, 6)), 18, True, False,
                drafter=(256, 2048, 4, True, 78_517_760)),
+    "12B": Row(3840, 48, 15360, 16, (8, 1), tuple(range(5, 48, 6)), 0, False, True,
+               drafter=(1024, 8192, 16, False, 422_856_960), multimodal=tuple(UNIFIED_EMBEDDERS.items())),
     "26B-A4B": Row(2816, 30, 2112, 16, (8, 2), (5, 11, 17, 23, 29), 0, False, True, experts=(128, 704),
                    drafter=(1024, 8192, 16, False, 419_711_232)),
     "31B": Row(5376, 60, 21504, 32, (16, 4), tuple(range(5, 60, 6)), 0, False, True,
@@ -94,8 +105,7 @@ def _hf_target_shapes(row: Row) -> dict[str, tuple]:
             s[L + "experts.down_proj"] = (n, H, w)
             for norm in ("post_feedforward_layernorm_1", "post_feedforward_layernorm_2", "pre_feedforward_layernorm_2"):
                 s[L + norm + ".weight"] = (H,)
-    # A vision tower tensor, dropped on load.
-    s["model.vision_tower.encoder.layers.0.self_attn.q_proj.linear.weight"] = (768, 768)
+    s.update(row.multimodal)
     return s
 
 
