@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .threads import clear_streams_at_thread_exit
+
 log = logging.getLogger(__name__)
 
 
@@ -93,6 +95,7 @@ class Worker:
     # On the worker thread
 
     def _run(self) -> None:
+        clear_streams_at_thread_exit()  # this thread evaluates: MLX's state for it goes with it
         try:
             model, tokenizer, drafter = self._load()
             self._model, self._drafter = model, drafter
