@@ -22,7 +22,7 @@ from mlx_gemma_mtp.draft_length import MAX_DRAFT, DraftLength
 from mlx_gemma_mtp.drafter import Drafter
 from mlx_gemma_mtp.engine import Engine, Request
 from mlx_gemma_mtp.generate import draft_length
-from mlx_gemma_mtp.sample import GREEDY
+from mlx_gemma_mtp.sample import GREEDY, Sampling
 from mlx_gemma_mtp.speculative import Proposer, Rows, prefill
 from mlx_gemma_mtp.target import Target
 
@@ -208,34 +208,51 @@ def engine_run(
     n: int,
     k: int | str | DraftLength,
     propose: Proposer | None = None,
+    sampling: Sampling = GREEDY,
+    steps: list | None = None,
 ) -> Run:
-    """Every prompt through one engine (one batch), greedy, to n tokens each, no stop ids.
-    k: drafts per round (0: our plain decoding), "auto" / "heuristic" (a fresh policy)."""
+    """Every prompt through one engine (one batch) to n tokens each, no stop ids. k: drafts per
+    round (0: our plain decoding), "auto" / "heuristic" (a fresh policy). steps: gets each
+    timed step's (ms, tokens, kept drafts), all rows together."""
     policy = draft_length(k, target, drafter) if isinstance(k, str) else k
     engine = Engine(target, drafter, num_draft_tokens=policy, max_batch=len(prompts), propose=propose)
     for prompt in prompts:
-        engine.add(Request(prompt=prompt, max_tokens=n, stop_ids=frozenset()))
+        engine.add(Request(prompt=prompt, max_tokens=n, sampling=sampling, stop_ids=frozenset()))
     mx.reset_peak_memory()
-    tokens, usage = [[] for _ in prompts], {}
-    start, generated = None, 0
+    tokens, usage, clock = [[] for _ in prompts], {}, _Clock(steps)
     while engine.busy:
         events = engine.step()
         for event in events:
             tokens[event.rid] += event.tokens
             usage[event.rid] = event.usage
-            generated += len(event.tokens) if start is not None else 0
-        if start is None and all(tokens):
-            start = time.perf_counter()  # every row has its first token: prefill over
-    elapsed = time.perf_counter() - start
-    return _run(tokens, elapsed, generated, list(usage.values()))
+        clock.tick(all(tokens), sum(len(e.tokens) for e in events), sum(sum(e.from_draft) for e in events))
+    return _run(tokens, clock, list(usage.values()))
 
 
-def _run(tokens, elapsed: float, generated: int, usages) -> Run:
+class _Clock:
+    """A run's clock: it starts once every row has its first token (prefill over) and then
+    counts the tokens of every step, timing each into `steps` (ms, tokens, kept drafts)."""
+
+    def __init__(self, steps: list | None):
+        self.steps, self.start, self.last, self.generated = steps, None, None, 0
+
+    def tick(self, started: bool, tokens: int, kept: int) -> None:
+        now = time.perf_counter()
+        if self.start is None:
+            self.start = self.last = now if started else None
+            return
+        self.generated += tokens
+        if self.steps is not None:
+            self.steps.append(((now - self.last) * 1e3, tokens, kept))
+        self.last = now
+
+
+def _run(tokens, clock: _Clock, usages) -> Run:
     return Run(
-        tokens=tokens, seconds=elapsed, generated=generated, peak_gb=mx.get_peak_memory() / 1e9,
+        tokens=tokens, seconds=clock.last - clock.start, generated=clock.generated, peak_gb=mx.get_peak_memory() / 1e9,
         drafted=sum(u.drafted for u in usages), accepted=sum(u.accepted for u in usages),
         rounds=sum(u.rounds for u in usages),
-        draft_lengths=[sum(column) for column in zip(*(u.draft_lengths for u in usages))],
+        draft_lengths=[sum(column) for column in zip(*(u.draft_lengths for u in usages))] or [0] * (MAX_DRAFT + 1),
     )  # fmt: skip
 
 
@@ -247,9 +264,10 @@ def mlx_lm_model(target: Target):
     return model
 
 
-def mlx_lm_run(model, prompts: list[list[int]], n: int) -> Run:
+def mlx_lm_run(model, prompts: list[list[int]], n: int, steps: list | None = None) -> Run:
     """mlx-lm's batched generation (its `BatchGenerator`, what its `batch_generate` and server
-    run; mlx_lm/generate.py 0.32.2), greedy, to n tokens per row, all rows in one batch."""
+    run; mlx_lm/generate.py 0.32.2), greedy, to n tokens per row, all rows in one batch.
+    steps: as `engine_run`'s."""
     generate = importlib.import_module("mlx_lm.generate")
     B = len(prompts)
     gen = generate.BatchGenerator(
@@ -258,17 +276,15 @@ def mlx_lm_run(model, prompts: list[list[int]], n: int) -> Run:
     mx.reset_peak_memory()
     uids = gen.insert(prompts, [n] * B)
     tokens = {uid: [] for uid in uids}
-    start, generated = None, 0
+    clock = _Clock(steps)
     try:
         while responses := gen.next_generated():
             for r in responses:
                 tokens[r.uid].append(r.token)
-            generated += len(responses) if start is not None else 0
-            if start is None and all(tokens.values()):
-                start = time.perf_counter()
+            clock.tick(all(tokens.values()), len(responses), 0)
     finally:
         gen.close()
-    return _run([tokens[uid] for uid in uids], time.perf_counter() - start, generated, [])
+    return _run([tokens[uid] for uid in uids], clock, [])
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

@@ -5,6 +5,7 @@ new one on the same weights."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import subprocess
@@ -14,14 +15,23 @@ import pytest
 
 import bench
 from bench import compare_loops, measure, replay
-from mlx_gemma_mtp.draft_length import MAX_DRAFT
+from mlx_gemma_mtp.draft_length import MAX_DRAFT, Costs
 
 TINY = ["--shapes", "tiny", "--bits", "bf16", "--context", "32", "--prompt", "16", "--tokens", "8"]
 
 
-def test_batched_cells_replay_exactly_against_their_costs(tmp_path):
+@pytest.fixture
+def known_costs(monkeypatch):
+    """Auto from given costs (a verify a little dearer than a plain step, drafting cheap)
+    rather than measured ones: measuring takes a minute on a CI core."""
+    costs = Costs(plain=0.01, verify=tuple(0.012 + 0.001 * k for k in range(MAX_DRAFT + 1)), draft=0.001)
+    generate = importlib.import_module("mlx_gemma_mtp.generate")  # the package's `generate` is the function
+    monkeypatch.setattr(generate, "load_costs", lambda target, drafter: costs)
+
+
+def test_batched_cells_replay_exactly_against_their_costs(tmp_path, known_costs):
     out = tmp_path / "bench.json"
-    argv = TINY + ["--batches", "1", "2", "--max-l", "3", "--alphas", "0", "1", "--ragged", "--ks", "2",
+    argv = TINY + ["--batches", "1", "2", "--max-l", "3", "--alphas", "0", "1", "--ragged", "--ks", "2", "auto",
                    "--trials", "1", "--out", str(out)]  # fmt: skip
     assert bench.main(argv) == 0
     result = json.loads(out.read_text())["results"][0]
@@ -31,20 +41,24 @@ def test_batched_cells_replay_exactly_against_their_costs(tmp_path):
         entry = result["batches"][B]
         assert entry["mlx_lm_same_tokens"] == 8  # mlx-lm's batched greedy decoding agrees with ours
         assert math.isfinite(entry["plain_vs_mlx_lm"]) and entry["plain_vs_mlx_lm"] > 0
-    one = {c["acceptance"]: c for c in result["batches"]["1"]["cells"]}
-    assert set(one) == {"alpha=0.0", "alpha=1.0"}  # a ragged mix needs two rows
-    cells = {c["acceptance"]: c for c in result["batches"]["2"]["cells"]}
-    for cell in [*one.values(), *cells.values()]:
-        assert cell["same_as_plain"] == 8 and cell["replay_passes"] == 1
-        assert math.isfinite(cell["speedup"]) and math.isfinite(cell["of_ideal"]) and cell["peak_gb"] > 0
-    assert cells["alpha=0.0"]["acceptance_rate"] == 0
-    assert cells["alpha=1.0"]["acceptance_rate"] == 1 and cells["alpha=1.0"]["accepted_per_round"] == 2
+    one = {(c["acceptance"], c["k"]) for c in result["batches"]["1"]["cells"]}
+    assert {a for a, _ in one} == {"alpha=0.0", "alpha=1.0"}  # a ragged mix needs two rows
+    cells = {(c["acceptance"], c["k"]): c for c in result["batches"]["2"]["cells"]}
+    assert len(one) == 4 and len(cells) == 6
+    for batch in result["batches"].values():
+        for cell in batch["cells"]:
+            assert cell["same_as_plain"] == 8 and cell["replay_passes"] == 1
+            assert math.isfinite(cell["speedup"]) and math.isfinite(cell["of_ideal"]) and cell["peak_gb"] > 0
+    assert cells["alpha=0.0", 2]["acceptance_rate"] == 0
+    assert cells["alpha=1.0", 2]["acceptance_rate"] == 1 and cells["alpha=1.0", 2]["accepted_per_round"] == 2
+    # Auto drafts where drafts are kept, and is held to the best fixed k's ideal.
+    assert cells["alpha=1.0", "auto"]["acceptance_rate"] == 1 and cells["alpha=1.0", "auto"]["ideal_k"] == 2
     # The ideal from this run's batched costs: alpha = 1 yields k + 1 tokens a round ...
     verify, draft = result["costs"]["2"]["verify_ms"], result["costs"]["2"]["drafter_ms"]["step"]
-    assert cells["alpha=1.0"]["ideal"] == pytest.approx(3 * verify["1"] / (verify["3"] + 2 * draft))
+    assert cells["alpha=1.0", 2]["ideal"] == pytest.approx(3 * verify["1"] / (verify["3"] + 2 * draft))
     # ... and a ragged mix the mean of its rows' expected tokens (no clamping to either).
     mix = (1 + 0.9 + 0.81 + 1 + 0.2 + 0.04) / 2
-    assert cells["ragged=0.9/0.2"]["ideal"] == pytest.approx(mix * verify["1"] / (verify["3"] + 2 * draft))
+    assert cells["ragged=0.9/0.2", 2]["ideal"] == pytest.approx(mix * verify["1"] / (verify["3"] + 2 * draft))
 
 
 def test_paired_trials_alternate_which_run_goes_first(tmp_path, monkeypatch):
@@ -118,3 +132,48 @@ def test_extract_names_a_missing_commit(tmp_path):
         pytest.skip("not a git checkout")
     with pytest.raises(SystemExit, match="git rev-parse"):
         compare_loops.extract(tmp_path, commit="0000000000")
+
+
+def test_profile_splits_a_verify_into_its_parts(tmp_path):
+    from bench import profile
+
+    out = tmp_path / "profile.json"
+    argv = ["--shape", "tiny", "--batch", "2", "--context", "80", "--lengths", "1", "3", "--trials", "1"]
+    assert profile.main(argv + ["--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"forward", "body", "head", "projections", "attention"}
+    assert all(set(by_length) == {"1", "3"} and min(by_length.values()) > 0 for by_length in rows.values())
+    with pytest.raises(SystemExit):  # past what a verify may hold
+        profile.main(["--shape", "tiny", "--lengths", "18"])
+
+
+def test_timeline_times_every_step_of_every_variant(tmp_path, known_costs):
+    from bench import timeline
+
+    out = tmp_path / "timeline.json"
+    argv = [
+        "--shape",
+        "tiny",
+        "--batch",
+        "2",
+        "--prompt",
+        "16",
+        "--alpha",
+        "1",
+        "--tokens",
+        "8",
+        "--runs",
+        "2",
+    ]
+    assert timeline.main(argv + ["--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    steps = report["steps"]
+    assert set(steps) == {"plain", "mlx-lm", "auto"} and all(len(runs) == 2 for runs in steps.values())
+    # Every token after each row's first, in steps: plain and mlx-lm one per row and step.
+    for runs in steps.values():
+        assert all(
+            sum(tokens for _, tokens, _ in run) == 2 * 7 and all(ms > 0 for ms, _, _ in run) for run in runs
+        )
+    assert all(len(run) == 7 for run in steps["plain"] + steps["mlx-lm"])
+    assert all(sum(kept for _, _, kept in run) > 0 for run in steps["auto"])  # alpha = 1: auto keeps drafts
+    assert report["order"] == [["plain", "mlx-lm", "auto"], ["auto", "mlx-lm", "plain"]]
