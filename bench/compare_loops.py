@@ -149,7 +149,8 @@ def old_run(old, pair, prompt: list[int], n: int, k, propose=None) -> measure.Ru
     elapsed = time.perf_counter() - start
     tokens.close()
     return measure.Run(
-        tokens=[[first] + rest], seconds=elapsed, generated=n - 1, peak_gb=mx.get_peak_memory() / 1e9,
+        tokens=[[first] + rest], seconds=elapsed, generated=n - 1, full_seconds=elapsed, full_generated=n - 1,
+        peak_gb=mx.get_peak_memory() / 1e9,
         drafted=stats.drafted, accepted=stats.accepted, rounds=stats.rounds, draft_lengths=list(stats.k_histogram),
     )  # fmt: skip
 

@@ -4,7 +4,10 @@ batched generation on the same weights, peak memory, and Leviathan's ideal from 
 
 Costs are medians of `trials` after a warm-up, the work synchronised with the host inside the
 timed region. Runs are timed from the moment every row has its first token (prefill
-excluded) to the last token: aggregate tokens per second over all rows.
+excluded): aggregate tokens per second over all rows, to the last token and while the batch is
+full (until the first row is done: rows that keep different shares of their drafts finish at
+different rounds, and a fixed-length run ends with its slowest rows alone, a tail a server
+with rows coming and going does not have; Leviathan's ideal models the full batch).
 """
 
 from __future__ import annotations
@@ -186,6 +189,8 @@ class Run:
     tokens: list[list[int]]  # per row
     seconds: float  # from every row's first token to the last token
     generated: int  # tokens in that time, all rows together
+    full_seconds: float  # from every row's first token to the step the first row finished in
+    full_generated: int  # tokens in that time, all rows together
     peak_gb: float
     drafted: int = 0
     accepted: int = 0
@@ -199,6 +204,11 @@ class Run:
     @property
     def ms_per_row_token(self) -> float:
         return self.seconds * 1e3 / self.generated
+
+    @property
+    def full_tokens_per_s(self) -> float:
+        """Tokens per second while every row decoded."""
+        return self.full_generated / self.full_seconds
 
 
 def engine_run(
@@ -225,18 +235,23 @@ def engine_run(
         for event in events:
             tokens[event.rid] += event.tokens
             usage[event.rid] = event.usage
-        clock.tick(all(tokens), sum(len(e.tokens) for e in events), sum(sum(e.from_draft) for e in events))
+        kept = sum(sum(e.from_draft) for e in events)
+        clock.tick(
+            all(tokens), sum(len(e.tokens) for e in events), kept, any(e.finish_reason for e in events)
+        )
     return _run(tokens, clock, list(usage.values()))
 
 
 class _Clock:
     """A run's clock: it starts once every row has its first token (prefill over) and then
-    counts the tokens of every step, timing each into `steps` (ms, tokens, kept drafts)."""
+    counts the tokens of every step, timing each into `steps` (ms, tokens, kept drafts); `full`:
+    (seconds, tokens) up to the step in which the first row finished."""
 
     def __init__(self, steps: list | None):
         self.steps, self.start, self.last, self.generated = steps, None, None, 0
+        self.full: tuple[float, int] | None = None
 
-    def tick(self, started: bool, tokens: int, kept: int) -> None:
+    def tick(self, started: bool, tokens: int, kept: int, finished: bool) -> None:
         now = time.perf_counter()
         if self.start is None:
             self.start = self.last = now if started else None
@@ -245,11 +260,14 @@ class _Clock:
         if self.steps is not None:
             self.steps.append(((now - self.last) * 1e3, tokens, kept))
         self.last = now
+        if finished and self.full is None:
+            self.full = (now - self.start, self.generated)
 
 
 def _run(tokens, clock: _Clock, usages) -> Run:
     return Run(
-        tokens=tokens, seconds=clock.last - clock.start, generated=clock.generated, peak_gb=mx.get_peak_memory() / 1e9,
+        tokens=tokens, seconds=clock.last - clock.start, generated=clock.generated,
+        full_seconds=clock.full[0], full_generated=clock.full[1], peak_gb=mx.get_peak_memory() / 1e9,
         drafted=sum(u.drafted for u in usages), accepted=sum(u.accepted for u in usages),
         rounds=sum(u.rounds for u in usages),
         draft_lengths=[sum(column) for column in zip(*(u.draft_lengths for u in usages))] or [0] * (MAX_DRAFT + 1),
@@ -281,7 +299,7 @@ def mlx_lm_run(model, prompts: list[list[int]], n: int, steps: list | None = Non
         while responses := gen.next_generated():
             for r in responses:
                 tokens[r.uid].append(r.token)
-            clock.tick(all(tokens.values()), len(responses), 0)
+            clock.tick(all(tokens.values()), len(responses), 0, any(r.finish_reason for r in responses))
     finally:
         gen.close()
     return _run([tokens[uid] for uid in uids], clock, [])

@@ -2,10 +2,11 @@
 
     python -m bench.table bench/results/*.json
 
-Speedups are over our batched plain decoding at the same B (paired trials); "of ideal" is the
-range of measured / Leviathan's ideal over the drafting cells at acceptance 0.6 and above (the
-26B profile and the ragged mix included). Reports of the single-sequence bench (before the
-batched engine) have no batches and are left out.
+Speedups are over our batched plain decoding at the same B (paired trials, while the batch is
+full: see `measure`); "measured / ideal" is the range of measured over Leviathan's ideal over
+the drafting cells at acceptance 0.6 and above (the 26B profile and the ragged mix included).
+Reports of the single-sequence bench (before the batched engine) have no batches and are left
+out.
 """
 
 from __future__ import annotations
