@@ -160,9 +160,8 @@ def _costs(target, proposer, B: int, args) -> dict:
 
 
 def _baseline(target, rows, plain_tokens, args, entry: dict) -> None:
-    """Our batched plain decoding against mlx-lm's batched generation, paired trials in
-    alternating order: the card's drift cancels in each pair's ratio, and a place in the pair
-    in the alternation."""
+    """Our batched plain decoding against mlx-lm's batched generation, in paired trials: the
+    card's drift cancels in each pair's ratio, and which side goes first alternates."""
     model = measure.mlx_lm_model(target)
     measure.mlx_lm_run(model, rows, args.tokens)  # warm-up
     pairs = []
