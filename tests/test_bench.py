@@ -51,11 +51,13 @@ def test_batched_cells_replay_exactly_against_their_costs(tmp_path, known_costs)
             assert math.isfinite(cell["speedup"]) and math.isfinite(cell["of_ideal"]) and cell["peak_gb"] > 0
     assert cells["alpha=0.0", 2]["acceptance_rate"] == 0
     assert cells["alpha=1.0", 2]["acceptance_rate"] == 1 and cells["alpha=1.0", 2]["accepted_per_round"] == 2
-    # Auto drafts where drafts are kept, and is held to the best fixed k's ideal.
-    assert cells["alpha=1.0", "auto"]["acceptance_rate"] == 1 and cells["alpha=1.0", "auto"]["ideal_k"] == 2
     # The ideal from this run's batched costs: alpha = 1 yields k + 1 tokens a round ...
     verify, draft = result["costs"]["2"]["verify_ms"], result["costs"]["2"]["drafter_ms"]["step"]
-    assert cells["alpha=1.0", 2]["ideal"] == pytest.approx(3 * verify["1"] / (verify["3"] + 2 * draft))
+    ideal = {k: (k + 1) * verify["1"] / (verify[str(k + 1)] + k * draft) for k in (1, 2)} | {0: 1.0}
+    assert cells["alpha=1.0", 2]["ideal"] == pytest.approx(ideal[2])
+    # ... auto is held to the best fixed k's, and drafts where drafts are kept ...
+    auto = cells["alpha=1.0", "auto"]
+    assert auto["acceptance_rate"] == 1 and auto["ideal"] == pytest.approx(max(ideal.values()))
     # ... and a ragged mix the mean of its rows' expected tokens (no clamping to either).
     mix = (1 + 0.9 + 0.81 + 1 + 0.2 + 0.04) / 2
     assert cells["ragged=0.9/0.2", 2]["ideal"] == pytest.approx(mix * verify["1"] / (verify["3"] + 2 * draft))
