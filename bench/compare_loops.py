@@ -9,7 +9,7 @@ with the git history (after `stage-mlx-cuda.sh`, which empties .device/):
 writes .device/old/mlx_gemma_mtp_old (9fd1605's mlx_gemma_mtp, whose imports are all
 relative); carry .device/old to the machine that runs, for instance,
 
-    python -m bench.compare_loops --shapes E2B --bits bf16 --alphas 0 0.8 --ks 4 auto
+    python -m bench.compare_loops --shapes E2B --bits bf16 --alphas 0 0.8 --ks 7 auto
 
 Both loops get the same random weights (built once by `bench.models`, loaded into the old
 classes without a copy), the same prompt, continuation and hits (one draw per position, as
@@ -258,7 +258,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", nargs="+", default=["E2B", "31B"], help=f"of {SHAPES} (or 'tiny')")
     p.add_argument("--bits", nargs="+", default=["bf16"], help="bf16 and/or quantization bits (each shape)")
     p.add_argument("--alphas", nargs="+", type=float, default=[0.0, 0.8])
-    p.add_argument("--ks", nargs="+", default=["4", "auto"], help="draft lengths: ints, 'auto', 'heuristic'")
+    p.add_argument("--ks", nargs="+", default=["7", "auto"], help="draft lengths: ints, 'auto', 'heuristic'")
     p.add_argument("--prompt", type=int, default=256)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--trials", type=int, default=5)
