@@ -1,8 +1,12 @@
-"""`python -m bench` / `mlx-gemma-mtp bench`: speedups at real Gemma 4 shapes.
+"""`python -m bench` / `mlx-gemma-mtp bench`: batched speculative decoding at real Gemma 4 shapes.
 
-Writes one JSON of every measurement (device, versions, shapes, medians) and, with
-matplotlib installed, PNG plots beside it. `--quick` runs a tiny model on whatever device MLX
-has (a CPU check of the whole pipeline).
+Per shape: the cost surface (one target forward of B rows x L tokens, the drafter step at B);
+per batch size B: our batched plain decoding against mlx-lm's batched generation on the same
+weights; then a cell per acceptance spec and draft length: the engine at replayed acceptance
+(`replay.py`) against our batched plain decoding in paired trials, with Leviathan's ideal from
+this run's costs and peak memory. One JSON of every measurement, written after every cell (a
+run cut short keeps its cells), a line per cell on stdout, and PNG plots with matplotlib.
+`--quick` runs a tiny model (a CPU check of the whole pipeline).
 """
 
 from __future__ import annotations
@@ -17,16 +21,23 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_gemma_mtp.costs import load_costs, measure_costs
-from mlx_gemma_mtp.speculative import drafter_proposer
+from mlx_gemma_mtp.cache import MAX_WRITE
+from mlx_gemma_mtp.speculative import MAX_DRAFT, drafter_proposer
 
 from . import measure
 from .models import SHAPES, build, nbytes
+from .replay import (
+    PROFILES,
+    RAGGED,
+    draw_hits,
+    parse_acceptance,
+    replay_proposer,
+    replay_settled,
+    replay_table,
+)
 
-ALPHAS = (0.0, 0.5, 0.7, 0.8, 0.9, 1.0)
-DRAFT_LENGTHS = tuple(range(1, 9))
-PARTS = ("cost", "e2e", "baseline", "memory")
-DRAFT_POLICIES = ("auto", "heuristic")
+PARTS = ("cost", "baseline", "e2e")
+POLICIES = ("auto", "heuristic")
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -34,26 +45,55 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), help=f"of {SHAPES} (or 'tiny')")
     p.add_argument("--bits", nargs="+", default=["bf16", "4"], help="bf16 and/or quantization bits")
     p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
-    p.add_argument("--alphas", nargs="+", type=float, default=list(ALPHAS))
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4, 8, 16], help="rows decoded together")
     p.add_argument(
-        "--ks", nargs="+", default=[str(k) for k in DRAFT_LENGTHS] + list(DRAFT_POLICIES),
-        help="draft lengths: ints, 'auto', 'heuristic'",
+        "--alphas", nargs="*", type=float, default=[0.0, 0.6, 0.8], help="uniform replayed acceptance"
     )
-    p.add_argument("--contexts", nargs="+", type=int, default=[1024, 4096], help="cost-curve contexts")
-    p.add_argument("--max-l", type=int, default=16, help="cost curve up to this many new tokens")
-    p.add_argument("--prompt", type=int, default=256, help="end-to-end prompt length")
-    p.add_argument("--tokens", type=int, default=64, help="end-to-end tokens generated")
+    p.add_argument(
+        "--profile", nargs="*", default=[], choices=sorted(PROFILES), help="per-position acceptance"
+    )
+    p.add_argument(
+        "--ragged", action="store_true", help=f"half the rows at alpha {RAGGED[0]}, half at {RAGGED[1]}"
+    )
+    p.add_argument(
+        "--ks", nargs="+", default=["auto", "3", "5"], help="draft lengths: ints, 'auto', 'heuristic'"
+    )
+    p.add_argument(
+        "--context", type=int, default=1024, help="positions per row before the cost surface's forward"
+    )
+    p.add_argument("--max-l", type=int, default=9, help="cost surface up to this many new tokens per row")
+    p.add_argument("--prompt", type=int, default=256, help=f"end-to-end prompt per row (at most {MAX_WRITE})")
+    p.add_argument("--tokens", type=int, default=64, help="end-to-end tokens generated per row")
     p.add_argument("--trials", type=int, default=5)
-    p.add_argument("--cost-repeats", type=int, default=6, help="passes over every k timing the ideal's costs")
     p.add_argument("--out", type=Path, default=Path("bench/results/latest.json"))
     p.add_argument("--quick", action="store_true", help="tiny model, few cells: a CPU check")
     return p
 
 
 def _quick(args) -> None:
-    args.shapes, args.bits, args.contexts, args.max_l = ["tiny"], ["bf16"], [128], 8
-    args.alphas, args.ks, args.prompt, args.tokens, args.trials = [0.0, 0.8], ["1", "3", "auto"], 64, 24, 3
-    args.cost_repeats = 2
+    args.shapes, args.bits, args.batches, args.context, args.max_l = ["tiny"], ["bf16"], [1, 2], 64, 4
+    args.alphas, args.profile, args.ragged, args.ks = [0.0, 0.8], ["26b-vllm"], True, ["2", "auto"]
+    args.prompt, args.tokens, args.trials = 32, 16, 2
+
+
+def _check(p: argparse.ArgumentParser, args) -> None:
+    for k in args.ks:
+        if k not in POLICIES and not (k.isdigit() and int(k) <= MAX_DRAFT):
+            p.error(f"--ks: {k!r} is neither an int in 0..{MAX_DRAFT} nor one of {POLICIES}")
+    if not 2 <= args.max_l <= MAX_DRAFT + 1:
+        p.error(f"--max-l must lie in 2..{MAX_DRAFT + 1} (a verify of up to MAX_DRAFT drafts)")
+    if not 0 < args.prompt <= MAX_WRITE:
+        p.error(f"--prompt must lie in 1..{MAX_WRITE}: longer prompts join the batch over several steps")
+    if min(args.batches) < 1 or args.tokens < 2 or args.trials < 1:
+        p.error("--batches, --tokens (at least 2) and --trials must be positive")
+
+
+def specs(args) -> list:
+    out = [parse_acceptance(f"alpha={a}") for a in args.alphas]
+    out += [parse_acceptance(f"profile={name}") for name in args.profile]
+    if args.ragged:
+        out.append(parse_acceptance(f"ragged={RAGGED[0]}/{RAGGED[1]}"))
+    return out
 
 
 def environment() -> dict:
@@ -68,163 +108,204 @@ def environment() -> dict:
 
 
 def bench_shape(shape: str, bits: str, args, result: dict, save) -> None:
-    """Fill `result` for one shape, calling `save()` whenever a part is done (a run cut short
-    by a time limit keeps what it measured)."""
+    """Fill `result` for one shape, calling `save()` after every part and cell."""
     target, drafter = build(shape, bits=None if bits == "bf16" else int(bits))
+    proposer = drafter_proposer(drafter, target)  # one compiled drafter step for every run
     result |= {"shape": shape, "bits": bits, "target_bytes": nbytes(target), "drafter_bytes": nbytes(drafter)}
-    vocab = target.args.vocab_size
-    if "cost" in args.parts or "e2e" in args.parts:
-        result["verify_ms"], result["verify_python_ms"] = {}, {}
-        for ctx in args.contexts:
-            costs, python = measure.verify_costs(target, ctx, range(1, args.max_l + 1), args.trials)
-            result["verify_ms"][str(ctx)], result["verify_python_ms"][str(ctx)] = costs, python
-        result["drafter_ms"] = measure.drafter_costs(target, drafter, args.contexts[0], args.trials)
-        result["drafter_head_bytes"] = measure.drafter_head_bytes(drafter)
-        save()
-    prompt = measure.random_tokens(args.prompt, vocab, seed=3)
-    if "e2e" in args.parts or "baseline" in args.parts or "memory" in args.parts:
-        plain = measure.plain_run(target, prompt, args.tokens)  # warm-up and the known continuation
-        runs = [measure.plain_run(target, prompt, args.tokens) for _ in range(args.trials)]
-        assert all(r.tokens == plain.tokens for r in runs)
-        result["plain_ms_per_token"] = statistics.median(r.ms_per_token for r in runs)
-        result["plain_peak_gb"] = max(r.peak_gb for r in runs)
-        save()
+    result |= {"drafter_head_bytes": measure.drafter_head_bytes(drafter), "costs": {}, "batches": {}}
+    for B in args.batches:
+        if "cost" in args.parts:
+            result["costs"][str(B)] = _costs(target, proposer, B, args)
+            save()
+            print(_cost_line(result, B), flush=True)
+    prompts = measure.random_prompts(max(args.batches), args.prompt, target.args.vocab_size, seed=3)
+    warm: set = set()
+    for B in args.batches:
+        entry = result["batches"][str(B)] = {"batch": B}
+        _batch(target, drafter, proposer, prompts[:B], args, result, entry, warm, save)
+        mx.clear_cache()
+
+
+def _batch(target, drafter, proposer, rows, args, result: dict, entry: dict, warm: set, save) -> None:
+    """One batch size: the baseline, then a cell per acceptance spec and draft length."""
+    B = len(rows)
+    plain = measure.engine_run(target, None, rows, args.tokens, 0)  # warm-up and the continuations
+    entry["plain_same_each_run"] = (
+        measure.engine_run(target, None, rows, args.tokens, 0).tokens == plain.tokens
+    )
     if "baseline" in args.parts:
-        measure.mlx_lm_run(target, prompt, args.tokens)  # warm-up
-        # Paired trials, as the end-to-end cells: the card's drift cancels in each pair's ratio,
-        # and a trend over the pair (clocks settling) in the alternating order.
-        pairs = []
-        for trial in range(args.trials):
-            if trial % 2 == 0:
-                ours = measure.plain_run(target, prompt, args.tokens)
-                theirs = measure.mlx_lm_run(target, prompt, args.tokens)
-            else:
-                theirs = measure.mlx_lm_run(target, prompt, args.tokens)
-                ours = measure.plain_run(target, prompt, args.tokens)
-            pairs.append((ours, theirs))
-        # bf16 rounding differs between two implementations: record where the outputs part.
-        result["mlx_lm_same_tokens"] = measure.common_prefix(pairs[0][1].tokens, plain.tokens)
-        result["mlx_lm_ms_per_token"] = statistics.median(theirs.ms_per_token for _, theirs in pairs)
-        result["plain_vs_mlx_lm"] = statistics.median(theirs.ms_per_token / ours.ms_per_token for ours, theirs in pairs)
+        _baseline(target, rows, plain.tokens, args, entry)
         save()
-    if "e2e" in args.parts:
-        result["e2e"] = []
-        _e2e(target, drafter, prompt, plain.tokens, result, args, save)
-
-
-def _e2e(target, drafter, prompt, plain_tokens, result, args, save) -> None:
-    """Append a cell to result["e2e"] per (alpha, k), saving after each."""
-    verify = {int(L): ms for L, ms in result["verify_ms"][str(args.contexts[0])].items()}
-    c_draft = result["drafter_ms"].get("clustered", result["drafter_ms"]["dense"])  # the head the loop runs
-    result["loop_costs_ms"] = measure.costs_ms(load_costs(target, drafter))  # what auto starts from
-    # The ideal's and the predictions' costs: the loop's clock again, with more passes. Auto's
-    # few (a median of 6 rounds per k) swing 10-15% per k on a shared H100 (E2B r27: k = 5
-    # 21.0 ms, k = 4 23.5, k = 6 28.7), and a k measured cheap read 85% of an ideal it cannot reach.
-    ideal_costs = measure_costs(target, drafter_proposer(drafter, target), repeats=args.cost_repeats)
-    result["ideal_costs_ms"] = measure.costs_ms(ideal_costs)
-    for alpha in args.alphas:
+        print(_baseline_line(result, entry), flush=True)
+    if "e2e" not in args.parts:
+        return
+    entry["cells"] = []
+    for spec in specs(args):
+        if len(spec.rows) > B:  # a mix needs a row of each kind
+            print(
+                f"{result['shape']} {result['bits']} B={B} {spec.name}: skipped (needs {len(spec.rows)} rows)"
+            )
+            continue
         for k in args.ks:
-            k = k if k in DRAFT_POLICIES else int(k)
-            # Warm-up (compiled steps traced, kernels loaded), on a seed no trial uses.
-            _replay_settled(target, drafter, prompt, plain_tokens, alpha, k, args.tokens, seed=args.trials)
-            # Each trial pairs a plain run with a speculative one, back to back: the card's
-            # drift between runs minutes apart (seen: +-20-30% on a shared H100) cancels in
-            # the per-pair ratio, and a place in the pair in the alternating order (E4B 4-bit
-            # with plain always first: k = 0, plain's work in the loop, 0.95-0.96x in r24 and
-            # r31; in turns of alternating order 0.99-1.04x, r32). Each trial draws its own hits
-            # (seed = trial, the same for every k): one draw of 128 tokens can keep 15% fewer
-            # drafts than alpha says.
-            def plain() -> float:
-                return measure.plain_run(target, prompt, args.tokens).ms_per_token
-
-            def speculative(trial: int) -> tuple[measure.Run, int]:
-                return _replay_settled(target, drafter, prompt, plain_tokens, alpha, k, args.tokens, trial)
-
-            runs, plain_ms, passes = [], [], []
-            for trial in range(args.trials):
-                if trial % 2 == 0:
-                    plain_ms.append(plain())
-                    run, settled_in = speculative(trial)
-                else:
-                    run, settled_in = speculative(trial)
-                    plain_ms.append(plain())
-                runs.append(run)
-                passes.append(settled_in)
-            speedups = [p / r.ms_per_token for p, r in zip(plain_ms, runs)]
-            # What the loop's clock (ideal_costs) says each trial's schedule (the rounds it
-            # really drafted, with the acceptance its draws really gave) should take: measured /
-            # predicted is the loop's own efficiency, apart from the luck of the draws and the
-            # policy's choices.
-            predicted = [measure.predicted_speedup(r.stats.k_histogram, ideal_costs, args.tokens - 1) for r in runs]
-            cell = {
-                "alpha": alpha,
-                "k": k,
-                "ms_per_token": statistics.median(r.ms_per_token for r in runs),
-                "plain_ms_per_token": statistics.median(plain_ms),
-                "speedup": statistics.median(speedups),
-                "trials_ms": [[p, r.ms_per_token] for p, r in zip(plain_ms, runs)],  # (plain, ours) per pair
-                "accepted_per_round": sum(r.stats.accepted for r in runs) / max(sum(r.stats.rounds for r in runs), 1),
-                "acceptance": sum(r.stats.accepted for r in runs) / max(sum(r.stats.drafted for r in runs), 1),
-                "accepted_per_trial": [r.stats.accepted for r in runs],
-                "chosen_k": {i: n for i, n in enumerate(map(sum, zip(*(r.stats.k_histogram for r in runs)))) if n},
-                "peak_gb": max(r.peak_gb for r in runs),
-                "same_as_plain": min(measure.common_prefix(r.tokens, plain_tokens) for r in runs),
-                "replay_passes": max(passes),
-                "predicted": statistics.median(predicted),
-                "of_predicted": statistics.median(s / p for s, p in zip(speedups, predicted)),
-            }
-            if k == "auto":
-                cell["auto_costs_ms"] = measure.auto_costs_ms(runs[0].policy)
-                # Per trial, each drafting round: (tokens before it, k, drafts accepted).
-                cell["round_log"] = [r.stats.round_log for r in runs]
-            if isinstance(k, int):
-                # From the costs as the loop runs them (pipelined: a forward's graph is built
-                # while the one before runs), and from the cost curve's forwards timed one at a
-                # time (each holding its own graph build and launch, which pipelining hides).
-                cell["ideal"] = measure.ideal_speedup(alpha, k, ideal_costs.plain, ideal_costs.round(k))
-                cell["of_ideal"] = cell["speedup"] / cell["ideal"]
-                if k + 1 in verify:
-                    cell["ideal_one_at_a_time"] = measure.ideal_speedup(alpha, k, verify[1], k * c_draft + verify[k + 1])
-            result["e2e"].append(cell)
+            cell = _cell(target, drafter, proposer, rows, plain.tokens, spec, k, args, result, warm)
+            entry["cells"].append(cell)
             save()
             print(_cell_line(result, cell), flush=True)
 
 
-def _replay_settled(target, drafter, prompt, plain_tokens, alpha, k, n, seed, max_passes=8) -> tuple[measure.Run, int]:
-    """A replayed run (hits drawn with `seed`) whose output is the continuation it was fed,
-    and the passes that took: the first run when it reproduces the plain output.
-
-    On a backend where a k-row verify computes bit for bit what one-row decoding does (MLX's
-    CPU backend), the speculative output is the plain output and one pass suffices; this is
-    asserted. Where it does not (MLX CUDA: GEMM against GEMV rounding, amplified by a deep
-    random network into flipped argmaxes), the output drifts from the plain one at a near tie;
-    the replay then proposes the drifted output, with the same random hits, until the run
-    reproduces what it is fed, so that the acceptance stays the chosen alpha.
-    """
-    continuation = plain_tokens
-    for passes in range(1, max_passes + 1):
-        run = measure.replay_run(target, drafter, prompt, continuation, alpha, k, n, seed)
-        if run.tokens == continuation:
-            return run, passes
-        assert mx.default_device() != mx.cpu, "on the CPU backend speculative output must equal plain output"
-        continuation = run.tokens
-    raise RuntimeError(f"alpha={alpha} k={k} seed={seed}: the replay did not settle in {max_passes} passes")
+def _costs(target, proposer, B: int, args) -> dict:
+    verify = measure.verify_costs(target, args.context, B, range(1, args.max_l + 1), args.trials)
+    draft = measure.drafter_costs(target, proposer, args.context, B, args.trials)
+    return {"verify_ms": verify, "drafter_ms": draft}
 
 
-def _cell_line(result, cell) -> str:
-    ideal = f" ideal {cell['ideal']:.2f}x ({cell['of_ideal']:.0%})" if "ideal" in cell else ""
+def _baseline(target, rows, plain_tokens, args, entry: dict) -> None:
+    """Our batched plain decoding against mlx-lm's batched generation, in paired trials: the
+    card's drift cancels in each pair's ratio, and which side goes first alternates."""
+    model = measure.mlx_lm_model(target)
+    measure.mlx_lm_run(model, rows, args.tokens)  # warm-up
+    pairs = []
+    for trial in range(args.trials):
+        first, second = ("ours", "theirs") if trial % 2 == 0 else ("theirs", "ours")
+        runs = {}
+        for who in (first, second):
+            runs[who] = (
+                measure.engine_run(target, None, rows, args.tokens, 0)
+                if who == "ours"
+                else measure.mlx_lm_run(model, rows, args.tokens)
+            )
+        pairs.append((runs["ours"], runs["theirs"]))
+    # bf16 rounding differs between two implementations: record where the outputs part.
+    entry["mlx_lm_same_tokens"] = min(map(measure.common_prefix, pairs[0][1].tokens, plain_tokens))
+    entry["plain_tokens_per_s"] = statistics.median(ours.tokens_per_s for ours, _ in pairs)
+    entry["plain_ms_per_row_token"] = statistics.median(ours.ms_per_row_token for ours, _ in pairs)
+    entry["plain_peak_gb"] = max(ours.peak_gb for ours, _ in pairs)
+    entry["mlx_lm_tokens_per_s"] = statistics.median(theirs.tokens_per_s for _, theirs in pairs)
+    entry["mlx_lm_peak_gb"] = max(theirs.peak_gb for _, theirs in pairs)
+    entry["plain_vs_mlx_lm"] = statistics.median(
+        ours.tokens_per_s / theirs.tokens_per_s for ours, theirs in pairs
+    )
+
+
+def _cell(target, drafter, proposer, rows, plain_tokens, spec, k, args, result, warm: set) -> dict:
+    """One acceptance spec and draft length at one batch: paired trials against batched plain.
+    `warm`: the (batch, k) already run (the first cell of each warms up: traces, kernels,
+    auto's costs; the same shapes at another acceptance need none)."""
+    k = k if k in POLICIES else int(k)
+    B, n, vocab = len(rows), args.tokens, target.args.vocab_size
+    chances = spec.chances(B)
+
+    def speculative(seed: int):
+        hits = draw_hits(chances, n, seed)
+
+        def run(fed):
+            propose = replay_proposer(proposer, replay_table(fed, hits, vocab), [len(r) for r in rows])
+            return measure.engine_run(target, drafter, rows, n, k, propose=propose)
+
+        return replay_settled(run, plain_tokens)
+
+    if (B, k) not in warm:
+        speculative(args.trials)  # on a seed no trial uses
+        warm.add((B, k))
+    plain, spec_runs, passes = [], [], []
+    for trial in range(args.trials):  # each trial draws its own hits (seed = trial, alike for every k)
+        if trial % 2 == 0:
+            plain.append(measure.engine_run(target, None, rows, n, 0))
+        run, settled_in = speculative(trial)
+        if trial % 2 == 1:
+            plain.append(measure.engine_run(target, None, rows, n, 0))
+        spec_runs.append(run)
+        passes.append(settled_in)
+    cell = {"batch": B} | _cell_stats(spec.name, k, plain, spec_runs, plain_tokens)
+    cell["replay_passes"] = max(passes)
+    costs = result["costs"].get(str(B))
+    if costs is not None:
+        cell |= _ideal(chances, k, costs, cell["speedup"], args.max_l)
+    return cell
+
+
+def _cell_stats(name: str, k, plain: list, runs: list, plain_tokens) -> dict:
+    """Speedups while the batch is full (what the ideal models; plain's rows all finish at its
+    last step) and to the last token (a fixed-length batch's tail of slow rows included)."""
+    speedups = [r.full_tokens_per_s / p.full_tokens_per_s for p, r in zip(plain, runs)]
+    to_last = [r.tokens_per_s / p.tokens_per_s for p, r in zip(plain, runs)]
+    drafted, accepted, rounds = (sum(getattr(r, f) for r in runs) for f in ("drafted", "accepted", "rounds"))
+    lengths = [sum(column) for column in zip(*(r.draft_lengths for r in runs))]
+    return {
+        "acceptance": name,
+        "k": k,
+        "speedup": statistics.median(speedups),
+        "speedup_to_last": statistics.median(to_last),
+        "tokens_per_s": statistics.median(r.full_tokens_per_s for r in runs),
+        "plain_tokens_per_s": statistics.median(p.full_tokens_per_s for p in plain),
+        "tokens_per_s_to_last": statistics.median(r.tokens_per_s for r in runs),
+        "ms_per_row_token": statistics.median(r.ms_per_row_token for r in runs),
+        # (plain, ours) per pair, while the batch is full
+        "trials_tokens_per_s": [[p.full_tokens_per_s, r.full_tokens_per_s] for p, r in zip(plain, runs)],
+        "acceptance_rate": accepted / drafted if drafted else 0.0,
+        "accepted_per_round": accepted / rounds if rounds else 0.0,  # per row-round that drafted
+        "accepted_per_trial": [r.accepted for r in runs],
+        "row_rounds_by_k": {str(i): count for i, count in enumerate(lengths) if count},
+        "peak_gb": max(r.peak_gb for r in runs),
+        "plain_peak_gb": max(p.peak_gb for p in plain),
+        "same_as_plain": min(
+            measure.common_prefix(a, b) for r in runs for a, b in zip(r.tokens, plain_tokens)
+        ),
+    }
+
+
+def _ideal(chances, k, costs: dict, speedup: float, max_l: int) -> dict:
+    """Leviathan's ideal over batched plain from this run's batched costs: at this fixed k,
+    or the best fixed k for a policy."""
+    verify, draft = costs["verify_ms"], costs["drafter_ms"]["step"]
+    if isinstance(k, int):
+        if k + 1 > max_l:
+            return {}
+        ideal, ideal_k = measure.ideal_speedup(chances, k, verify["1"], measure.round_ms(verify, draft, k)), k
+    else:
+        ideal_k, ideal = measure.best_ideal(chances, verify, draft)
+    return {"ideal": ideal, "ideal_k": ideal_k, "of_ideal": speedup / ideal}
+
+
+def _cost_line(result: dict, B: int) -> str:
+    costs = result["costs"][str(B)]
+    verify = " ".join(f"L{L}={ms:.1f}" for L, ms in costs["verify_ms"].items())
+    return f"{result['shape']} {result['bits']} B={B} cost ms: {verify} | drafter step {costs['drafter_ms']['step']:.2f}"
+
+
+def _baseline_line(result: dict, entry: dict) -> str:
     return (
-        f"{result['shape']} {result['bits']} alpha={cell['alpha']:.1f} k={cell['k']}: "
-        f"{cell['speedup']:.2f}x{ideal} predicted {cell['predicted']:.2f}x ({cell['of_predicted']:.0%}), "
-        f"{cell['accepted_per_round']:.2f} accepted/round"
+        f"{result['shape']} {result['bits']} B={entry['batch']} plain {entry['plain_tokens_per_s']:.1f} tok/s "
+        f"({entry['plain_ms_per_row_token']:.2f} ms/row-token), mlx-lm {entry['mlx_lm_tokens_per_s']:.1f} tok/s: "
+        f"ours {entry['plain_vs_mlx_lm']:.3f}x; peak {entry['plain_peak_gb']:.2f} / {entry['mlx_lm_peak_gb']:.2f} GB"
+    )
+
+
+def _cell_line(result: dict, cell: dict) -> str:
+    ideal = (
+        f" ideal {cell['ideal']:.2f}x (k={cell['ideal_k']}, {cell['of_ideal']:.0%})"
+        if "ideal" in cell
+        else ""
+    )
+    return (
+        f"{result['shape']} {result['bits']} B={cell['batch']} {cell['acceptance']} k={cell['k']}: "
+        f"{cell['speedup']:.2f}x{ideal}, {cell['speedup_to_last']:.2f}x to the last token, "
+        f"{cell['tokens_per_s']:.1f} tok/s, {cell['accepted_per_round']:.2f} accepted/round, "
+        f"peak {cell['peak_gb']:.2f} / {cell['plain_peak_gb']:.2f} GB"
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = setup_arg_parser().parse_args(argv)
+    parser = setup_arg_parser()
+    args = parser.parse_args(argv)
     if args.quick:
         _quick(args)
-    report = {"environment": environment(), "arguments": {k: str(v) for k, v in vars(args).items()}, "results": []}
+    _check(parser, args)
+    report = {
+        "environment": environment(),
+        "arguments": {k: str(v) for k, v in vars(args).items()},
+        "results": [],
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
@@ -236,7 +317,6 @@ def main(argv: list[str] | None = None) -> int:
             report["results"].append(result)
             bench_shape(shape, bits, args, result, save)
             save()
-            print(_summary(result), flush=True)
             mx.clear_cache()
     try:
         from .plots import plot_report
@@ -245,16 +325,3 @@ def main(argv: list[str] | None = None) -> int:
     else:
         plot_report(report, args.out.with_suffix(""))
     return 0
-
-
-def _summary(result: dict) -> str:
-    parts = [f"{result['shape']} {result['bits']}:"]
-    if "plain_ms_per_token" in result:
-        parts.append(f"plain {result['plain_ms_per_token']:.2f} ms/token")
-    if "mlx_lm_ms_per_token" in result:
-        parts.append(f"mlx-lm {result['mlx_lm_ms_per_token']:.2f} ms/token (ours {result['plain_vs_mlx_lm']:.3f}x)")
-    if "verify_ms" in result:
-        first = next(iter(result["verify_ms"].values()))
-        parts.append("verify " + " ".join(f"L{L}={ms:.1f}" for L, ms in first.items()))
-        parts.append("drafter " + " ".join(f"{h}={ms:.2f}" for h, ms in result["drafter_ms"].items()))
-    return " | ".join(parts)

@@ -1,36 +1,35 @@
-"""What the benchmark measures: cost curves, drafter steps, end-to-end decoding at controlled
-acceptance (the replay harness), the mlx-lm baseline and peak memory.
+"""What the benchmark measures: the batched cost surface (B rows x L new tokens), the drafter
+step at batch B, timed engine runs (speculative, or our batched plain decoding), mlx-lm's own
+batched generation on the same weights, peak memory, and Leviathan's ideal from the costs.
 
-Every timing is the median of `trials` runs after a warm-up, the work synchronised with the
-host (`mx.eval` or a token read) inside the timed region.
+Costs are medians of `trials` after a warm-up, the work synchronised with the host inside the
+timed region. Runs are timed from the moment every row has its first token (prefill
+excluded): aggregate tokens per second over all rows, to the last token and while the batch is
+full (until the first row is done: rows that keep different shares of their drafts finish at
+different rounds, and a fixed-length run ends with its slowest rows alone, a tail a server
+with rows coming and going does not have; Leviathan's ideal models the full batch).
 """
 
 from __future__ import annotations
 
 import importlib
-import itertools
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
 
-from mlx_gemma_mtp.draft_length import Auto, Costs, DraftLength
-from mlx_gemma_mtp.drafter import Drafter, compiled_step
+from mlx_gemma_mtp.cache import MAX_WRITE, Cache
+from mlx_gemma_mtp.draft_length import MAX_DRAFT, DraftLength
+from mlx_gemma_mtp.drafter import Drafter
+from mlx_gemma_mtp.engine import Engine, Request
 from mlx_gemma_mtp.generate import draft_length
-from mlx_gemma_mtp.speculative import (
-    MAX_DRAFT,
-    Draft,
-    DraftRequest,
-    DraftStats,
-    drafter_proposer,
-    greedy,
-    plain_tokens,
-    prefill,
-    speculative_tokens,
-)
+from mlx_gemma_mtp.sample import GREEDY, Sampling
+from mlx_gemma_mtp.speculative import Proposer, Rows, prefill
 from mlx_gemma_mtp.target import Target
+
+DRAFT_SPAN = 3  # a drafter step's cost: (a proposal of 1 + 3 steps - one of 1 step) / 3
 
 
 def median_ms(fn, trials: int, warmup: int = 2) -> float:
@@ -44,73 +43,92 @@ def median_ms(fn, trials: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def random_tokens(n: int, vocab: int, seed: int) -> mx.array:
-    return mx.array(np.random.RandomState(seed).randint(4, vocab, size=(1, n)), dtype=mx.int32)
+def random_prompts(rows: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    """Distinct random prompts, one per row (a MoE routes distinct tokens apart)."""
+    rng = np.random.RandomState(seed)
+    return [rng.randint(4, vocab, size=length).tolist() for _ in range(rows)]
 
 
-def filled_cache(target: Target, context: int) -> list:
-    cache = target.make_cache(room=MAX_DRAFT + 1)
-    prefill(target, random_tokens(context, target.args.vocab_size, seed=1), cache)
-    mx.eval([c.state for c in cache])
-    return cache
+# ---------------------------------------------------------------------------------------------
+# The cost surface
 
 
-def verify_costs(target: Target, context: int, lengths, trials: int, warmup: int = 2) -> tuple[dict, dict]:
-    """ms of one target forward over L new tokens (argmax of every row, as a verify does), and
-    of its Python part alone (building the lazy graph; the rest is launching and running it).
+def filled_rows(target: Target, prompts: list[list[int]]) -> Rows:
+    """The rows of a batch right after each prompt's prefill (each row prefilled alone, as the
+    engine does), greedy, their token a fixed id."""
+    parts = []
+    for i, prompt in enumerate(prompts):
+        cache = target.make_cache()
+        hidden = prefill(target, prompt, cache)
+        mx.eval(hidden, cache.state)
+        token = mx.array([[(prompt[-1] + 1) % target.args.vocab_size]], dtype=mx.int32)
+        parts.append(Rows([i], cache, token, hidden, [GREEDY], mx.zeros((1, 2), mx.uint32), [None]))
+    rows = Rows.join(parts)
+    mx.eval(rows.hidden, rows.cache.state)
+    return rows
+
+
+def place(cache: Cache, position: int, exact: bool) -> None:
+    """Every row at `position`, as the engine has it: known to the host in plain decoding
+    (`exact`: slice writes, no full-attention mask), a device vector behind a drafting round
+    (scattered writes, additive masks)."""
+    rows = cache.rows
+    if exact:
+        cache.seek([position] * rows)
+    else:
+        cache.seek(mx.array([position] * rows, dtype=mx.int32), [position - 1] * rows, [position] * rows)
+
+
+def forward_ms(target: Target, cache: Cache, tokens: mx.array, context: int) -> float:
+    """ms of one forward of tokens [B, L] and the argmax of every position (what a verify or a
+    plain step computes), the cache placed at `context` as the engine would have it."""
+    L = tokens.shape[1]
+    place(cache, context, exact=L == 1)
+    start = time.perf_counter()
+    mx.eval(mx.argmax(target.logits(target(tokens, cache)), axis=-1))
+    return (time.perf_counter() - start) * 1e3
+
+
+def verify_costs(target: Target, context: int, batch: int, lengths, trials: int, warmup: int = 2) -> dict:
+    """ms of one target forward of `batch` rows x L new tokens after `context` positions per
+    row, for each L; "1r": L = 1 with device positions (plain steps among ragged rows).
 
     The lengths are timed round-robin, one forward of each per trial, so a shared card's drift
-    over the minutes this takes lands on every L alike (timed one L after another, a drift
-    had made a 5-token verify cheaper than a 1-token one)."""
-    cache = filled_cache(target, context)
-    lengths = list(lengths)
-    tokens = {L: random_tokens(L, target.args.vocab_size, seed=L) for L in lengths}
-    times: dict[int, list[float]] = {L: [] for L in lengths}
-    build_times: dict[int, list[float]] = {L: [] for L in lengths}
+    lands on every L alike (timed one L after another, a drift had made a 5-token verify
+    cheaper than a 1-token one)."""
+    vocab = target.args.vocab_size
+    rows = filled_rows(target, random_prompts(batch, context, vocab, seed=1))
+    tokens = {L: mx.array(random_prompts(batch, L, vocab, seed=L)) for L in lengths}
+    times: dict[str, list[float]] = {str(L): [] for L in lengths} | {"1r": []}
     for trial in range(warmup + trials):
         for L in lengths:
-            start = time.perf_counter()
-            out = greedy(target, target(tokens[L], cache))
-            built = time.perf_counter()
-            mx.eval(out)
-            end = time.perf_counter()
-            for c in cache:
-                c.trim(L)
-            if trial >= warmup:
-                times[L].append((end - start) * 1e3)
-                build_times[L].append((built - start) * 1e3)
-    costs = {L: statistics.median(times[L]) for L in lengths}
-    return costs, {L: statistics.median(build_times[L]) for L in lengths}
+            ms = forward_ms(target, rows.cache, tokens[L], context)
+            times[str(L)].append(ms)
+        place(rows.cache, context, exact=False)
+        start = time.perf_counter()
+        mx.eval(mx.argmax(target.logits(target(tokens[1], rows.cache)), axis=-1))
+        times["1r"].append((time.perf_counter() - start) * 1e3)
+    return {L: statistics.median(ms[warmup:]) for L, ms in times.items()}
 
 
-def drafter_costs(target: Target, drafter: Drafter, context: int, trials: int) -> dict[str, float]:
-    """ms of one drafter step (compiled, as the loop runs it), with its own head and with the
-    dense 262k-wide head, and of the dense one uncompiled."""
-    cache = filled_cache(target, context)
-    shared_kv = {kind: cache[layer].view() for kind, layer in target.kv_producers.items()}
-    token = random_tokens(1, target.args.vocab_size, seed=2)
-    hidden = mx.random.normal((1, 1, target.args.hidden_size)).astype(target.model.norm.weight.dtype)
-    position = mx.array(cache[0].offset, mx.int32)
+def drafter_costs(target: Target, proposer: Proposer, context: int, batch: int, trials: int) -> dict:
+    """ms of the loop's proposal for `batch` rows: "step", what one more drafter step adds to a
+    proposal ((1 + DRAFT_SPAN steps - 1 step) / DRAFT_SPAN, each proposal evaluated alone);
+    "one": a proposal of one step (the views and the wait included)."""
+    rows = filled_rows(target, random_prompts(batch, context, target.args.vocab_size, seed=2))
+    place(rows.cache, context, exact=False)
 
-    def dense(h):
-        return mx.argmax(drafter.logits(h), -1)
+    def propose(k: int):
+        return lambda: mx.eval(proposer(rows, k).tokens)
 
-    def uncompiled():
-        h, projected = drafter(mx.concatenate([target.embed(token), hidden], axis=-1), shared_kv, position)
-        mx.eval(dense(h), projected)
-
-    steps = {"dense": compiled_step(drafter, target.embed, dense)}
-    if drafter.config.use_ordered_embeddings:
-        steps["clustered"] = compiled_step(drafter, target.embed, drafter.greedy_token)
-    costs = {}
-    for name, step in steps.items():
-        costs[name] = median_ms(lambda: mx.eval(step(token, hidden, position, shared_kv)), trials)
-    return costs | {"dense_uncompiled": median_ms(uncompiled, trials)}
+    one = median_ms(propose(1), trials)
+    many = median_ms(propose(1 + DRAFT_SPAN), trials)
+    return {"step": max(many - one, 0.0) / DRAFT_SPAN, "one": one}
 
 
 def drafter_head_bytes(drafter: Drafter) -> dict[str, int]:
-    """Bytes a greedy head reads per step: the dense tied head reads the whole table; the
-    clustered one the centroids plus the selected clusters' rows."""
+    """Bytes a greedy head reads per row and step: the dense tied head reads the whole table;
+    the clustered one the centroids plus the selected clusters' rows."""
     table = drafter.model.embed_tokens
     row_bytes = table.weight.nbytes // table.weight.shape[0]
     if hasattr(table, "scales"):
@@ -124,115 +142,167 @@ def drafter_head_bytes(drafter: Drafter) -> dict[str, int]:
     return out
 
 
-def replay_proposer(drafter: Drafter, target: Target, continuation: list[int], alpha: float, seed: int):
-    """The real drafter runs every step; its proposal is then replaced by the known
-    continuation with probability alpha per position (else a wrong token).
+# ---------------------------------------------------------------------------------------------
+# Leviathan's ideal
 
-    Which positions hit is drawn once, up front, and the replacement is gathered on the device
-    at the round's position: the host never reads anything, so the rounds stay pipelined as
-    they are with a real drafter."""
-    real = drafter_proposer(drafter, target)
-    rng = np.random.RandomState(seed)
-    vocab = target.args.vocab_size
-    known = np.array(continuation + [0] * (MAX_DRAFT + 1), dtype=np.int64)
-    hits = rng.random_sample(known.shape[0]) < alpha
-    replayed = mx.array(np.where(hits, known, (known + 1) % vocab), dtype=mx.int32)
 
-    def propose(request: DraftRequest, cache: list) -> Draft:
-        drafted = real(request, cache).tokens
-        # continuation[g] follows the g-th emitted token; `generated` counts the round's first.
-        indices = request.generated + mx.arange(request.k, dtype=mx.int32)
-        # `drafted * 0` keeps the drafter's work in the graph: it is computed, then discarded.
-        # q=None: the replayed tokens are deterministic (greedy runs only).
-        return Draft(tokens=mx.take(replayed, indices)[None] + drafted * 0)
+def expected_tokens(acceptance: list[float], k: int) -> float:
+    """Tokens a round of k drafts yields on average: 1 + a_1 + a_1 a_2 + ... + a_1 ... a_k,
+    a_i the chance that draft i is accepted once drafts 1..i-1 were (Leviathan et al. 2023)."""
+    total, reach = 1.0, 1.0
+    for a in acceptance[:k]:
+        reach *= a
+        total += reach
+    return total
 
-    return propose
+
+def ideal_speedup(rows: list[list[float]], k: int, plain_ms: float, round_ms: float) -> float:
+    """Tokens per second of rounds of k drafts over batched plain decoding's: every row's
+    expected tokens per round (rows may differ: no clamping), at `round_ms` per round against
+    one token per row at `plain_ms` per step."""
+    if not k:
+        return 1.0
+    return statistics.mean(expected_tokens(a, k) for a in rows) * plain_ms / round_ms
+
+
+def best_ideal(rows: list[list[float]], verify_ms: dict, draft_ms: float) -> tuple[int, float]:
+    """The best fixed k (0: plain decoding) by `ideal_speedup` over the lengths the surface
+    holds, with its speedup; verify_ms[str(L)]: a forward of L = k + 1 tokens per row."""
+    ks = [int(L) - 1 for L in verify_ms if L.isdigit()]
+    speedups = {k: ideal_speedup(rows, k, verify_ms["1"], round_ms(verify_ms, draft_ms, k)) for k in ks}
+    best = max(speedups, key=speedups.__getitem__)
+    return best, speedups[best]
+
+
+def round_ms(verify_ms: dict, draft_ms: float, k: int) -> float:
+    return verify_ms[str(k + 1)] + k * draft_ms
+
+
+# ---------------------------------------------------------------------------------------------
+# Timed runs
 
 
 @dataclass(frozen=True)
 class Run:
-    tokens: list[int]
-    ms_per_token: float
-    stats: DraftStats
+    """One engine (or mlx-lm) run of every row to `n` tokens."""
+
+    tokens: list[list[int]]  # per row
+    seconds: float  # from every row's first token to the last token
+    generated: int  # tokens in that time, all rows together
+    full_seconds: float  # from every row's first token to the step the first row finished in
+    full_generated: int  # tokens in that time, all rows together
     peak_gb: float
-    policy: DraftLength | int | None = None  # what chose the draft lengths, as it ended
+    drafted: int = 0
+    accepted: int = 0
+    rounds: int = 0  # row-rounds that drafted (a row's share of a drafting round)
+    draft_lengths: list[int] = field(default_factory=lambda: [0] * (MAX_DRAFT + 1))  # row-rounds per k
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated / self.seconds
+
+    @property
+    def ms_per_row_token(self) -> float:
+        return self.seconds * 1e3 / self.generated
+
+    @property
+    def full_tokens_per_s(self) -> float:
+        """Tokens per second while every row decoded."""
+        return self.full_generated / self.full_seconds
 
 
-def _timed(make_tokens, n: int, stats: DraftStats, policy: DraftLength | int | None = None) -> Run:
+def engine_run(
+    target: Target,
+    drafter: Drafter | None,
+    prompts: list[list[int]],
+    n: int,
+    k: int | str | DraftLength,
+    propose: Proposer | None = None,
+    sampling: Sampling = GREEDY,
+    steps: list | None = None,
+) -> Run:
+    """Every prompt through one engine (one batch) to n tokens each, no stop ids. k: drafts per
+    round (0: our plain decoding), "auto" / "heuristic" (a fresh policy). steps: gets each
+    timed step's (ms, tokens, kept drafts), all rows together."""
+    policy = draft_length(k, target, drafter) if isinstance(k, str) else k
+    engine = Engine(target, drafter, num_draft_tokens=policy, max_batch=len(prompts), propose=propose)
+    for prompt in prompts:
+        engine.add(Request(prompt=prompt, max_tokens=n, sampling=sampling, stop_ids=frozenset()))
     mx.reset_peak_memory()
-    tokens = make_tokens()
-    first = next(tokens)[0]  # prefill excluded from the timing
-    start = time.perf_counter()
-    rest = [t for t, _ in itertools.islice(tokens, n - 1)]
-    elapsed = time.perf_counter() - start
-    tokens.close()
-    return Run([first] + rest, elapsed * 1e3 / (n - 1), stats, mx.get_peak_memory() / 1e9, policy)
+    tokens, usage, clock = [[] for _ in prompts], {}, _Clock(steps)
+    while engine.busy:
+        events = engine.step()
+        for event in events:
+            tokens[event.rid] += event.tokens
+            usage[event.rid] = event.usage
+        kept = sum(sum(e.from_draft) for e in events)
+        clock.tick(
+            all(tokens), sum(len(e.tokens) for e in events), kept, any(e.finish_reason for e in events)
+        )
+    return _run(tokens, clock, list(usage.values()))
 
 
-def plain_generator(target: Target, prompt: mx.array):
-    """Our plain decoding from `prompt` on a fresh cache."""
-    return plain_tokens(target, prompt, target.make_cache(MAX_DRAFT + 1))
+class _Clock:
+    """A run's clock: it starts once every row has its first token (prefill over) and then
+    counts the tokens of every step, timing each into `steps` (ms, tokens, kept drafts); `full`:
+    (seconds, tokens) up to the step in which the first row finished."""
+
+    def __init__(self, steps: list | None):
+        self.steps, self.start, self.last, self.generated = steps, None, None, 0
+        self.full: tuple[float, int] | None = None
+
+    def tick(self, started: bool, tokens: int, kept: int, finished: bool) -> None:
+        now = time.perf_counter()
+        if self.start is None:
+            self.start = self.last = now if started else None
+            return
+        self.generated += tokens
+        if self.steps is not None:
+            self.steps.append(((now - self.last) * 1e3, tokens, kept))
+        self.last = now
+        if finished and self.full is None:
+            self.full = (now - self.start, self.generated)
 
 
-def plain_run(target: Target, prompt: mx.array, n: int) -> Run:
-    return _timed(lambda: plain_generator(target, prompt), n, DraftStats())
+def _run(tokens, clock: _Clock, usages) -> Run:
+    return Run(
+        tokens=tokens, seconds=clock.last - clock.start, generated=clock.generated,
+        full_seconds=clock.full[0], full_generated=clock.full[1], peak_gb=mx.get_peak_memory() / 1e9,
+        drafted=sum(u.drafted for u in usages), accepted=sum(u.accepted for u in usages),
+        rounds=sum(u.rounds for u in usages),
+        draft_lengths=[sum(column) for column in zip(*(u.draft_lengths for u in usages))] or [0] * (MAX_DRAFT + 1),
+    )  # fmt: skip
 
 
-def replay_generator(target, drafter, prompt, continuation, alpha, num_draft, n, stats, seed=0):
-    """The speculative loop on a fresh cache, its drafts replayed (`replay_proposer`)."""
-    propose = replay_proposer(drafter, target, continuation, alpha, seed)
-    return speculative_tokens(target, prompt, target.make_cache(MAX_DRAFT + 1), propose, num_draft, n, stats)
-
-
-def replay_run(target, drafter, prompt, continuation, alpha, k: int | str, n, seed=0) -> Run:
-    """k: drafts per round, or "auto" / "heuristic" (a fresh policy per run)."""
-    stats = DraftStats()
-    num_draft = draft_length(k, target, drafter) if isinstance(k, str) else k
-
-    def make():
-        return replay_generator(target, drafter, prompt, continuation, alpha, num_draft, n, stats, seed)
-
-    return _timed(make, n, stats, num_draft)
-
-
-def mlx_lm_generator(target: Target, prompt: mx.array, n: int):
-    """mlx-lm's own generate_step on the same weights (its model class, its caches), yielding
-    (token, False) as our generators do."""
+def mlx_lm_model(target: Target):
+    """mlx-lm's own gemma4_text model class on `target`'s weights (shared, not copied)."""
     gemma4_text = importlib.import_module("mlx_lm.models.gemma4_text")
-    generate = importlib.import_module("mlx_lm.generate")
     model = gemma4_text.Model(target.args)
-    model.model = target.model  # share the weights; the fresh random ones were never evaluated
-    steps = generate.generate_step(prompt[0], model, max_tokens=n, sampler=lambda x: mx.argmax(x, -1))
-    return ((int(t), False) for t, _ in steps)
+    model.model = target.model  # the fresh random weights were never evaluated
+    return model
 
 
-def mlx_lm_run(target: Target, prompt: mx.array, n: int) -> Run:
-    return _timed(lambda: mlx_lm_generator(target, prompt, n), n, DraftStats())
-
-
-def costs_ms(costs: Costs) -> dict:
-    """The costs auto starts from, in ms: plain, verify[k], draft."""
-    return {"plain": costs.plain * 1e3, "verify": [s * 1e3 for s in costs.verify], "draft": costs.draft * 1e3}
-
-
-def auto_costs_ms(policy: Auto) -> dict:
-    """What auto started from (the measured costs) and what it learnt from the clock, in ms
-    per round of each k (k = 0: per plain token)."""
-    measured = {k: policy.costs.round(k) * 1e3 for k in range(MAX_DRAFT + 1)}
-    return {"measured": measured, "observed": {k: s * 1e3 for k, s in sorted(policy.observed.items())}}
-
-
-def ideal_speedup(alpha: float, k: int, plain: float, round_cost: float) -> float:
-    """Leviathan et al. 2023: expected tokens per round of k drafts over the round's cost,
-    against plain decoding at `plain` per token (any unit, the same for both)."""
-    tokens = k + 1 if alpha == 1.0 else (1 - alpha ** (k + 1)) / (1 - alpha)
-    return tokens * plain / round_cost
-
-
-def predicted_speedup(k_histogram: list[int], costs: Costs, tokens: int) -> float:
-    """Plain decoding's time for `tokens` over the time the rounds of `k_histogram` (rounds
-    per k, k = 0 a plain step) cost at `costs`."""
-    return tokens * costs.plain / sum(n * costs.round(k) for k, n in enumerate(k_histogram))
+def mlx_lm_run(model, prompts: list[list[int]], n: int, steps: list | None = None) -> Run:
+    """mlx-lm's batched generation (its `BatchGenerator`, what its `batch_generate` and server
+    run; mlx_lm/generate.py 0.32.2), greedy, to n tokens per row, all rows in one batch.
+    steps: as `engine_run`'s."""
+    generate = importlib.import_module("mlx_lm.generate")
+    B = len(prompts)
+    gen = generate.BatchGenerator(
+        model, max_tokens=n, completion_batch_size=B, prefill_batch_size=B, prefill_step_size=MAX_WRITE
+    )
+    mx.reset_peak_memory()
+    uids = gen.insert(prompts, [n] * B)
+    tokens = {uid: [] for uid in uids}
+    clock = _Clock(steps)
+    try:
+        while responses := gen.next_generated():
+            for r in responses:
+                tokens[r.uid].append(r.token)
+            clock.tick(all(tokens.values()), len(responses), 0, any(r.finish_reason for r in responses))
+    finally:
+        gen.close()
+    return _run([tokens[uid] for uid in uids], clock, [])
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

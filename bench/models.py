@@ -63,7 +63,8 @@ TINY_DRAFTER = {
 }
 
 
-def _configs(shape: str) -> tuple[dict, dict]:
+def configs(shape: str) -> tuple[dict, dict]:
+    """The target's and the drafter's config.json contents for `shape`."""
     if shape == "tiny":
         return TINY_TARGET, TINY_DRAFTER
     target = json.loads((CONFIGS / f"gemma-4-{shape}-it.json").read_text())
@@ -113,7 +114,7 @@ def build(
     """A random target of `shape` and its drafter (the real configs), cast to `dtype`,
     quantized to `bits` when given (target and drafter alike); `calm` (see there) by default."""
     mx.random.seed(seed)
-    target_json, drafter_json = _configs(shape)
+    target_json, drafter_json = configs(shape)
     target = Target(target_config(target_json, CONFIGS, (1, 106)))
     drafter = Drafter(drafter_config(drafter_json, CONFIGS))
     if drafter.config.use_ordered_embeddings:

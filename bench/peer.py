@@ -280,7 +280,10 @@ def ours_run(model, tokenizer, drafter, prompt: list[int], n: int, k: int | str)
     """One generation through our public `stream_generate`, timed as the peer's is."""
     drafter = drafter if k != 0 else None
     times, tokens, last = [], [], None
-    for last in mlx_gemma_mtp.stream_generate(model, tokenizer, prompt, drafter, n, k if drafter else 0):
+    stream = mlx_gemma_mtp.stream_generate(
+        model, tokenizer, prompt, n, draft_model=drafter, num_draft_tokens=k if drafter else 0
+    )
+    for last in stream:
         times.append(time.perf_counter())
         tokens.append(last.token)
     return {

@@ -1,68 +1,147 @@
-"""The benchmark's pipeline end to end on a tiny model (CPU): every part runs, the replayed
-runs reproduce plain decoding exactly (the CPU backend is batch-invariant), and the replay
-really controls acceptance."""
+"""The benchmark's pipeline end to end on a tiny model (CPU): every part runs, replayed runs
+reproduce plain decoding exactly (the CPU backend is batch-invariant), the replay controls
+acceptance per row, the ideal comes from the run's own costs, and the old loop runs beside the
+new one on the same weights."""
 
 from __future__ import annotations
 
+import importlib
 import json
+import math
+import subprocess
 
+import numpy as np
 import pytest
 
 import bench
-from bench import table
-from mlx_gemma_mtp.draft_length import MAX_DRAFT
+from bench import compare_loops, measure, replay
+from mlx_gemma_mtp.draft_length import MAX_DRAFT, Costs
+
+TINY = ["--shapes", "tiny", "--bits", "bf16", "--context", "32", "--prompt", "16", "--tokens", "8"]
 
 
-def test_quick_benchmark_runs_and_replays_exactly(tmp_path):
+@pytest.fixture
+def known_costs(monkeypatch):
+    """Auto from given costs (a verify a little dearer than a plain step, drafting cheap)
+    rather than measured ones: measuring takes a minute on a CI core."""
+    costs = Costs(plain=0.01, verify=tuple(0.012 + 0.001 * k for k in range(MAX_DRAFT + 1)), draft=0.001)
+    generate = importlib.import_module("mlx_gemma_mtp.generate")  # the package's `generate` is the function
+    monkeypatch.setattr(generate, "load_costs", lambda target, drafter: costs)
+
+
+def test_batched_cells_replay_exactly_against_their_costs(tmp_path, known_costs):
     out = tmp_path / "bench.json"
-    argv = [
-        "--shapes", "tiny", "--bits", "bf16", "--contexts", "48", "--max-l", "4", "--prompt", "32",
-        "--alphas", "0", "0.5", "1", "--ks", "0", "2", "auto", "--tokens", "16", "--trials", "2", "--cost-repeats", "1", "--out", str(out),
-    ]  # fmt: skip
+    argv = TINY + ["--batches", "1", "2", "--max-l", "3", "--alphas", "0", "1", "--ragged", "--ks", "2", "auto",
+                   "--trials", "1", "--out", str(out)]  # fmt: skip
     assert bench.main(argv) == 0
     result = json.loads(out.read_text())["results"][0]
-    assert set(result["verify_ms"]["48"]) == {"1", "2", "3", "4"}
-    assert result["drafter_head_bytes"]["clustered"] < result["drafter_head_bytes"]["dense"]
-    assert result["mlx_lm_same_tokens"] == 16  # mlx-lm's own greedy decoding agrees with ours
-    assert result["plain_vs_mlx_lm"] > 0  # paired trials: the median of mlx-lm's ms over ours
-    cells = {(c["alpha"], c["k"]): c for c in result["e2e"]}
-    for cell in cells.values():
-        assert cell["same_as_plain"] == 16 and cell["replay_passes"] == 1
-    assert cells[(0.0, 2)]["accepted_per_round"] == 0 == cells[(0.0, 2)]["acceptance"]
-    assert cells[(1.0, 2)]["accepted_per_round"] == 2  # every replayed draft accepted
-    assert cells[(1.0, 2)]["acceptance"] == 1
-    # Each trial draws its own hits: at alpha = 0.5 the trials keep different drafts.
-    assert len(set(cells[(0.5, 2)]["accepted_per_trial"])) == 2
-    # The ideal from the costs as the loop runs them, timed apart from auto's (alpha = 1: k + 1
-    # tokens per round) ...
-    assert len(result["loop_costs_ms"]["verify"]) == MAX_DRAFT + 1  # what auto started from
-    loop = result["ideal_costs_ms"]
-    round_cost = loop["verify"][2] + 2 * loop["draft"]
-    assert cells[(1.0, 2)]["ideal"] == pytest.approx(3 * loop["plain"] / round_cost)
-    assert cells[(1.0, 2)]["ideal_one_at_a_time"] > 0  # ... and from the cost curve's forwards
-    # The prediction for the rounds the run drafted: k = 0, plain steps only, predicts plain ...
-    assert cells[(1.0, 0)]["predicted"] == pytest.approx(1.0)
-    # ... and for k = 2 at alpha = 1 about the ideal (the last rounds are cut short).
-    assert cells[(1.0, 2)]["predicted"] == pytest.approx(cells[(1.0, 2)]["ideal"], rel=0.2)
-    assert cells[(1.0, 0)]["chosen_k"] == {"0": 30} and cells[(1.0, 0)]["ideal"] == 1  # k = 0: the loop, no drafts
-    # Auto's rounds, in order, per trial: where each began and what it kept (alpha = 1: all).
-    auto = cells[(1.0, "auto")]
-    assert [sum(kept for _, _, kept in log) for log in auto["round_log"]] == auto["accepted_per_trial"]
-    for log in auto["round_log"]:
-        assert log and all(kept == k for _, k, kept in log)
-        assert all(b[0] >= a[0] + a[2] + 1 for a, b in zip(log, log[1:]))  # the next begins after
-    # The README's table row: a column per header, "–" where no cell is (alpha 0.8, 0.5-0.9).
-    row = table.row(result).strip("| ").split(" | ")
-    assert len(row) == table.HEADER.splitlines()[0].count("|") - 1
-    assert "–" not in row[:4] + row[6:] and row[4:6] == ["–"] * 2  # no alpha 0.8 cells
+    for B in ("1", "2"):
+        costs = result["costs"][B]
+        assert set(costs["verify_ms"]) == {"1", "2", "3", "1r"} and costs["drafter_ms"]["step"] >= 0
+        entry = result["batches"][B]
+        assert entry["mlx_lm_same_tokens"] == 8  # mlx-lm's batched greedy decoding agrees with ours
+        assert math.isfinite(entry["plain_vs_mlx_lm"]) and entry["plain_vs_mlx_lm"] > 0
+    one = {(c["acceptance"], c["k"]) for c in result["batches"]["1"]["cells"]}
+    assert {a for a, _ in one} == {"alpha=0.0", "alpha=1.0"}  # a ragged mix needs two rows
+    cells = {(c["acceptance"], c["k"]): c for c in result["batches"]["2"]["cells"]}
+    assert len(one) == 4 and len(cells) == 6
+    for batch in result["batches"].values():
+        for cell in batch["cells"]:
+            assert cell["same_as_plain"] == 8 and cell["replay_passes"] == 1
+            assert math.isfinite(cell["speedup"]) and math.isfinite(cell["of_ideal"]) and cell["peak_gb"] > 0
+    assert cells["alpha=0.0", 2]["acceptance_rate"] == 0
+    assert cells["alpha=1.0", 2]["acceptance_rate"] == 1 and cells["alpha=1.0", 2]["accepted_per_round"] == 2
+    # The ideal from this run's batched costs: alpha = 1 yields k + 1 tokens a round ...
+    verify, draft = result["costs"]["2"]["verify_ms"], result["costs"]["2"]["drafter_ms"]["step"]
+    ideal = {k: (k + 1) * verify["1"] / (verify[str(k + 1)] + k * draft) for k in (1, 2)} | {0: 1.0}
+    assert cells["alpha=1.0", 2]["ideal"] == pytest.approx(ideal[2])
+    # ... auto is held to the best fixed k's, and drafts where drafts are kept ...
+    auto = cells["alpha=1.0", "auto"]
+    assert auto["acceptance_rate"] == 1 and auto["ideal"] == pytest.approx(max(ideal.values()))
+    # ... and a ragged mix the mean of its rows' expected tokens (no clamping to either).
+    mix = (1 + 0.9 + 0.81 + 1 + 0.2 + 0.04) / 2
+    assert cells["ragged=0.9/0.2", 2]["ideal"] == pytest.approx(mix * verify["1"] / (verify["3"] + 2 * draft))
+
+
+def test_paired_trials_alternate_which_run_goes_first(tmp_path, monkeypatch):
+    calls = []
+    engine_run = measure.engine_run
+
+    def recorded(target, drafter, *args, **kwargs):
+        calls.append("plain" if drafter is None else "speculative")
+        return engine_run(target, drafter, *args, **kwargs)
+
+    monkeypatch.setattr(measure, "engine_run", recorded)
+    argv = TINY + ["--parts", "e2e", "--batches", "1", "--alphas", "0.5", "--ks", "2", "--trials", "3",
+                   "--out", str(tmp_path / "bench.json")]  # fmt: skip
+    assert bench.main(argv) == 0
+    # The cell's warm-up, then three pairs: plain first, then the speculative run first, ...
+    assert calls[-7:] == ["speculative"] + ["plain", "speculative"] + ["speculative", "plain"] + [
+        "plain",
+        "speculative",
+    ]
+
+
+def test_acceptance_specs_and_the_replay_table():
+    profile = replay.parse_acceptance("profile=26b-vllm").chances(1)[0]
+    assert profile[:4] == pytest.approx([0.844, 0.599 / 0.844, 0.385 / 0.599, 0.271 / 0.385])
+    assert len(profile) == MAX_DRAFT and profile[4:] == [profile[3]] * (MAX_DRAFT - 4)
+    ragged = replay.parse_acceptance("ragged=0.9/0.2").chances(4)
+    assert [row[0] for row in ragged] == [0.9, 0.2, 0.9, 0.2]
+    for bad in ("alpha=1.5", "profile=nope", "beta=0.5", "ragged=x"):
+        with pytest.raises(ValueError, match="acceptance"):
+            replay.parse_acceptance(bad)
+    # Draft i of a round at continuation index j is token j + 1 + i where it hits, else + 1.
+    continuation = [10, 11, 12, 13, 14]
+    hits = replay.draw_hits([[0.5] * MAX_DRAFT], len(continuation), seed=0)
+    table = np.array(replay.replay_table([continuation], hits, vocab=100))
+    assert table[0, 1, 2] == (14 if hits[0, 1, 2] else 15)
+    assert table.shape == (1, 5, MAX_DRAFT) and 0.3 < hits.mean() < 0.7
+    # One draw per position: every round drafting position p gets the same outcome there.
+    by_position = replay.position_hits(np.arange(5 + MAX_DRAFT + 1)[None] % 2 == 0)
+    assert by_position[0, 0, 2] == by_position[0, 1, 1] == by_position[0, 2, 0] == (3 % 2 == 0)
+
+
+def test_old_loop_and_engine_run_alike_on_the_same_weights(tmp_path):
+    try:
+        compare_loops.extract(tmp_path / "old")
+    except SystemExit as e:  # a checkout without the old commit (a shallow clone)
+        pytest.skip(str(e))
+    out = tmp_path / "compare.json"
+    argv = ["--old-root", str(tmp_path / "old"), "--shapes", "tiny", "--alphas", "1", "--ks", "2",
+            "--prompt", "16", "--tokens", "8", "--trials", "1", "--out", str(out)]  # fmt: skip
+    assert compare_loops.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["old_commit"].startswith(compare_loops.OLD_COMMIT)
+    result = report["results"][0]
+    assert result["old_plain_same"] == 8
+    plain, drafting = result["modes"]
+    assert plain["mode"] == "plain" and drafting["mode"] == "alpha=1.0 k=2"
+    for mode in result["modes"]:
+        assert mode["same_as_plain"] == 8 and math.isfinite(mode["new_over_old"]) and mode["new_over_old"] > 0
+    # k = 2, 8 tokens: the first, two rounds of 2 kept + 1, then one plain step (1 token left).
+    assert drafting["old_accepted"] == drafting["new_accepted"] == [4]
+
+
+def test_an_absolute_import_in_the_old_package_is_refused(tmp_path):
+    (tmp_path / "speculative.py").write_text("import mlx\nfrom mlx_gemma_mtp.cache import Cache\n")
+    with pytest.raises(SystemExit, match=r"speculative.py:2"):
+        compare_loops.check_relative(tmp_path)
+
+
+def test_extract_names_a_missing_commit(tmp_path):
+    if subprocess.run(["git", "rev-parse", "HEAD"], check=False, capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    with pytest.raises(SystemExit, match="git rev-parse"):
+        compare_loops.extract(tmp_path, commit="0000000000")
 
 
 def test_profile_splits_a_verify_into_its_parts(tmp_path):
     from bench import profile
 
     out = tmp_path / "profile.json"
-    argv = ["--shape", "tiny", "--context", "80", "--lengths", "1", "3", "--trials", "1", "--out", str(out)]
-    assert profile.main(argv) == 0
+    argv = ["--shape", "tiny", "--batch", "2", "--context", "80", "--lengths", "1", "3", "--trials", "1"]
+    assert profile.main(argv + ["--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert set(rows) == {"forward", "body", "head", "projections", "attention"}
     assert all(set(by_length) == {"1", "3"} and min(by_length.values()) > 0 for by_length in rows.values())
@@ -70,48 +149,33 @@ def test_profile_splits_a_verify_into_its_parts(tmp_path):
         profile.main(["--shape", "tiny", "--lengths", "18"])
 
 
-def test_timeline_times_every_yield_of_every_variant(tmp_path):
+def test_timeline_times_every_step_of_every_variant(tmp_path, known_costs):
     from bench import timeline
 
     out = tmp_path / "timeline.json"
-    argv = ["--shape", "tiny", "--alpha", "1", "--tokens", "12", "--runs", "2", "--out", str(out)]
-    assert timeline.main(argv) == 0
-    report = json.loads(out.read_text())
-    runs, drafts = report["yield_ms"], report["from_draft"]
-    assert set(runs) == set(drafts) == {"plain", "mlx-lm", "k=0", "auto"}
-    assert all(len(ms) == 2 and all(len(one) == 11 for one in ms) for ms in runs.values())
-    assert all(ms > 0 for one in runs["auto"] for ms in one)
-    assert not any(d for one in drafts["plain"] for d in one)  # plain tokens are never drafts
-    assert any(d for one in drafts["auto"] for d in one)  # alpha = 1: auto keeps drafts
-    # Auto's drafting rounds per run: every draft kept, and each kept draft one yielded.
-    logs = report["round_log"]["auto"]
-    assert len(logs) == 2 and all(kept == k for log in logs for _, k, kept in log)
-    assert [sum(kept for _, _, kept in log) for log in logs] == [sum(one) for one in drafts["auto"]]
-    # What auto started from, as the bench records it.
-    assert len(report["loop_costs_ms"]["verify"]) == MAX_DRAFT + 1 and report["loop_costs_ms"]["plain"] > 0
-    # Every other turn in reverse order: no variant always first.
-    assert report["order"] == [["plain", "mlx-lm", "k=0", "auto"], ["auto", "k=0", "mlx-lm", "plain"]]
-
-
-def test_end_to_end_pairs_alternate_which_run_goes_first(tmp_path, monkeypatch):
-    calls = []
-    plain_run, replay_settled = bench.measure.plain_run, bench._replay_settled
-
-    def plain(*args):
-        calls.append("plain")
-        return plain_run(*args)
-
-    def speculative(*args, **kwargs):
-        calls.append("speculative")
-        return replay_settled(*args, **kwargs)
-
-    monkeypatch.setattr(bench.measure, "plain_run", plain)
-    monkeypatch.setattr(bench, "_replay_settled", speculative)
     argv = [
-        "--shapes", "tiny", "--bits", "bf16", "--parts", "e2e", "--contexts", "48", "--max-l", "2",
-        "--prompt", "32", "--alphas", "0.5", "--ks", "2", "--tokens", "8", "--trials", "3", "--cost-repeats", "1",
-        "--out", str(tmp_path / "bench.json"),
-    ]  # fmt: skip
-    assert bench.main(argv) == 0
-    # The cell's warm-up, then three pairs: plain first, then the speculative run first, ...
-    assert calls[-7:] == ["speculative"] + ["plain", "speculative"] + ["speculative", "plain"] + ["plain", "speculative"]
+        "--shape",
+        "tiny",
+        "--batch",
+        "2",
+        "--prompt",
+        "16",
+        "--alpha",
+        "1",
+        "--tokens",
+        "8",
+        "--runs",
+        "2",
+    ]
+    assert timeline.main(argv + ["--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    steps = report["steps"]
+    assert set(steps) == {"plain", "mlx-lm", "auto"} and all(len(runs) == 2 for runs in steps.values())
+    # Every token after each row's first, in steps: plain and mlx-lm one per row and step.
+    for runs in steps.values():
+        assert all(
+            sum(tokens for _, tokens, _ in run) == 2 * 7 and all(ms > 0 for ms, _, _ in run) for run in runs
+        )
+    assert all(len(run) == 7 for run in steps["plain"] + steps["mlx-lm"])
+    assert all(sum(kept for _, _, kept in run) > 0 for run in steps["auto"])  # alpha = 1: auto keeps drafts
+    assert report["order"] == [["plain", "mlx-lm", "auto"], ["auto", "mlx-lm", "plain"]]
