@@ -39,7 +39,6 @@ from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
 
 from mlx_gemma_mtp import costs
 from mlx_gemma_mtp.speculative import MAX_DRAFT, drafter_proposer
@@ -122,7 +121,7 @@ def old_pair(old, shape: str, bits: int | None, target, drafter) -> tuple:
     for theirs, mine in zip(pair, (target, drafter)):
         if bits is not None:  # the same layers quantized (quantize.py is unchanged since)
             old.quantize.quantize(theirs, bits=bits, group_size=64)
-        theirs.load_weights(list(tree_flatten(mine.parameters())), strict=True)
+        theirs.load_weights(list(mine.checkpoint_weights().items()), strict=True)
     return pair
 
 
