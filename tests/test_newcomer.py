@@ -205,3 +205,18 @@ def test_a_turn_cancelled_before_its_first_token_stays_in_the_conversation(small
     assert session.history == [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": ""}]
     answer = list(session.send("why"))  # and the conversation goes on
     assert answer and session.last == answer[-1]
+
+
+def test_the_readme_chat_session_example_runs(small, capsys):
+    """README's ChatSession example, on the small fixture: the stop button pressed before the
+    first token leaves the session usable and the print guarded."""
+    readme = (REPO / "README.md").read_text()
+    block = next(b for b in readme.split("```python")[1:] if "ChatSession(" in b).split("```")[0]
+    assert '"gemma-4-E2B-it-mtp-4bit"' in block
+    code = block.replace('"gemma-4-E2B-it-mtp-4bit"', repr(str(small)))
+    code = code.replace('system="Be brief.")', 'system="Be brief.", max_tokens=8, num_draft_tokens=2)')
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    session = namespace["session"]
+    assert session.history[-2] == {"role": "user", "content": "Why is the sky blue?"}
+    assert list(session.send("and the sea?"))  # the conversation goes on
