@@ -181,27 +181,30 @@ class Card:
     GRID = 0.05  # seconds between drift samples
 
     def __init__(self, noise: Noise, seed: int):
-        self.noise, self.rng = noise, random.Random(seed)
-        self.level = self.rng.gauss(0, noise.level)
-        self.drift = [self.rng.gauss(0, noise.drift)]
+        # A stream per kind of noise: a policy that runs more rounds, or runs them longer, must
+        # not shift the draws of another kind (every policy meets the same card).
+        self.noise, rng = noise, random.Random(f"{seed} card")
+        self.drift_rng, self.jitter_rng = random.Random(f"{seed} drift"), random.Random(f"{seed} jitter")
+        self.level = rng.gauss(0, noise.level)
+        self.opening = rng.uniform(*noise.opening[1:])  # this generation's
+        self.drift = [self.drift_rng.gauss(0, noise.drift)]
         self.jitter: list[float] = []  # log factor per round, hiccups included
-        self.last = self.rng.gauss(0, noise.jitter)
-        self.opening = self.rng.uniform(*noise.opening[1:])  # this generation's
+        self.last = self.jitter_rng.gauss(0, noise.jitter)
 
     def factor(self, seconds: float, round_index: int, drafting: bool) -> float:
-        n, rng = self.noise, self.rng
+        n = self.noise
         keep = math.exp(-self.GRID / n.drift_seconds)
         while len(self.drift) <= int(seconds / self.GRID):
-            self.drift.append(keep * self.drift[-1] + math.sqrt(1 - keep * keep) * rng.gauss(0, n.drift))
-        c = n.jitter_corr
+            step = math.sqrt(1 - keep * keep) * self.drift_rng.gauss(0, n.drift)
+            self.drift.append(keep * self.drift[-1] + step)
+        c, rng = n.jitter_corr, self.jitter_rng
         while len(self.jitter) <= round_index:
             self.last = c * self.last + math.sqrt(1 - c * c) * rng.gauss(0, n.jitter)
             hiccup = rng.uniform(*n.hiccup_size) if rng.random() < n.hiccup else 1.0
             self.jitter.append(self.last + math.log(hiccup))
         opening = self.opening if drafting and round_index < n.opening[0] else 1.0
-        return opening * math.exp(
-            self.level + self.drift[int(seconds / self.GRID)] + self.jitter[round_index]
-        )
+        log_factor = self.level + self.drift[int(seconds / self.GRID)] + self.jitter[round_index]
+        return opening * math.exp(log_factor)
 
 
 def measured(true: Costs, noise: Noise, seed: int) -> Costs:
@@ -329,30 +332,40 @@ class Loop:
 
 # Each of auto's rules switched off (docs/auto.md): the Rules fields that do it.
 RULES_OFF = {
-    "clock (learn costs from timings)": {"min_timings": 10**9, "scale_untimed": False},
-    "median of the last 9": {"timings": 1, "min_timings": 1},
-    "3 timings before belief": {"min_timings": 1},
-    "untimed scaled by the best ratio": {"scale_untimed": False},
+    "learn costs from the clock": None,  # never told a round's time: `_Untimed`
+    "median of the last 9": {"timings": 1},
+    "untimed scaled by the least ratio": {"scale_untimed": False},
     "untimed plain scaled down only": {"plain_down": False},
+    "floor: a plain step + k drafter steps": {"floor": False},
     "first timing over 3x: a compile": {"outlier": math.inf},
-    "floor: plain + k drafter steps": {"floor": False},
-    "floor margin 10%": {"floor_margin": 0.0},
     "forgetting (decay 0.98)": {"decay": 1.0},
     "per-row acceptance": {"per_row": False},
-    "probes back off (x2)": {"probe_growth": 1.0},
-    "probe stretch scaled by its cost": {"probe_share": 0.0},
-    "only a kept draft ends a stretch": {"kept_ends_stretch": False},
     "plain behind the blind first round": {"blind_plain": False},
+    "probe stretch scaled by its cost": {"probe_share": math.inf},  # probe_first between probes
+    "only a kept draft ends a stretch": {"kept_ends_stretch": False},
+    "a kept draft on thin evidence: probe soon": {"thin": 0.0},
+    "a probe drafts the cheapest round": {"cheap_probe": False},
 }
 
 
-def policies(costs: Costs, rules_off: dict[str, dict]) -> dict[str, DraftLength]:
+class _Untimed:
+    """A policy never told what rounds took: auto on its measured costs alone."""
+
+    def __init__(self, policy: DraftLength):
+        self.choose, self.observe, self.forget = policy.choose, policy.observe, policy.forget
+
+    def observe_time(self, k: int, batch: int, seconds: float) -> None:
+        """Not told."""
+
+
+def policies(costs: Costs, rules_off: dict[str, dict | None]) -> dict[str, DraftLength]:
     """A fresh policy of each kind for one generation."""
     out: dict[str, DraftLength] = {f"k={k}": Fixed(k) for k in range(MAX_DRAFT + 1)}
     out["heuristic"] = Heuristic()
     out["auto"] = Auto(costs)
     for name, off in rules_off.items():
-        out[f"auto - {name}"] = Auto(costs, dataclasses.replace(Rules(), **off))
+        auto = Auto(costs) if off is None else Auto(costs, dataclasses.replace(Rules(), **off))
+        out[f"auto - {name}"] = _Untimed(auto) if off is None else auto
     return out
 
 

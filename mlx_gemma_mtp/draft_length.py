@@ -181,31 +181,24 @@ class Costs:
 
 @dataclass(frozen=True, kw_only=True)
 class Rules:
-    """Auto's rules, each at the value docs/auto.md justifies by simulation (which switches
-    them off one at a time). Rounds and plain steps count per round of the batch."""
+    """Auto's tunable rules at the values docs/auto.md justifies by simulation (which switches
+    each off in turn). Rounds count rounds of the batch, a plain step of the batch included."""
 
-    prior: float = 0.5  # a_1 before any round is observed
-    prior_weight: float = 2.0  # pseudo-rounds behind each prior: a_j leans on a_{j-1} until j is tried
+    prior: float = 0.5  # a_1 before any round is observed ...
+    prior_weight: float = 2.0  # ... worth 2 rounds; an untried a_j leans on a_{j-1} as much
     decay: float = 0.98  # per observed round: counts remember about the last 50 rounds
-    per_row: bool = True  # each row's own a_j (shrunk towards the other rows'), not one for the batch
-    timings: int = 9  # a (batch, k)'s cost is the median of its last 9 timings ...
-    min_timings: int = 3  # ... once it has 3 (one hiccup moves nothing)
-    scale_untimed: bool = True  # an untimed (batch, k) costs its measurement x the least timed/measured ratio
-    floor_margin: float = (
-        0.1  # a round believed at its floor (a plain step + k drafter steps) must win by 10%
-    )
-    probe_first: int = 16  # plain rounds before drafting is tried again (at least) ...
-    probe_growth: float = 2.0  # ... this many times longer after each failed probe ...
-    probe_last: int = 256  # ... up to this ...
-    probe_share: float = (
-        0.005  # ... the second at least as many as keep a failed probe's extra cost within 0.5% of them
-    )
-    blind_plain: bool = True  # the choice behind the first drafting round, before it is seen, is plain
-    # Rules under trial (docs/auto.md):
+    per_row: bool = True  # each row its own a_j, shrunk towards the other rows' (False: one for all)
+    timings: int = 9  # a (batch, k)'s cost: the median of its last 9 timings (a hiccup moves nothing)
+    scale_untimed: bool = True  # an untimed one: its measurement x the least timed/measured ratio ...
+    plain_down: bool = True  # ... a plain step's only if that is < 1: dear rounds say nothing of it
+    floor: bool = True  # no round is believed cheaper than a plain step and its k drafter steps
     outlier: float = 3.0  # a (batch, k)'s first timing over 3x its estimate is a compile: passed over
-    plain_down: bool = True  # an untimed plain step is scaled down with the card, never up
-    floor: bool = True  # no round is believed cheaper than a plain step and k drafter steps
-    kept_ends_stretch: bool = True  # a plain stretch ends before its probe only on a kept draft
+    blind_plain: bool = True  # the choice behind the first drafting round, before it is seen, is plain
+    cheap_probe: bool = True  # a probe drafts the cheapest round's k (False: the best rate's k >= 1)
+    probe_first: int = 16  # plain rounds before drafting is tried again once it stopped paying ...
+    probe_share: float = 0.005  # ... then enough between probes that a failed one costs 0.5% of them
+    kept_ends_stretch: bool = True  # a plain stretch ends before its probe only on a kept draft ...
+    thin: float = 8.0  # ... and, while fewer than 8 rows x rounds reached draft 1, one brings the probe near
 
 
 class _Counts:
@@ -252,6 +245,11 @@ class Acceptance:
         self.rounds += 1
         self.kept_rounds += any(accepted.values())
 
+    @property
+    def evidence(self) -> float:
+        """Rows x rounds (decayed) that reached draft 1: what the estimate rests on."""
+        return self._all.tries[0]
+
     def forget(self, row: int) -> None:
         own = self._rows.pop(row, None)
         if own is not None:
@@ -285,81 +283,72 @@ class Acceptance:
 
 
 class CostModel:
-    """Seconds of a round of `batch` rows drafting k (k = 0: a plain step): as measured (`Costs`)
-    until the loop's clock has timed that (batch, k) `rules.min_timings` times, then the median
-    of its last timings. An untimed one is scaled by the least timed/measured ratio seen (the
-    card's drift carries over; the least, so an untimed k gets tried when it would be best)."""
+    """Seconds of a round of `batch` rows drafting k (k = 0: a plain step): the median of its
+    last timings once the loop's clock has timed that (batch, k); else its measurement (`Costs`)
+    times the least timed/measured ratio seen so far (the card's drift carries over, and the
+    least, so that an untimed k gets tried when it would be the best)."""
 
     def __init__(self, costs: Costs, rules: Rules):
         self.costs, self.rules = costs, rules
         self._timings: dict[tuple[int, int], deque[float]] = {}  # (batch, k) -> its last timings
-        self._believed: dict[tuple[int, int], float] = {}  # ... their median, once there are enough
-        self._ratios: dict[tuple[int, int], float] = {}  # ... their median / the measured cost
-        self._best_ratio = 1.0  # the least of the ratios
+        self._median: dict[tuple[int, int], float] = {}  # ... their median
+        self._best_ratio = 1.0  # the least median / measured cost over the timed (batch, k)
         self._compiled: set[tuple[int, int]] = set()  # first timings passed over as compiles
 
     def observe(self, k: int, batch: int, seconds: float) -> None:
         key = (batch, k)
-        if (
-            key not in self._timings
-            and key not in self._compiled
-            and seconds > self.rules.outlier * self.seconds(k, batch)
-        ):
+        first = key not in self._timings and key not in self._compiled
+        if first and seconds > self.rules.outlier * self.seconds(k, batch):
             self._compiled.add(key)  # the first round of this shape compiling its kernels
             return
         window = self._timings.setdefault(key, deque(maxlen=self.rules.timings))
         window.append(seconds)
-        median = statistics.median(window)
-        if len(window) >= self.rules.min_timings:
-            self._believed[key] = median
-        self._ratios[key] = median / self.costs.round(k, batch)
-        self._best_ratio = min(self._ratios.values())
+        self._median[key] = statistics.median(window)
+        if self.rules.scale_untimed:
+            self._best_ratio = min(m / self.costs.round(k, b) for (b, k), m in self._median.items())
 
     def seconds(self, k: int, batch: int) -> float:
-        """The estimate, never under `floor(k, batch)` for a drafting round."""
-        seconds = self._believed.get((batch, k))
-        if seconds is None:
-            ratio = self._best_ratio if self.rules.scale_untimed else 1.0
-            if k == 0 and self.rules.plain_down and (batch, 0) not in self._ratios:
-                ratio = min(ratio, 1.0)  # rounds timed dear say rounds cost more, not plain steps
-            seconds = self.costs.round(k, batch) * ratio
-        return max(seconds, self.floor(k, batch)) if k and self.rules.floor else seconds
+        """The estimate; a drafting round's at least `floor(k, batch)`."""
+        timed = self._median.get((batch, k))
+        if timed is None:
+            ratio = min(self._best_ratio, 1.0) if k == 0 and self.rules.plain_down else self._best_ratio
+            timed = self.costs.round(k, batch) * ratio
+        return max(timed, self.floor(k, batch)) if k and self.rules.floor else timed
 
     def floor(self, k: int, batch: int) -> float:
-        """The least a round can cost: a plain step and k drafter steps (k = 0: no floor)."""
-        return self.seconds(0, batch) + k * self.costs.drafter(batch) if k else 0.0
+        """The least a round of k drafts can cost: a plain step and k drafter steps."""
+        return self.seconds(0, batch) + k * self.costs.drafter(batch)
 
 
 class Probes:
-    """When to draft again once plain decoding pays: a plain stretch of `stretch` rounds, then
-    one drafting round (a probe); after each failed probe a stretch `rules.probe_growth` times as long, up to
-    `rules.probe_last`. A stretch ends before its probe only when a round read back since it
-    began kept a draft: in a stretch only plain steps are timed, so the clock alone would end it
-    on noise."""
+    """When to draft again once plain decoding pays: one drafting round (a probe) after
+    `rules.probe_first` plain rounds, then one every `stretch` while they fail. A stretch ends
+    before its probe only when a round read back since it began kept a draft (in a stretch only
+    plain steps are timed, and the clock alone would end it on their noise); while the evidence
+    is thin such a draft brings the next probe within `rules.probe_first`."""
 
     def __init__(self, rules: Rules):
         self.rules = rules
-        self.left = 0  # plain rounds before the next probe
-        self.gap = 0  # plain rounds after it, should it fail
+        self.left = 0  # plain rounds before the next probe (the first choice may be one)
+        self._fresh = True  # no choice made yet
         self._kept_at: int | None = None  # kept rounds when the stretch last chose; None: drafting
 
-    def choose(self, best: int, probe: int, kept_rounds: int, first: bool, stretch: int) -> int:
-        """The k of the next round. best: the k of the best rate (0: plain pays); probe: the
-        best k >= 1; kept_rounds: rounds seen that kept a draft; first: none seen yet;
-        stretch: plain rounds before the first probe."""
+    def choose(self, best: int, probe: int, kept_rounds: int, stretch: int, thin: bool = False) -> int:
+        """The next round's k. best: the k of the best rate (0: plain pays); probe: the k to
+        probe with; kept_rounds: rounds seen that kept a draft; stretch: plain rounds between
+        failed probes; thin: the acceptance estimate rests on little."""
+        kept = self._kept_at is not None and self._kept_at != kept_rounds
         if self.rules.kept_ends_stretch and self._kept_at == kept_rounds:
-            best = 0
+            best = 0  # no draft kept since the stretch began
+        if best == 0 and kept and thin:
+            self.left = min(self.left, self.rules.probe_first)  # one kept draft is worth another look
         if best == 0 and self.left > 0:
             self._kept_at = kept_rounds
             self.left -= 1
             return 0
-        if best or first:  # drafting paid until now: a dip is likelier than a useless drafter
-            self.left, self.gap = self.rules.probe_first, stretch
-        else:  # a probe after a failed one: a longer stretch than before it
-            self.left, self.gap = (
-                self.gap,
-                min(round(self.gap * self.rules.probe_growth), self.rules.probe_last),
-            )
+        # After drafting (or a first probe) a dip is likelier than a useless drafter: a short stretch.
+        self.left = self.rules.probe_first if best or self._fresh else stretch
+        self._fresh = False
         self._kept_at = None if best else kept_rounds
         return best or probe
 
@@ -374,29 +363,28 @@ class Auto:
         self.cost = CostModel(costs, self.rules)
         self.probes = Probes(self.rules)
         self._blind = False  # a drafting round is in flight and none has been seen
-        self._stretches: dict[int, int] = {}  # batch -> plain rounds before a first probe
 
     def rates(self, limit: int, rows: Sequence[int]) -> list[float]:
-        """Expected tokens per second of a round drafting k = 0..limit for `rows`; a round
-        believed at its floor weighed `rules.floor_margin` dearer (that belief rests on noise)."""
-        batch, out = len(rows), []
-        for k, tokens in enumerate(self.acceptance.expected(limit, rows)):
-            seconds = self.cost.seconds(k, batch)
-            if k and seconds <= self.cost.floor(k, batch):
-                seconds *= 1 + self.rules.floor_margin
-            out.append(tokens / seconds)
-        return out
+        """Expected tokens per second of a round drafting k = 0..limit for `rows`."""
+        seconds = [self.cost.seconds(k, len(rows)) for k in range(limit + 1)]
+        return [n / s for n, s in zip(self.acceptance.expected(limit, rows), seconds)]
 
     def choose(self, limit: int, rows: Sequence[int]) -> int:
         limit = min(limit, MAX_DRAFT)
-        if limit <= 0 or not rows or self._blind:
-            return 0  # behind a blind first round a second guess would only repeat it
-        rates = self.rates(limit, rows)
+        if limit <= 0 or not rows or self._blind:  # blind: a second guess would only repeat the first
+            return 0
+        seconds = [self.cost.seconds(k, len(rows)) for k in range(limit + 1)]
+        rates = [n / s for n, s in zip(self.acceptance.expected(limit, rows), seconds)]
         best = max(range(limit + 1), key=rates.__getitem__)
-        probe = max(range(1, limit + 1), key=rates.__getitem__)
-        first = self.acceptance.rounds == 0
-        k = self.probes.choose(best, probe, self.acceptance.kept_rounds, first, self._stretch(len(rows)))
-        self._blind = self.rules.blind_plain and first and k > 0
+        # A probe is there to learn whether drafts are kept: the cheapest round, should it fail.
+        probe = 1 + min(
+            range(limit), key=lambda i: seconds[i + 1] if self.rules.cheap_probe else -rates[i + 1]
+        )
+        extra = min(seconds[1:]) / seconds[0] - 1  # what a failed probe costs, in plain rounds
+        stretch = max(self.rules.probe_first, math.ceil(extra / self.rules.probe_share))
+        thin = self.acceptance.evidence < self.rules.thin
+        k = self.probes.choose(best, probe, self.acceptance.kept_rounds, stretch, thin)
+        self._blind = self.rules.blind_plain and k > 0 and self.acceptance.rounds == 0
         return k
 
     def observe(self, k: int, accepted: Mapping[int, int]) -> None:
@@ -408,13 +396,3 @@ class Auto:
 
     def forget(self, row: int) -> None:
         self.acceptance.forget(row)
-
-    def _stretch(self, batch: int) -> int:
-        """Plain rounds before a first probe: enough that a failed one costs at most
-        `rules.probe_share` of them (a probe costs a round instead of a plain step)."""
-        if batch not in self._stretches:
-            costs, rules = self.cost.costs, self.rules
-            extra = min(costs.round(k, batch) for k in range(1, MAX_DRAFT + 1)) / costs.plain(batch) - 1
-            share = math.ceil(extra / rules.probe_share) if rules.probe_share > 0 else 0
-            self._stretches[batch] = min(max(rules.probe_first, share), rules.probe_last)
-        return self._stretches[batch]
