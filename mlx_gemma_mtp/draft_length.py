@@ -1,56 +1,52 @@
-"""How many tokens to draft each round: fixed, the reference heuristic, or a cost model.
+"""How many tokens to draft in each round of a batch: a fixed k, transformers' heuristic, or `Auto`.
 
-A policy is asked `choose(limit)` before every round, told `observe(k, accepted)` after
-each drafting round and `observe_time(k, seconds)` of what each round (k >= 1) or plainly
-decoded token (k = 0) really took. Choosing 0 means "decode one token plainly". The loop asks
-one round ahead (it queues round r+1 before reading round r back), so a choice never sees the
-outcome of the round just before it.
+The loop asks `choose(limit, rows)` before every round: one k for every row (a verify forward
+has one shape, and a row's drafts past what it would have wanted cost it nothing), 0 for one
+plain step of the batch. It tells `observe(k, accepted)` each row's kept drafts after a drafting
+round, `observe_time(k, batch, seconds)` what a round took where its clock can tell (only a
+round run in a full pipeline, `speculative.py`), and `forget(row)` when a row leaves. It asks
+one round ahead (round r+1 is queued before round r is read back), so a choice never sees the
+outcome of the round just before it. A batch of one is B = 1.
 
-`Auto` maximises expected tokens per second. A round drafting k tokens costs
-`k * draft + verify[k]` seconds (as measured, until the loop has timed such rounds) and yields
-1 + a_1 + a_1 a_2 + ... + a_1 ... a_k tokens on average, where a_j is the chance that draft j
-is accepted once drafts 1..j-1 were; plain decoding yields one token per `plain` seconds. The costs are measured once per device
-(`costs.py`), the a_j are tracked online, and k = 0 is chosen when no k beats plain decoding
-(probing again after 16 or more, then twice as many, ... up to 256 plain tokens; after a failed
-first round, after 16 whatever a probe costs; in between, only a round read back that kept a
-draft can end the stretch early, never the clock alone). What rounds really cost in the loop is
-learnt from the clock, per k.
+`Auto` maximises expected tokens per second. A round of B rows drafting k each costs
+`verify(B, k) + k * draft(B)` seconds (`Costs`, measured once per device, then as the loop's
+clock says) and yields, summed over its rows, 1 + a_1 + a_1 a_2 + ... + a_1 ... a_k tokens, where
+a_j is the chance that a row's draft j is kept once its drafts 1..j-1 were. It is three parts:
+`Acceptance` (the a_j of each row), `CostModel` (the seconds of each (B, k)) and `Probes` (when
+to draft again once plain decoding pays). Every tunable rule is a field of `Rules`; docs/auto.md
+shows what each buys in the loop-faithful simulation (`python -m bench.simulate`).
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 MAX_DRAFT = 16  # longest draft a round may use; sliding caches keep this much room
 
 HEURISTIC_START = 6  # Google's assistants ship num_assistant_tokens = 6 (generation_config.json)
 
-PRIOR_ACCEPTANCE = 0.5  # a_1 before any round is observed
-PRIOR_WEIGHT = 2.0  # pseudo-rounds behind each prior: a_j leans on a_{j-1} until j is tried
-DECAY = 0.98  # per observed round: acceptance counts remember about the last 50 rounds
-TIMINGS = 9  # a k's cost is the median of its last 9 timings: one hiccup moves nothing ...
-MIN_TIMINGS = 3  # ... once it has 3 (the median of 2 is their mean: a hiccup would count half)
-OUTLIER = 3.0  # the first timing of a k over 3x its estimate is a compile: passed over
-FLOOR_MARGIN = 0.1  # a round believed at its floor must beat plain decoding by 10% (see rates())
-PROBE_FIRST = 16  # plain tokens before drafting is tried again (at least) ...
-PROBE_LAST = 256  # ... doubling after each failed probe, up to this
-PROBE_SHARE = 0.01  # ... and at least as many as keep a failed probe's cost within 1% of them
-
 
 class DraftLength(Protocol):
-    def choose(self, limit: int) -> int:
-        """Drafts for the next round, 0..limit (0: decode plainly)."""
+    def choose(self, limit: int, rows: Sequence[int]) -> int:
+        """Drafts per row for the next round of the batch made of `rows` (row ids), 0..limit;
+        0 = one plain step for every row."""
 
-    def observe(self, k: int, accepted: int) -> None:
-        """A round drafted k >= 1 tokens and the first `accepted` of them were kept."""
+    def observe(self, k: int, accepted: Mapping[int, int]) -> None:
+        """A round drafted k >= 1 tokens for every row; row id -> how many of that row's drafts
+        were kept (0..k)."""
 
-    def observe_time(self, k: int, seconds: float) -> None:
-        """A round drafting k >= 1 tokens took `seconds` on the host's clock; k = 0: seconds
-        per plainly decoded token."""
+    def observe_time(self, k: int, batch: int, seconds: float) -> None:
+        """A round of `batch` rows drafting k tokens each (k = 0: one plain step of the batch)
+        took `seconds`."""
+
+    def forget(self, row: int) -> None:
+        """A row left the batch (its acceptance estimate is dropped)."""
 
 
 @dataclass
@@ -63,11 +59,11 @@ class Fixed:
         if not 0 <= self.k <= MAX_DRAFT:
             raise ValueError(f"a fixed draft length must be in 0..{MAX_DRAFT}, got {self.k}")
 
-    def choose(self, limit: int, rows=()) -> int:
+    def choose(self, limit: int, rows: Sequence[int]) -> int:
         return min(self.k, limit)
 
-    def observe(self, k: int, accepted) -> None:
-        """A fixed k ignores acceptance."""
+    def observe(self, k: int, accepted: Mapping[int, int]) -> None:
+        """A fixed k ignores acceptance ..."""
 
     def observe_time(self, k: int, batch: int, seconds: float) -> None:
         """... and timing."""
@@ -78,209 +74,325 @@ class Fixed:
 
 @dataclass
 class Heuristic:
-    """transformers' "heuristic" schedule (candidate_generator.py, 5.17): +2 after a round whose
-    drafts were all accepted, -1 otherwise, kept within low..high. Restarts every generation
-    (transformers' "heuristic_transient")."""
+    """transformers' "heuristic" schedule (candidate_generator.py, 5.17) for each row: +2 after
+    a round whose drafts the row kept all of (all it asked for), -1 otherwise, within
+    low..high, from `start` for a new row (transformers' "heuristic_transient"). A round drafts
+    what its keenest row asks for: the others' extra drafts cost them nothing."""
 
-    k: int = HEURISTIC_START
+    start: int = HEURISTIC_START
     low: int = 1
     high: int = MAX_DRAFT
+    asks: dict[int, int] = field(default_factory=dict)  # row -> its k
 
-    def choose(self, limit: int, rows=()) -> int:
-        return min(self.k, limit)
+    def choose(self, limit: int, rows: Sequence[int]) -> int:
+        return min(max((self.asks.get(row, self.start) for row in rows), default=0), limit)
 
-    def observe(self, k: int, accepted) -> None:
-        fully = all(m == k for m in accepted.values())
-        self.k = min(self.k + 2, self.high) if fully else max(self.k - 1, self.low)
+    def observe(self, k: int, accepted: Mapping[int, int]) -> None:
+        for row, kept in accepted.items():
+            asked = self.asks.get(row, self.start)
+            self.asks[row] = min(asked + 2, self.high) if kept >= min(asked, k) else max(asked - 1, self.low)
 
     def observe_time(self, k: int, batch: int, seconds: float) -> None:
         """The schedule follows acceptance only, as transformers' does."""
 
     def forget(self, row: int) -> None:
-        """One schedule for the batch."""
+        self.asks.pop(row, None)
 
 
 @dataclass(frozen=True, kw_only=True)
 class Costs:
-    """Seconds per unit of work on one device, for one target and drafter."""
+    """Seconds of the work of a round on one device, for one target and drafter, measured at a
+    few batch sizes. Between two measured sizes a cost is interpolated linearly in the rows;
+    below the smallest it is the smallest's (fewer rows cost no more); beyond the largest it
+    grows in proportion to the rows (the largest's cost per row: a compute-bound step)."""
 
-    plain: float  # per token of pipelined plain decoding
-    verify: tuple[float, ...]  # verify[k]: one target forward of k + 1 tokens, k = 0..MAX_DRAFT
-    draft: float  # per drafter step
+    verify: tuple[
+        tuple[float, ...], ...
+    ]  # [i][k]: a target forward of batches[i] rows x (k + 1) tokens; [i][0]: a plain step
+    draft: tuple[float, ...]  # [i]: a drafter step of batches[i] rows
+    batches: tuple[int, ...] = (1,)  # the measured batch sizes, ascending
 
-    def round(self, k: int) -> float:
-        """Seconds of a round drafting k tokens (k = 0: one plain token)."""
-        return self.plain if k == 0 else self.verify[k] + k * self.draft
+    def __post_init__(self):
+        if (
+            not self.batches
+            or any(b < 1 for b in self.batches)
+            or list(self.batches) != sorted(set(self.batches))
+        ):
+            raise ValueError(f"costs.batches must be distinct sizes >= 1, ascending; got {self.batches}")
+        if len(self.verify) != len(self.batches) or len(self.draft) != len(self.batches):
+            raise ValueError(
+                f"costs has {len(self.batches)} batch sizes but {len(self.verify)} verify rows and "
+                f"{len(self.draft)} draft entries"
+            )
+        for b, row in zip(self.batches, self.verify):
+            if len(row) != MAX_DRAFT + 1:
+                raise ValueError(
+                    f"costs.verify at batch {b} has {len(row)} entries, expected {MAX_DRAFT + 1}"
+                )
+        values = [s for row in self.verify for s in row] + list(self.draft)
+        if not all(math.isfinite(s) and s > 0 for s in values):
+            raise ValueError("costs must be finite and positive seconds")
+
+    def step(self, k: int, batch: int = 1) -> float:
+        """Seconds of a target forward of `batch` rows x (k + 1) tokens (k = 0: a plain step)."""
+        return self._at([row[k] for row in self.verify], batch)
+
+    def drafter(self, batch: int = 1) -> float:
+        """Seconds of a drafter step of `batch` rows."""
+        return self._at(self.draft, batch)
+
+    def plain(self, batch: int = 1) -> float:
+        return self.step(0, batch)
+
+    def round(self, k: int, batch: int = 1) -> float:
+        """Seconds of a round of `batch` rows drafting k each (k = 0: one plain step)."""
+        return self.step(k, batch) + k * self.drafter(batch)
+
+    def _at(self, values: Sequence[float], batch: int) -> float:
+        sizes = self.batches
+        if batch <= sizes[0]:
+            return values[0]
+        if batch >= sizes[-1]:
+            return values[-1] * batch / sizes[-1]
+        i = bisect.bisect_left(sizes, batch)
+        if sizes[i] == batch:
+            return values[i]
+        w = (batch - sizes[i - 1]) / (sizes[i] - sizes[i - 1])
+        return values[i - 1] + w * (values[i] - values[i - 1])
+
+    def to_json(self) -> dict:
+        return {
+            "batches": list(self.batches),
+            "verify": [list(r) for r in self.verify],
+            "draft": list(self.draft),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> Costs:
+        """The inverse of `to_json`; a ValueError naming what is missing or malformed."""
+        try:
+            batches = tuple(int(b) for b in data["batches"])
+            verify = tuple(tuple(float(s) for s in row) for row in data["verify"])
+            draft = tuple(float(s) for s in data["draft"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"costs JSON needs batches, verify (one row per batch) and draft: {e!r}") from e
+        return cls(batches=batches, verify=verify, draft=draft)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rules:
+    """Auto's tunable rules at the values docs/auto.md justifies by simulation (which switches
+    each off in turn). Rounds count rounds of the batch, a plain step of the batch included."""
+
+    prior: float = 0.5  # a_1 before any round is observed ...
+    prior_weight: float = 2.0  # ... worth 2 rounds; an untried a_j leans on a_{j-1} as much
+    decay: float = 0.98  # per observed round: counts remember about the last 50 rounds
+    per_row: bool = True  # each row its own a_j, shrunk towards the other rows' (False: one for all)
+    timings: int = 9  # a (batch, k)'s cost: the median of its last 9 timings (a hiccup moves nothing)
+    scale_untimed: bool = True  # an untimed one: its measurement x the least timed/measured ratio ...
+    plain_down: bool = True  # ... a plain step's only if that is < 1: dear rounds say nothing of it
+    floor: bool = True  # no round is believed cheaper than a plain step and its k drafter steps
+    outlier: float = 3.0  # a (batch, k)'s first timing over 3x its estimate is a compile: passed over
+    blind_plain: bool = True  # the choice behind the first drafting round, before it is seen, is plain
+    cheap_probe: bool = True  # a probe drafts the cheapest round's k (False: the best rate's k >= 1)
+    probe_first: int = 16  # plain rounds before drafting is tried again once it stopped paying ...
+    probe_share: float = 0.005  # ... then enough between probes that a failed one costs 0.5% of them
+    kept_ends_stretch: bool = True  # a plain stretch ends before its probe only on a kept draft ...
+    thin: float = 8.0  # ... and, while fewer than 8 rows x rounds reached draft 1, one brings the probe near
+
+
+class _Counts:
+    """Per draft position j: rounds (decayed) that reached it, and that kept it."""
+
+    def __init__(self):
+        self.tries = [0.0] * MAX_DRAFT
+        self.hits = [0.0] * MAX_DRAFT
+
+    def decay(self, factor: float) -> None:
+        self.tries = [t * factor for t in self.tries]
+        self.hits = [h * factor for h in self.hits]
+
+    def count(self, k: int, kept: int) -> None:
+        """A round of k drafts that kept the first `kept`."""
+        for j in range(min(kept + 1, k)):
+            self.tries[j] += 1
+        for j in range(kept):
+            self.hits[j] += 1
+
+
+class Acceptance:
+    """The chance that a row's draft j is kept once its drafts 1..j-1 were: counted per row and
+    per position, forgetting slowly. A row's count at j is shrunk towards the other rows' at j,
+    and theirs towards the row's own j - 1 (so a new row starts from the batch's, and a lone
+    row's unreached positions lean on the one before, the first on `rules.prior`)."""
+
+    def __init__(self, rules: Rules):
+        self.rules = rules
+        self._rows: dict[int, _Counts] = {}
+        self._all = _Counts()  # every row's counts, summed
+        self.rounds = 0  # drafting rounds observed
+        self.kept_rounds = 0  # ... in which some row kept a draft
+
+    def observe(self, k: int, accepted: Mapping[int, int]) -> None:
+        self._all.decay(self.rules.decay)
+        for row, kept in accepted.items():
+            if not 0 <= kept <= k:
+                raise ValueError(f"row {row} kept {kept} of {k} drafts")
+            own = self._rows.setdefault(row, _Counts())
+            own.decay(self.rules.decay)
+            own.count(k, kept)
+            self._all.count(k, kept)
+        self.rounds += 1
+        self.kept_rounds += any(accepted.values())
+
+    @property
+    def evidence(self) -> float:
+        """Rows x rounds (decayed) that reached draft 1: what the estimate rests on."""
+        return self._all.tries[0]
+
+    def forget(self, row: int) -> None:
+        own = self._rows.pop(row, None)
+        if own is not None:
+            self._all.tries = [max(a - b, 0.0) for a, b in zip(self._all.tries, own.tries)]
+            self._all.hits = [max(a - b, 0.0) for a, b in zip(self._all.hits, own.hits)]
+
+    def of_row(self, row: int) -> list[float]:
+        """a_1..a_MAX_DRAFT for `row` (a row never seen: the batch's)."""
+        own = self._rows.get(row) if self.rules.per_row else None
+        w, prev, out = self.rules.prior_weight, self.rules.prior, []
+        for j in range(MAX_DRAFT):
+            own_tries, own_hits = (own.tries[j], own.hits[j]) if own else (0.0, 0.0)
+            others_tries = max(self._all.tries[j] - own_tries, 0.0)
+            others_hits = min(max(self._all.hits[j] - own_hits, 0.0), others_tries)
+            prior = (others_hits + w * prev) / (others_tries + w)
+            prev = (own_hits + w * prior) / (own_tries + w)
+            out.append(prev)
+        return out
+
+    def expected(self, limit: int, rows: Sequence[int]) -> list[float]:
+        """Expected tokens of a round drafting k = 0..limit, summed over `rows`."""
+        total = [0.0] * (limit + 1)
+        for row in rows:
+            tokens, reach = 1.0, 1.0
+            total[0] += 1.0
+            for k, a in enumerate(self.of_row(row)[:limit], start=1):
+                reach *= a
+                tokens += reach
+                total[k] += tokens
+        return total
+
+
+class CostModel:
+    """Seconds of a round of `batch` rows drafting k (k = 0: a plain step): the median of its
+    last timings once the loop's clock has timed that (batch, k); else its measurement (`Costs`)
+    times the least timed/measured ratio seen so far (the card's drift carries over, and the
+    least, so that an untimed k gets tried when it would be the best)."""
+
+    def __init__(self, costs: Costs, rules: Rules):
+        self.costs, self.rules = costs, rules
+        self._timings: dict[tuple[int, int], deque[float]] = {}  # (batch, k) -> its last timings
+        self._median: dict[tuple[int, int], float] = {}  # ... their median
+        self._best_ratio = 1.0  # the least median / measured cost over the timed (batch, k)
+        self._compiled: set[tuple[int, int]] = set()  # first timings passed over as compiles
+
+    def observe(self, k: int, batch: int, seconds: float) -> None:
+        key = (batch, k)
+        first = key not in self._timings and key not in self._compiled
+        if first and seconds > self.rules.outlier * self.seconds(k, batch):
+            self._compiled.add(key)  # the first round of this shape compiling its kernels
+            return
+        window = self._timings.setdefault(key, deque(maxlen=self.rules.timings))
+        window.append(seconds)
+        self._median[key] = statistics.median(window)
+        if self.rules.scale_untimed:
+            self._best_ratio = min(m / self.costs.round(k, b) for (b, k), m in self._median.items())
+
+    def seconds(self, k: int, batch: int) -> float:
+        """The estimate; a drafting round's at least `floor(k, batch)`."""
+        timed = self._median.get((batch, k))
+        if timed is None:
+            ratio = min(self._best_ratio, 1.0) if k == 0 and self.rules.plain_down else self._best_ratio
+            timed = self.costs.round(k, batch) * ratio
+        return max(timed, self.floor(k, batch)) if k and self.rules.floor else timed
+
+    def floor(self, k: int, batch: int) -> float:
+        """The least a round of k drafts can cost: a plain step and k drafter steps."""
+        return self.seconds(0, batch) + k * self.costs.drafter(batch)
+
+
+class Probes:
+    """When to draft again once plain decoding pays: one drafting round (a probe) after
+    `rules.probe_first` plain rounds, then one every `stretch` while they fail. A stretch ends
+    before its probe only when a round read back since it began kept a draft (in a stretch only
+    plain steps are timed, and the clock alone would end it on their noise); while the evidence
+    is thin such a draft brings the next probe within `rules.probe_first`."""
+
+    def __init__(self, rules: Rules):
+        self.rules = rules
+        self.left = 0  # plain rounds before the next probe (the first choice may be one)
+        self._fresh = True  # no choice made yet
+        self._kept_at: int | None = None  # kept rounds when the stretch last chose; None: drafting
+
+    def choose(self, best: int, probe: int, kept_rounds: int, stretch: int, thin: bool = False) -> int:
+        """The next round's k. best: the k of the best rate (0: plain pays); probe: the k to
+        probe with; kept_rounds: rounds seen that kept a draft; stretch: plain rounds between
+        failed probes; thin: the acceptance estimate rests on little."""
+        kept = self._kept_at is not None and self._kept_at != kept_rounds
+        if self.rules.kept_ends_stretch and self._kept_at == kept_rounds:
+            best = 0  # no draft kept since the stretch began
+        if best == 0 and kept and thin:
+            self.left = min(self.left, self.rules.probe_first)  # one kept draft is worth another look
+        if best == 0 and self.left > 0:
+            self._kept_at = kept_rounds
+            self.left -= 1
+            return 0
+        # After drafting (or a first probe) a dip is likelier than a useless drafter: a short stretch.
+        self.left = self.rules.probe_first if best or self._fresh else stretch
+        self._fresh = False
+        self._kept_at = None if best else kept_rounds
+        return best or probe
 
 
 class Auto:
-    """The k that maximises expected tokens per second, from measured costs and acceptance
-    tracked online per draft position."""
+    """The k with the most expected tokens per second for the batch, from `Acceptance`,
+    `CostModel` and `Probes` (see the module docstring)."""
 
-    def __init__(self, costs: Costs):
-        if len(costs.verify) != MAX_DRAFT + 1:
-            raise ValueError(f"costs.verify has {len(costs.verify)} entries, expected {MAX_DRAFT + 1}")
-        self.costs = costs
-        self.tries = [0.0] * MAX_DRAFT  # rounds (decayed) that reached draft position j + 1
-        self.hits = [0.0] * MAX_DRAFT  # ... and kept it
-        # A probe that fails costs one round instead of one plain token: where that is dear
-        # (MLX CUDA's quantized verify of 2-7 rows: 2.5x a plain token) probes come rarer.
-        extra = min(costs.round(k) for k in range(1, MAX_DRAFT + 1)) / costs.plain - 1
-        self.probe_first = min(max(PROBE_FIRST, math.ceil(extra / PROBE_SHARE)), PROBE_LAST)
-        self.probe_gap = self.probe_first  # plain tokens between the next probe and the one after
-        self.plain_left = 0  # plain tokens before the next probe: the first round drafts
-        # One round is thin evidence: with its first draft rejected (one time in five at
-        # alpha = 0.8) a_1 falls to 1/3 and, where a round is dear, drafting stops for
-        # probe_first tokens (75 on the 31B: simulated over 128 tokens at alpha = 0.8, a tenth
-        # of generations never drafted again). So the plain stretch after the first drafting
-        # round is PROBE_FIRST long; probe_first and its doublings follow (alpha = 0 pays one
-        # more failed round: 1% of 128 tokens on the 31B, 0.2% of 1000).
-        self.rounds_seen = 0  # drafting rounds observed
-        # A plain stretch (its probes included) ends only when a round read back since it
-        # began kept a draft (the loop asks one round ahead: the stretch may begin before the
-        # last round is seen), never on the clock alone. In a stretch only plain steps are
-        # timed: a slower card (or a few slow plain steps) raises plain decoding's cost while
-        # the rounds' stay as last timed; and a failed probe's own timing, a little under its
-        # measurement, made every untimed round look cheaper. Either way a useless drafter
-        # looked worth rounds again (MLX CUDA at alpha = 0: E2B ~8 useless rounds per 128
-        # tokens as plain steps swung 8-15 ms; 26B-A4B 2-6 rounds after each failed probe).
-        self.kept_rounds = 0  # drafting rounds observed that kept at least one draft
-        self.stretch_kept: int | None = None  # kept_rounds when the plain stretch last chose; None: drafting
-        # The loop asks one round ahead. Until the first drafting round is seen, the next
-        # choice knows nothing more than the first did: a plain step goes behind it (a guess
-        # that drafts again would cost a useless drafter two rounds; reading the first back
-        # before choosing would drain the pipeline).
-        self.awaiting_first = False  # a drafting round was chosen, and none seen yet
-        # The measurement is a few rounds on a scratch cache, once per device; a shared GPU
-        # drifts (seen on MLX CUDA: rounds 0.7-2x their measured cost) and a generation's
-        # rounds need not cost what the scratch ones did. So each k's cost is learnt from
-        # the clock once it has been timed MIN_TIMINGS times; until then it is assumed to cost
-        # its measurement times the best observed/measured ratio (median of its timings so
-        # far) of any length, plain steps included: the card's drift carries over (a loop
-        # whose plain tokens cost 8% over their measurement drafted with a useless drafter,
-        # its rounds taken at their bare measurement), optimistically, so an untimed k gets
-        # tried (and learnt) when that would make it the best. (A plain token never timed is
-        # scaled down so, never up: see cost().)
-        # (A median, not a running mean: seen on MLX CUDA, one plain step's hiccup inflated
-        # the plain cost until drafting with a useless drafter looked cheaper, and as plain
-        # steps were then no longer chosen, nothing corrected it.)
-        self.timings: dict[int, deque[float]] = {}  # k -> its last TIMINGS timings
-        # k -> their median once there are MIN_TIMINGS, seconds per round (k = 0: per plain token)
-        self.observed: dict[int, float] = {}
-        self.compiled: set[int] = set()  # k whose first, outlying timing was passed over
-        self.ratios: dict[int, float] = {}  # k -> median of its timings so far / its measured cost
-        self.best_ratio = 1.0  # the least of them
+    def __init__(self, costs: Costs, rules: Rules | None = None):
+        self.rules = rules or Rules()
+        self.acceptance = Acceptance(self.rules)
+        self.cost = CostModel(costs, self.rules)
+        self.probes = Probes(self.rules)
+        self._blind = False  # a drafting round is in flight and none has been seen
 
-    def acceptance(self) -> list[float]:
-        """a_j for j = 1..MAX_DRAFT: each position's kept / reached, shrunk towards the
-        position before it (the first towards PRIOR_ACCEPTANCE)."""
-        out, prior = [], PRIOR_ACCEPTANCE
-        for tries, hits in zip(self.tries, self.hits):
-            prior = (hits + PRIOR_WEIGHT * prior) / (tries + PRIOR_WEIGHT)
-            out.append(prior)
-        return out
+    def rates(self, limit: int, rows: Sequence[int]) -> list[float]:
+        """Expected tokens per second of a round drafting k = 0..limit for `rows`."""
+        seconds = [self.cost.seconds(k, len(rows)) for k in range(limit + 1)]
+        return [n / s for n, s in zip(self.acceptance.expected(limit, rows), seconds)]
 
-    def rates(self, limit: int) -> list[float]:
-        """Expected tokens per second for k = 0..limit, a round believed at its floor (a plain
-        step and k drafter steps) weighed as FLOOR_MARGIN dearer."""
-        # In truth a verify of k + 1 rows costs more than one row. A round believed at the
-        # floor rests on noise (a lucky timing, a plain cost timed while the card ran slower,
-        # a measured verify within noise of a plain token), and there a useless drafter looked
-        # worth a round down to 3% acceptance (MLX CUDA, 26B-A4B at alpha = 0: 43 k = 1 rounds
-        # in a row, each 1.3x a plain token, as plain steps last timed in a slow spell).
-        a = self.acceptance()
-        plain = self.cost(0)
-        out, expected, reach = [], 1.0, 1.0
-        for k in range(limit + 1):
-            seconds = self.cost(k)
-            if k:
-                reach *= a[k - 1]
-                expected += reach
-                if seconds <= plain + k * self.costs.draft:
-                    seconds *= 1 + FLOOR_MARGIN
-            out.append(expected / seconds)
-        return out
-
-    def cost(self, k: int) -> float:
-        """Seconds a round drafting k tokens takes (k = 0: one plain token): as timed in this
-        generation, else as measured times the best ratio timed rounds have shown (an untimed
-        plain token: scaled down only); a round at least a plain token's and k drafter steps'."""
-        # Plain steps too: a round scaled by a ratio their first timings set, against their
-        # bare measurement, looked cheaper than it was (seen on MLX CUDA, E2B: measured plain
-        # 11.1 ms, timed 7.8 ms; a useless drafter then drafted 4 rounds in a row).
-        if k in self.observed:
-            seconds = self.observed[k]
-        elif k == 0 and 0 not in self.ratios:
-            # Plain decoding not timed yet (a generation opens with rounds, and a plain step
-            # behind a drafting round is not timed): rounds timed slower than measured say
-            # that rounds cost more than measured, not that a plain token does. Scaled up
-            # alike, rounds kept their measured price against plain decoding (seen on MLX
-            # CUDA, 26B-A4B at alpha = 0: opening rounds took 2-2.5 plain tokens, measured
-            # 1.2-1.3, and 5-9 useless rounds ran before a plain token was timed).
-            seconds = self.costs.plain * min(self.best_ratio, 1.0)
-        else:
-            seconds = self.costs.round(k) * self.best_ratio
-        if k == 0:
-            return seconds
-        # A round is at least a plain step and k drafter steps (timings are noisy; believing
-        # a round cheaper would have auto draft with a useless drafter).
-        return max(seconds, self.cost(0) + k * self.costs.draft)
-
-    def forget(self, row: int) -> None:
-        """(B = 1 only until the batch-aware policy lands.)"""
-
-    def choose(self, limit: int, rows=()) -> int:
+    def choose(self, limit: int, rows: Sequence[int]) -> int:
         limit = min(limit, MAX_DRAFT)
-        if limit <= 0 or self.awaiting_first:
+        if limit <= 0 or not rows or self._blind:  # blind: a second guess would only repeat the first
             return 0
-        rates = self.rates(limit)
+        seconds = [self.cost.seconds(k, len(rows)) for k in range(limit + 1)]
+        rates = [n / s for n, s in zip(self.acceptance.expected(limit, rows), seconds)]
         best = max(range(limit + 1), key=rates.__getitem__)
-        if self.stretch_kept == self.kept_rounds:  # in a plain stretch, no draft kept since it began
-            best = 0
-        if best == 0 and self.plain_left > 0:
-            self.stretch_kept = self.kept_rounds
-            self.plain_left -= 1
-            return 0
-        # Plain tokens before the next probe, should drafting stop paying, and after it.
-        if self.rounds_seen == 0:  # the first drafting round: a short stretch if it fails
-            self.plain_left, self.probe_gap = PROBE_FIRST, self.probe_first
-        elif best > 0:  # drafting pays: probe_first, then twice as many
-            self.plain_left, self.probe_gap = self.probe_first, min(2 * self.probe_first, PROBE_LAST)
-        else:  # a probe after a failed one: twice as many as before it
-            self.plain_left, self.probe_gap = self.probe_gap, min(2 * self.probe_gap, PROBE_LAST)
-        if best == 0:  # a probe: the best k >= 1; the stretch goes on unless it keeps a draft
-            best = max(range(1, limit + 1), key=rates.__getitem__)
-            self.stretch_kept = self.kept_rounds
-        else:
-            self.stretch_kept = None
-        self.awaiting_first = not any(self.tries)  # no round observed yet
-        return best
+        # A probe is there to learn whether drafts are kept: the cheapest round, should it fail.
+        probe = 1 + min(
+            range(limit), key=lambda i: seconds[i + 1] if self.rules.cheap_probe else -rates[i + 1]
+        )
+        extra = min(seconds[1:]) / seconds[0] - 1  # what a failed probe costs, in plain rounds
+        stretch = max(self.rules.probe_first, math.ceil(extra / self.rules.probe_share))
+        thin = self.acceptance.evidence < self.rules.thin
+        k = self.probes.choose(best, probe, self.acceptance.kept_rounds, stretch, thin)
+        self._blind = self.rules.blind_plain and k > 0 and self.acceptance.rounds == 0
+        return k
 
-    def observe(self, k: int, accepted) -> None:
-        for m in accepted.values():
-            self._observe(k, m)
-
-    def _observe(self, k: int, accepted: int) -> None:
-        self.awaiting_first = False
-        self.rounds_seen += 1
-        self.kept_rounds += accepted > 0
-        for j in range(MAX_DRAFT):
-            self.tries[j] *= DECAY
-            self.hits[j] *= DECAY
-        for j in range(min(accepted + 1, k)):
-            self.tries[j] += 1
-        for j in range(accepted):
-            self.hits[j] += 1
+    def observe(self, k: int, accepted: Mapping[int, int]) -> None:
+        self._blind = False
+        self.acceptance.observe(k, accepted)
 
     def observe_time(self, k: int, batch: int, seconds: float) -> None:
-        if k not in self.timings and k not in self.compiled and seconds > OUTLIER * self.cost(k):
-            self.compiled.add(k)  # the first round of this length compiling kernels for its shapes
-            return
-        window = self.timings.setdefault(k, deque(maxlen=TIMINGS))
-        window.append(seconds)
-        median = statistics.median(window)
-        if len(window) >= MIN_TIMINGS:
-            self.observed[k] = median
-        # Kept here, not in cost(): choose() runs before every token, plain ones too.
-        self.ratios[k] = median / self.costs.round(k)
-        self.best_ratio = min(self.ratios.values())
+        self.cost.observe(k, batch, seconds)
+
+    def forget(self, row: int) -> None:
+        self.acceptance.forget(row)
