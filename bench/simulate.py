@@ -1,17 +1,18 @@
 """`python -m bench.simulate`: draft-length policies in a loop-faithful simulation.
 
-The loop is `speculative.py`'s, batched: it chooses round r+1 before it reads round r back, and
-reports a round's time only where its clock can tell (a round queued behind another, read back
-with another queued behind it; never a plain step queued behind a drafting round). The card:
-rounds cost what the H100 measured (`bench/results/*.json` at B = 1, the batched cost surface of
-`shared/device/README.md` for B > 1, `TRUTH`), times a level per generation, a slow drift in time
-and a per-round jitter (`Noise`); the policy starts from costs measured with their own noise.
-Acceptance: each row's draft j is kept with probability a_j once drafts 1..j-1 were (`PROFILES`),
-drawn per token position so that every policy meets the same easy and hard tokens.
+The loop is `speculative.py`'s, batched (`Loop`): it chooses round r+1 before it reads round r
+back, and reports a round's time only where its clock can tell (a round queued behind another,
+read back with another queued behind it; never a plain step queued behind a drafting round). At
+B > 1 a row that ends its conversation leaves and a new one takes its place. The card: rounds cost
+what the H100 measured (`truth`: the benchmark runs in bench/results at B = 1, the batched surface
+of shared/device/README.md at B > 1), times the card's noise (`Noise`, `Card`); the policy starts
+from costs measured with their own noise (`measured`). Acceptance: a row's draft j is kept with
+probability a_j once drafts 1..j-1 were (`PROFILES`), drawn per token position.
 
-Every case runs plain decoding, each fixed k, the heuristic and auto on the same draws; the
-table gives auto's speedup over plain and over the best fixed k. `--rules` adds, per case, auto
-with each of its rules switched off (`RULES_OFF`): docs/auto.md keeps that table.
+Every case runs plain decoding, each fixed k, the heuristic and auto on the same draws (of
+tokens and of the card), so their ratios are paired; the table gives auto's speedup over plain
+and over the best fixed k. `--rules` adds auto with each of its rules switched off (`RULES_OFF`):
+docs/auto.md keeps both tables.
 """
 
 from __future__ import annotations
