@@ -100,7 +100,7 @@ def verify_costs(target: Target, context: int, batch: int, lengths, trials: int,
     rows = filled_rows(target, random_prompts(batch, context, vocab, seed=1))
     tokens = {L: mx.array(random_prompts(batch, L, vocab, seed=L)) for L in lengths}
     times: dict[str, list[float]] = {str(L): [] for L in lengths} | {"1r": []}
-    for trial in range(warmup + trials):
+    for _ in range(warmup + trials):
         for L in lengths:
             ms = forward_ms(target, rows.cache, tokens[L], context)
             times[str(L)].append(ms)
@@ -224,7 +224,7 @@ def engine_run(
     """Every prompt through one engine (one batch) to n tokens each, no stop ids. k: drafts per
     round (0: our plain decoding), "auto" / "heuristic" (a fresh policy). steps: gets each
     timed step's (ms, tokens, kept drafts), all rows together."""
-    policy = draft_length(k, target, drafter) if isinstance(k, str) else k
+    policy = draft_length(k, target, drafter, len(prompts)) if isinstance(k, str) else k
     engine = Engine(target, drafter, num_draft_tokens=policy, max_batch=len(prompts), propose=propose)
     for prompt in prompts:
         engine.add(Request(prompt=prompt, max_tokens=n, sampling=sampling, stop_ids=frozenset()))

@@ -38,7 +38,7 @@ def start(peer_path: Path, target: Path, drafter: Path):
 
         generate = importlib.import_module("mlx_lm.generate")
         utils = importlib.import_module("mlx_lm.utils")
-    except Exception as e:  # noqa: BLE001 -- anything the fork's import raises: report it as one line
+    except Exception as e:
         fail(f"importing mlx_lm from {peer_path} failed: {type(e).__name__}: {e}")
     where = Path(mlx_lm.__file__).resolve()
     if peer_path.resolve() not in where.parents:
@@ -53,7 +53,7 @@ def start(peer_path: Path, target: Path, drafter: Path):
         model, tokenizer = utils.load(str(target))
         # Its CLI loads --draft-model with `load` (model and tokenizer); the model is what it drafts with.
         draft_model, _ = utils.load_model(drafter)
-    except Exception as e:  # noqa: BLE001 -- the fork refusing the checkpoint is the finding
+    except Exception as e:
         fail(f"the fork cannot load {target} with {drafter}: {type(e).__name__}: {e}")
     if not generate.is_mtp_drafter(draft_model):
         fail(f"{drafter}: the fork does not take this drafter for an MTP drafter (is_mtp_drafter)")
@@ -116,7 +116,7 @@ def main() -> int:
                 request["tokens"],
                 request["draft"],
             )
-        except Exception as e:  # noqa: BLE001 -- the fork failing on a request is a result to record, not a crash
+        except Exception as e:
             result = {"error": f"{type(e).__name__}: {e}"}
         reply(result)
     return 0

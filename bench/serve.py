@@ -215,7 +215,7 @@ def bench_engine(pair: Path, ids: list[list[int]], args) -> dict:
         if args.num_draft_tokens in ("auto", "heuristic")
         else int(args.num_draft_tokens)
     )
-    policy = draft_length(k, model, drafter)
+    policy = draft_length(k, model, drafter, max(args.clients))
     engine = Engine(model, drafter, num_draft_tokens=policy, max_batch=max(args.clients))
     engine_run(engine, ids[: max(args.clients)], max(args.clients), args.tokens)  # warm-up
     out = {

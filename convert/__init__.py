@@ -11,4 +11,4 @@ It is the runtime's load + sanitize + quantize + save, streamed tensor by tensor
 from .cli import main, setup_arg_parser
 from .pipeline import ConvertError, convert
 
-__all__ = ["convert", "main", "setup_arg_parser", "ConvertError"]
+__all__ = ["ConvertError", "convert", "main", "setup_arg_parser"]

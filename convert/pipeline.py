@@ -22,8 +22,8 @@ import re
 import secrets
 import shutil
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import mlx.core as mx
 
@@ -338,8 +338,7 @@ def _check_tensor(key: str, array: mx.array, expected: dict, file: Path, produce
         raise WeightsError(f"{file}: tensor {key} also comes from {produced[key]}")
     if tuple(array.shape) != tuple(expected[key]):
         raise WeightsError(
-            f"{file}: tensor {key} has shape {tuple(array.shape)}, "
-            f"config.json implies {tuple(expected[key])}"
+            f"{file}: tensor {key} has shape {tuple(array.shape)}, config.json implies {tuple(expected[key])}"
         )
 
 
@@ -484,4 +483,3 @@ def _report_input(plan: Plan, say) -> None:
 
 def _gb(nbytes: int) -> str:
     return f"{nbytes / 1e9:8.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:8.2f} MB"
-

@@ -5,13 +5,13 @@ from .generate import Response, batch_generate, generate, stream_batch_generate,
 from .load import load, load_drafter, load_pair
 
 __all__ = [
-    "load",
-    "load_pair",
-    "load_drafter",
-    "generate",
-    "stream_generate",
-    "batch_generate",
-    "stream_batch_generate",
-    "Response",
     "ChatSession",
+    "Response",
+    "batch_generate",
+    "generate",
+    "load",
+    "load_drafter",
+    "load_pair",
+    "stream_batch_generate",
+    "stream_generate",
 ]

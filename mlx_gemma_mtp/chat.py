@@ -169,7 +169,9 @@ class ChatSession:
         if not text.strip():
             raise ValueError("message is empty")
         if self._streaming:
-            raise ChatBusyError("this session is already streaming an answer; finish, close or cancel() it first")
+            raise ChatBusyError(
+                "this session is already streaming an answer; finish, close or cancel() it first"
+            )
         self._cancel = cancel = threading.Event()  # cancel() from here on stops this answer
         return self._stream(text, cancel)
 

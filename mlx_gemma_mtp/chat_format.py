@@ -292,7 +292,7 @@ def _arguments(call: dict, where: str) -> dict:
     except json.JSONDecodeError as e:
         raise ValueError(f"{where}: arguments are not JSON ({e.msg})") from None
     if not isinstance(arguments, dict):  # the client's JSON, so a ValueError (a 400) like the rest
-        raise ValueError(f"{where}: arguments must be a JSON object")  # noqa: TRY004
+        raise ValueError(f"{where}: arguments must be a JSON object")
     return arguments
 
 

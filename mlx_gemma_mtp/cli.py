@@ -19,6 +19,7 @@ import threading
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .chat import ChatBusyError, ChatSession, drafter_warning, stats_line
+from .costs import batch_sizes, cost_path, load_costs, progress_bar
 from .drafter import Drafter
 from .generate import DEFAULT_MAX_TOKENS, check_arguments, stream_generate
 from .load import load, load_pair
@@ -80,7 +81,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         help="drafter directory or hub id (default: the pair's own, an '-assistant' sibling, or the hub's)",
     )
     drafting.add_argument("--no-draft", action="store_true", help="decode with the target alone")
-    quant = parser.add_argument_group("quantize in memory (an unquantized checkpoint, the converter's recipe)")
+    quant = parser.add_argument_group(
+        "quantize in memory (an unquantized checkpoint, the converter's recipe)"
+    )
     quant.add_argument("-q", "--quantize", action="store_true", help="quantize target and drafter at load")
     quant.add_argument("--q-bits", type=int, choices=BITS, default=4, help="bits per weight (default 4)")
     quant.add_argument(
@@ -124,7 +127,9 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
     )
     for dest, (flags, kind, help_text) in _GENERATION_FLAGS.items():
         parser.add_argument(*flags, dest=dest, type=kind, default=None, help=help_text)
-    parser.add_argument("--system", "--system-prompt", dest="system", help="system message (chat template only)")
+    parser.add_argument(
+        "--system", "--system-prompt", dest="system", help="system message (chat template only)"
+    )
 
 
 def _generation_kwargs(args: argparse.Namespace) -> dict:
@@ -240,6 +245,8 @@ def chat_main(argv: list[str] | None = None) -> int:
     check_arguments("chat", args.max_tokens, _generation_kwargs(args))  # before a long load
     print(f"Loading {args.model} ...", flush=True)
     model, tokenizer, drafter = load_from_flags(args)
+    if drafter is not None and _generation_kwargs(args).get("num_draft_tokens", "auto") == "auto":
+        load_costs(model, drafter)  # measured now, if never on this device: not inside the first answer
     session = ChatSession(
         model, tokenizer, drafter, system=args.system, max_tokens=args.max_tokens, **_generation_kwargs(args)
     )
@@ -422,7 +429,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     draft = "auto" if args.num_draft_tokens is None else args.num_draft_tokens
 
     def make_engine(model, drafter):  # on the worker thread: "auto" measures costs here, once per device
-        policy = draft_length(draft, model, drafter)
+        policy = draft_length(draft, model, drafter, args.max_batch)
         return Engine(
             model,
             drafter,
@@ -438,6 +445,57 @@ def serve_main(argv: list[str] | None = None) -> int:
     instance = server.make_server(worker, config, host=args.host, port=args.port, log_level=args.log_level)
     print(f"OpenAI base URL: http://{args.host}:{args.port}/v1", file=sys.stderr)
     instance.run()
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# calibrate
+
+
+def setup_calibrate_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=f"{PROG} calibrate",
+        description="Measure this device's drafting costs for a model and its drafter and store them "
+        "(what num_draft_tokens='auto' reads; measured once per device, else at first use).",
+    )
+    _add_model_args(parser)
+    parser.add_argument(
+        "--max-batch",
+        type=_positive_int,
+        default=1,
+        help="measure batches of up to this many rows (1, 2, 4, ... and it; default 1)",
+    )
+    parser.add_argument("--force", action="store_true", help="measure again what is stored")
+    return parser
+
+
+def calibrate_main(argv: list[str] | None = None) -> int:
+    parser = setup_calibrate_parser()
+    args = parse(parser, argv)
+    if args.no_draft:
+        parser.error("calibrate measures drafting: it needs a drafter")
+    model, _, drafter = load_from_flags(args)
+    if drafter is None:
+        print(
+            f"{PROG} calibrate: error: no drafter for {args.model}; --draft-model names one", file=sys.stderr
+        )
+        return 1
+    path = cost_path(model, drafter)
+    if args.force:
+        path.unlink(missing_ok=True)
+    batches = batch_sizes(args.max_batch)
+    print(
+        f"Measuring batch sizes {', '.join(map(str, batches))} (what is stored already is read) ...",
+        file=sys.stderr,
+    )
+    costs = load_costs(model, drafter, batches, progress=progress_bar())
+    for b, verify, draft in zip(costs.batches, costs.verify, costs.draft):
+        rounds = " ".join(f"{(verify[k] + k * draft) * 1e3:.1f}" for k in (1, 2, 4, 8, 16))
+        print(
+            f"batch {b:>3}: plain step {verify[0] * 1e3:.2f} ms, drafter step {draft * 1e3:.2f} ms, "
+            f"rounds of k = 1 2 4 8 16: {rounds} ms"
+        )
+    print(f"stored in {path}")
     return 0
 
 
@@ -468,6 +526,7 @@ COMMANDS = {
     ),
     "generate": ("generate once from --prompt or stdin", generate_main),
     "chat": ("chat in the terminal", chat_main),
+    "calibrate": ("measure and store this device's drafting costs (what 'auto' reads)", calibrate_main),
     "bench": ("benchmark speculative against plain decoding", _package_main("bench")),
     "serve": ("OpenAI-compatible HTTP server, batched", serve_main),
 }

@@ -1,22 +1,25 @@
-"""What decoding costs on this device: measured once, kept on disk, read by `draft_length.Auto`.
+"""What decoding costs on this device, per batch size: measured once, kept on disk, read by
+`draft_length.Auto`.
 
-At first use of a (target, drafter) pair on a device the speculative loop itself runs, on a
-scratch cache of CONTEXT positions, a few rounds of every fixed k = 0..MAX_DRAFT (k = 0: plain
-steps), and its own clock says what each took; a drafter step is timed apart — about 250
-rounds (11-13 s for 26B-A4B on an H100 once its kernels were compiled, when it timed half as
-many). The result is kept as JSON under `~/.cache/mlx-gemma-mtp/`, keyed by the shapes and
-dtypes of every weight of both models (so quantization counts), the device, the MLX version and
-how the costs were measured (method and rounds timed).
+For a (target, drafter) pair on a device, the engine itself runs, on B scratch rows of CONTEXT
+positions, a few rounds of every fixed k = 0..MAX_DRAFT (k = 0: plain steps), and its own clock
+says what each took; a drafter step is timed apart. That is about 250 rounds per batch size:
+seconds for a small model, tens of seconds at real sizes (more when a process first compiles its
+kernels). `mlx-gemma-mtp calibrate` does it up front; otherwise the first "auto" generation does
+it, saying so on stderr. The result is kept as JSON under `~/.cache/mlx-gemma-mtp/`, one file
+per pair and device, one entry per batch size measured, keyed by the shapes and dtypes of every
+weight of both models (so quantization counts), the device, the MLX version and the method.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 import statistics
+import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,32 +34,102 @@ from .speculative import Rows, drafter_proposer, prefill
 from .target import Target
 
 COST_DIR = Path("~/.cache/mlx-gemma-mtp").expanduser()
-CONTEXT = 64  # positions the scratch cache holds while timing
-# Passes over every k, after a warm-up one. With 2 (a median of 6 rounds) E4B on an H100 read
-# verify[2] 34.6 ms against 24.9 from 6 passes (bench r31), and k = 4 cheaper than k = 2..3:
-# auto then drafted 3-4 useless opening rounds of k = 4 at alpha = 0.
+CONTEXT = 64  # positions each scratch row holds while timing
+# Passes over every k, after a warm-up one: a cost is the median of REPEATS * ROUNDS rounds (with
+# fewer, one k's few timings swing and auto trusts a lucky one; docs/history.md, r31).
 REPEATS = 4
-ROUNDS = 3  # rounds the loop times per k per pass: a cost is the median of REPEATS * ROUNDS
+ROUNDS = 3  # rounds the loop times per k per pass
 SHORT_STREAM, STREAM = 1, 5  # proposals queued back to back per timing: the difference is timed
 DRAFT_SPAN = 3  # a drafter step's cost: (a k = 4 proposal - a k = 1 one) / 3
-# How costs are measured, in the key: 5 = the loop's own clock on rounds of each fixed k
-# (4: streams of verifies of distinct tokens, 3: of one token repeated, 1: forwards alone).
-METHOD = 5
+# How costs are measured, in the key: 6 = the batched engine's own clock on rounds of each
+# fixed k, per batch size (5: the single-sequence loop's clock; 4 and below: forwards timed apart).
+METHOD = 6
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)  # what a batch of up to max_batch rows gets measured at
+
+Progress = Callable[[int, int], None]  # (done, of): called as the measurement goes
 
 
-def load_costs(target: Target, drafter: Drafter, cache_dir: Path | None = None) -> Costs:
-    """This device's costs for the pair: read from `cache_dir` (default COST_DIR), or measured
-    and written there."""
-    path = Path(cache_dir or COST_DIR) / f"costs-{cost_key(target, drafter)}.json"
-    if path.exists():
-        try:
-            saved = json.loads(path.read_text())
-            return Costs(plain=saved["plain"], verify=tuple(saved["verify"]), draft=saved["draft"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # unreadable (a write cut short, an older format): measure again
-    costs = measure_costs(target, drafter)
-    _write(path, dataclasses.asdict(costs) | {"device": _device(), "mlx": mx.__version__})
-    return costs
+def batch_sizes(max_batch: int) -> tuple[int, ...]:
+    """The batch sizes costs are measured at for batches of up to `max_batch` rows: powers of
+    two below it, and it."""
+    return tuple(sorted({b for b in BATCH_SIZES if b < max_batch} | {max_batch}))
+
+
+def load_costs(
+    target: Target,
+    drafter: Drafter,
+    batches: Sequence[int] = (1,),
+    cache_dir: Path | None = None,
+    progress: Progress | None = None,
+) -> Costs:
+    """This device's costs for the pair at `batches`: read from `cache_dir` (default COST_DIR),
+    and what is missing measured and written there. Measuring says so on stderr, with a
+    progress bar, unless `progress` reports it."""
+    path = cost_path(target, drafter, cache_dir)
+    saved = _read(path)
+    missing = [b for b in batches if b not in saved]
+    if missing:
+        report = progress or _notice(path, missing)
+        for i, b in enumerate(missing):
+            saved[b] = measure_costs(target, drafter, batch=b, progress=_part(report, i, len(missing)))
+        _write(
+            path,
+            {"device": _device(), "mlx": mx.__version__, "batches": {str(b): v for b, v in saved.items()}},
+        )
+    rows = sorted(set(batches))
+    return Costs(
+        batches=tuple(rows),
+        verify=tuple(tuple(saved[b]["verify"]) for b in rows),
+        draft=tuple(saved[b]["draft"] for b in rows),
+    )
+
+
+def cost_path(target: Target, drafter: Drafter, cache_dir: Path | None = None) -> Path:
+    return Path(cache_dir or COST_DIR) / f"costs-{cost_key(target, drafter)}.json"
+
+
+def _read(path: Path) -> dict[int, dict]:
+    """{batch: {"verify": [...], "draft": s}} of a costs file; empty when there is none or it
+    cannot be read (a write cut short, an older format): those are measured again."""
+    try:
+        entries = json.loads(path.read_text())["batches"]
+        return {int(b): {"verify": list(e["verify"]), "draft": float(e["draft"])} for b, e in entries.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _notice(path: Path, batches: list[int]) -> Progress:
+    """A measurement nobody asked for says what it does, then draws a progress bar on stderr."""
+    sizes = ", ".join(map(str, batches))
+    print(
+        f"Measuring this device's drafting costs once (batch sizes {sizes}); kept in {path}. "
+        "`mlx-gemma-mtp calibrate MODEL` does this up front.",
+        file=sys.stderr,
+        flush=True,
+    )
+    return progress_bar()
+
+
+def progress_bar(width: int = 30) -> Progress:
+    """A progress bar on stderr: redrawn in place on a terminal, else a line per tenth."""
+    terminal = sys.stderr.isatty()
+
+    def bar(done: int, of: int) -> None:
+        if not terminal and done != of and 10 * done // of == 10 * (done - 1) // of:
+            return
+        filled = width * done // of
+        line = f"  [{'#' * filled}{'.' * (width - filled)}] {done}/{of}"
+        if terminal:
+            print("\r" + line, end="\n" if done == of else "", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    return bar
+
+
+def _part(report: Progress, index: int, parts: int) -> Progress:
+    """Progress of part `index` of `parts` equal parts, reported as the whole's."""
+    return lambda done, of: report(index * of + done, parts * of)
 
 
 def cost_key(target: Target, drafter: Drafter) -> str:
@@ -87,28 +160,41 @@ def _write(path: Path, data: dict) -> None:
     scratch.replace(path)  # atomic: a concurrent reader sees the old file or the whole new one
 
 
-def measure_costs(target: Target, drafter: Drafter, repeats: int = REPEATS, batch: int = 1) -> Costs:
-    """Time plain steps and rounds of every k by the loop's own clock, the one `Auto` learns
-    from: the engine runs each fixed k on `batch` scratch rows and reports its rounds' times.
-    Every k is timed once per repeat, round-robin, so a drift of the device lands on all
-    alike. A drafter step is timed on its own (a stream of proposals): `Auto` needs it apart
-    from the verify. `repeats`: passes over every k (the benchmark takes more for its ideal
-    than a first generation can wait for)."""
+def measure_costs(
+    target: Target,
+    drafter: Drafter,
+    repeats: int | None = None,
+    batch: int = 1,
+    progress: Progress | None = None,
+) -> dict:
+    """{"verify": seconds of a forward of `batch` rows x (k + 1) tokens for k = 0..MAX_DRAFT
+    ([0]: a plain step), "draft": seconds of a drafter step of `batch` rows}, by the engine's own
+    clock, the one `Auto` learns from: it runs each fixed k on `batch` scratch rows and reports
+    its rounds' times. Every k is timed once per repeat, round-robin, so a drift of the device
+    lands on all alike. A drafter step is timed on its own (a stream of proposals): `Auto`
+    needs it apart from the verify. `repeats`: passes over every k (default REPEATS)."""
+    repeats = REPEATS if repeats is None else repeats
     prompts = [_scratch_prompt(target, row) for row in range(batch)]
-    draft = _drafter_step(target, drafter, prompts)
     lengths = range(MAX_DRAFT + 1)
-    for k in lengths:  # warm-up: kernels, compiled graphs, buffers
-        _loop_times(target, drafter, prompts, k, 1)
+    steps, done = (repeats + 1) * len(lengths) + 1, 0
+    report = progress or (lambda done, of: None)
+    draft = _drafter_step(target, drafter, prompts)
     times: dict[int, list[float]] = {k: [] for k in lengths}
-    for _ in range(repeats):
+    for repeat in range(repeats + 1):  # the first pass warms up: kernels, compiled graphs, buffers
         for k in lengths:
-            times[k] += _loop_times(target, drafter, prompts, k, ROUNDS)
+            report(done := done + 1, steps)
+            seconds = _loop_times(target, drafter, prompts, k, ROUNDS if repeat else 1)
+            if repeat:
+                times[k] += seconds
+    report(steps, steps)
     per_round = [statistics.median(times[k]) for k in lengths]
     plain = per_round[0]
     # What a round takes less its drafter steps; at least a plain step's forward (less is
     # noise: a verify of k + 1 tokens per row does a plain step's work and more).
-    verify = tuple(max(seconds - k * draft, plain) for k, seconds in enumerate(per_round))
-    return Costs(plain=plain, verify=verify, draft=draft)
+    return {
+        "verify": [max(seconds - k * draft, plain) for k, seconds in enumerate(per_round)],
+        "draft": draft,
+    }
 
 
 def _scratch_prompt(target: Target, row: int) -> list[int]:
@@ -128,7 +214,9 @@ class _Clocked(Fixed):
             self.seconds.append(seconds)
 
 
-def _loop_times(target: Target, drafter: Drafter, prompts: list[list[int]], k: int, rounds: int) -> list[float]:
+def _loop_times(
+    target: Target, drafter: Drafter, prompts: list[list[int]], k: int, rounds: int
+) -> list[float]:
     """The engine's timings of its first `rounds` timed rounds of k drafts (k = 0: plain
     steps) for a batch of `prompts` on fresh caches."""
     policy = _Clocked(k)

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Sequence
 
 import mlx.core as mx
 
@@ -64,9 +64,27 @@ class Request:
     cache: PromptCache | None = None  # start from (and leave the row's cache in) this conversation
 
 
+class _Rates:
+    """Acceptance rates from `drafted`, `accepted` and `rounds`."""
+
+    drafted: int
+    accepted: int
+    rounds: int
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Drafts accepted / drafted (0.0 before any draft)."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        """Drafts accepted per drafting round."""
+        return self.accepted / self.rounds if self.rounds else 0.0
+
+
 @dataclass(frozen=True, kw_only=True)
-class Usage:
-    """A row's running totals."""
+class Usage(_Rates):
+    """A row's running totals (or, summed, a batch's)."""
 
     prompt_tokens: int
     cached_tokens: int  # of the prompt, reused from a prompt cache (not prefilled)
@@ -91,7 +109,7 @@ class Event:
 
 
 @dataclass
-class DraftStats:
+class DraftStats(_Rates):
     """A row's drafting so far."""
 
     rounds: int = 0  # drafting rounds (k >= 1)
@@ -109,15 +127,6 @@ class DraftStats:
             self.drafted += k
             self.accepted += accepted
             self.round_log.append((emitted, k, accepted))
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
-
-    @property
-    def mean_accepted(self) -> float:
-        """Drafts accepted per drafting round."""
-        return self.accepted / self.rounds if self.rounds else 0.0
 
 
 @dataclass
@@ -220,7 +229,9 @@ class Engine:
             request = replace(request, sampling=replace(request.sampling, seed=random_seed()))
         room = self.model.args.max_position_embeddings - len(request.prompt)
         limit = min(request.max_tokens, room)
-        self._rows[rid] = _Row(rid=rid, request=request, prompt=list(request.prompt), stop_ids=stop_ids, limit=limit)
+        self._rows[rid] = _Row(
+            rid=rid, request=request, prompt=list(request.prompt), stop_ids=stop_ids, limit=limit
+        )
         self._waiting.append(rid)
         return rid
 
@@ -431,7 +442,9 @@ class Engine:
         if done.k and rows.processors:  # drafting rounds are read before the next: extend the histories
             tokens = {rid: t for rid, (t, _) in zip(done.ids, outcomes)}
             rows.histories = [
-                h if h is None or rid not in tokens else mx.concatenate([h, mx.array(tokens[rid], dtype=mx.int32)])
+                h
+                if h is None or rid not in tokens
+                else mx.concatenate([h, mx.array(tokens[rid], dtype=mx.int32)])
                 for rid, h in zip(rows.ids, rows.histories)
             ]
         p = rows.cache.positions
@@ -522,5 +535,7 @@ def check_request(model: Target, request: Request) -> None:
             "(max_position_embeddings): nothing can follow it"
         )
     top = request.logprobs
-    if top is not None and (not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_LOGPROBS):
+    if top is not None and (
+        not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_LOGPROBS
+    ):
         raise ValueError(f"logprobs must be an int in 0..{MAX_LOGPROBS} (or None), got {top!r}")

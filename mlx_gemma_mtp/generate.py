@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import mlx.core as mx
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .costs import load_costs
+from .costs import batch_sizes, load_costs
 from .draft_length import MAX_DRAFT, Auto, DraftLength, Heuristic
 from .drafter import Drafter
-from .engine import Engine, Event, PromptCache, Request, check_request
+from .engine import Engine, Event, PromptCache, Request, Usage, check_request
 from .sample import SEED_LIMIT, Sampling, make_sampling
 from .target import Target
 from .threads import clear_streams_at_thread_exit
@@ -84,13 +84,15 @@ def sampling_from(caller: str, options: dict) -> Sampling:
     """The one `Sampling` of a call's sampling keywords (ValueError naming a bad value)."""
     unknown = sorted(set(options) - set(SAMPLING_KEYWORDS))
     if unknown:
-        raise TypeError(f"{caller}() got unexpected keyword arguments {unknown} (sampling takes {SAMPLING_KEYWORDS})")
+        raise TypeError(
+            f"{caller}() got unexpected keyword arguments {unknown} (sampling takes {SAMPLING_KEYWORDS})"
+        )
     return make_sampling(**options)
 
 
 def check_draft_length(num_draft_tokens) -> None:
     fixed = isinstance(num_draft_tokens, int) and not isinstance(num_draft_tokens, bool)
-    if not (fixed and 0 <= num_draft_tokens <= MAX_DRAFT or num_draft_tokens in DRAFT_SCHEDULES):
+    if not ((fixed and 0 <= num_draft_tokens <= MAX_DRAFT) or num_draft_tokens in DRAFT_SCHEDULES):
         raise ValueError(
             f"num_draft_tokens must be an int in 0..{MAX_DRAFT}, 'heuristic' or 'auto', got {num_draft_tokens!r}"
         )
@@ -106,13 +108,15 @@ def check_arguments(caller: str, max_tokens, options: dict) -> None:
     sampling_from(caller, options)
 
 
-def draft_length(num_draft_tokens: int | str, model: Target, draft_model: Drafter | None) -> int | DraftLength:
-    """The policy behind `num_draft_tokens` ("auto" reads this device's costs, measuring them
-    first if they were never measured: see `costs.load_costs`)."""
+def draft_length(
+    num_draft_tokens: int | str, model: Target, draft_model: Drafter | None, max_batch: int = 1
+) -> int | DraftLength:
+    """The policy behind `num_draft_tokens` for batches of up to `max_batch` rows ("auto" reads
+    this device's costs, measuring them first if they were never measured: `costs.load_costs`)."""
     if draft_model is None:
         return 0
     if num_draft_tokens == "auto":
-        return Auto(load_costs(model, draft_model))
+        return Auto(load_costs(model, draft_model, batch_sizes(max_batch)))
     if num_draft_tokens == "heuristic":
         return Heuristic()
     return num_draft_tokens
@@ -156,7 +160,11 @@ def stream_generate(
     settings = sampling_from("stream_generate", sampling)
     check_draft_length(num_draft_tokens)
     request = Request(
-        prompt=ids, max_tokens=max_tokens, sampling=settings, stop_ids=stop_ids(model, tokenizer), cache=prompt_cache
+        prompt=ids,
+        max_tokens=max_tokens,
+        sampling=settings,
+        stop_ids=stop_ids(model, tokenizer),
+        cache=prompt_cache,
     )
     check_request(model, request)
     if num_draft_tokens == 0:
@@ -199,7 +207,7 @@ def _token_responses(event: Event, detokenizer, start: float, first_at: float) -
         n += 1
         last = i == len(event.tokens) - 1
         finish = event.finish_reason if last else None
-        if not (finish == "stop"):
+        if finish != "stop":
             detokenizer.add_token(token)
         if finish:
             detokenizer.finalize()
@@ -250,25 +258,6 @@ def generate(
 
 
 @dataclass(frozen=True, kw_only=True)
-class RowStats:
-    """One prompt's (or the batch's) generation statistics."""
-
-    prompt_tokens: int
-    generation_tokens: int
-    drafted: int
-    accepted: int
-    rounds: int
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
-
-    @property
-    def mean_accepted(self) -> float:
-        return self.accepted / self.rounds if self.rounds else 0.0
-
-
-@dataclass(frozen=True, kw_only=True)
 class BatchChunk:
     """New output of one prompt (`index`, in prompt order), from `stream_batch_generate`."""
 
@@ -277,7 +266,7 @@ class BatchChunk:
     tokens: tuple[int, ...]
     from_draft: tuple[bool, ...]
     finish_reason: str | None
-    stats: RowStats
+    stats: Usage  # the prompt's totals so far
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -287,8 +276,8 @@ class BatchResponse:
     texts: list[str]
     tokens: list[list[int]]  # a final stop id included, as stream_generate yields it
     finish_reasons: list[str]
-    stats: list[RowStats]
-    total: RowStats
+    stats: list[Usage]  # each prompt's totals (acceptance_rate, mean_accepted, ...)
+    total: Usage  # summed over the prompts
     generation_tps: float  # generated tokens (all rows) per second
     peak_memory: float  # GB
 
@@ -315,7 +304,9 @@ def stream_batch_generate(
         draft_model = None
     if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
         raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
-    return _batch_chunks(model, tokenizer, draft_model, num_draft_tokens, requests, max_batch or len(requests))
+    return _batch_chunks(
+        model, tokenizer, draft_model, num_draft_tokens, requests, max_batch or len(requests)
+    )
 
 
 def _batch_requests(model, tokenizer, prompts, max_tokens, sampling: dict) -> list[Request]:
@@ -336,7 +327,9 @@ def _batch_requests(model, tokenizer, prompts, max_tokens, sampling: dict) -> li
         try:
             settings = sampling_from("batch_generate", dict(sampling, seed=row_seed))
             ids = encode_prompt(tokenizer, prompt)
-            request = Request(prompt=ids, max_tokens=limit, sampling=settings, stop_ids=stop_ids(model, tokenizer))
+            request = Request(
+                prompt=ids, max_tokens=limit, sampling=settings, stop_ids=stop_ids(model, tokenizer)
+            )
             check_request(model, request)
         except (ValueError, TypeError) as e:
             raise type(e)(f"prompt {i}: {e}") from None
@@ -344,8 +337,11 @@ def _batch_requests(model, tokenizer, prompts, max_tokens, sampling: dict) -> li
     return requests
 
 
-def _batch_chunks(model, tokenizer, draft_model, num_draft_tokens, requests, max_batch) -> Iterator[BatchChunk]:
-    policy = draft_length(num_draft_tokens, model, draft_model)
+def _batch_chunks(
+    model, tokenizer, draft_model, num_draft_tokens, requests, max_batch
+) -> Iterator[BatchChunk]:
+    clear_streams_at_thread_exit()  # this thread evaluates: it must free MLX's state before it ends
+    policy = draft_length(num_draft_tokens, model, draft_model, max_batch)
     engine = Engine(model, draft_model, num_draft_tokens=policy, max_batch=max_batch)
     index = {engine.add(request): i for i, request in enumerate(requests)}
     detokenizers = {rid: tokenizer.detokenizer for rid in index}
@@ -360,18 +356,10 @@ def _batch_chunks(model, tokenizer, draft_model, num_draft_tokens, requests, max
             yield BatchChunk(
                 index=index[event.rid], text=detokenizer.last_segment if tokens or event.finish_reason else "",
                 tokens=event.tokens, from_draft=event.from_draft, finish_reason=event.finish_reason,
-                stats=_row_stats(event),
+                stats=event.usage,
             )  # fmt: skip
     finally:
         engine.close()
-
-
-def _row_stats(event: Event) -> RowStats:
-    u = event.usage
-    return RowStats(
-        prompt_tokens=u.prompt_tokens, generation_tokens=u.generation_tokens, drafted=u.drafted,
-        accepted=u.accepted, rounds=u.rounds,
-    )  # fmt: skip
 
 
 def batch_generate(
@@ -392,7 +380,10 @@ def batch_generate(
         tokens[chunk.index] += chunk.tokens
         finish[chunk.index], stats[chunk.index] = chunk.finish_reason, chunk.stats
     elapsed = time.perf_counter() - start
-    total = RowStats(**{f: sum(getattr(s, f) for s in stats) for f in RowStats.__dataclass_fields__})
+    total = Usage(
+        **{f: sum(getattr(s, f) for s in stats) for f in Usage.__dataclass_fields__ if f != "draft_lengths"},
+        draft_lengths=tuple(map(sum, zip(*(s.draft_lengths for s in stats)))),
+    )
     return BatchResponse(
         texts=["".join(t) for t in texts], tokens=tokens, finish_reasons=finish, stats=stats, total=total,
         generation_tps=total.generation_tokens / elapsed, peak_memory=mx.get_peak_memory() / 1e9,

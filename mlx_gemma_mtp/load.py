@@ -141,7 +141,7 @@ DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 
 def as_dtype(dtype) -> mx.Dtype | None:
     """An MLX float dtype from its name or itself (None: the checkpoint's own)."""
-    if dtype is None or isinstance(dtype, mx.Dtype) and dtype in DTYPES.values():
+    if dtype is None or (isinstance(dtype, mx.Dtype) and dtype in DTYPES.values()):
         return dtype
     if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
@@ -159,11 +159,18 @@ def _fill(model: nn.Module, weights: dict[str, mx.array], where: Path, dtype, ev
     except ValueError as e:
         raise WeightsError(f"{where}: checkpoint does not fit the model: {e}") from None
     if evaluate:
-        mx.eval(model.state)  # parameters and buffers (rope frequencies): a model made here runs on any thread
+        mx.eval(
+            model.state
+        )  # parameters and buffers (rope frequencies): a model made here runs on any thread
 
 
 def _load_weights(
-    model: Target | Drafter, model_dir: Path, dtype, q_bits: int | None, q_group_size: int, embedded: bool = False
+    model: Target | Drafter,
+    model_dir: Path,
+    dtype,
+    q_bits: int | None,
+    q_group_size: int,
+    embedded: bool = False,
 ) -> None:
     """Read, sanitize, quantize as the checkpoint was (or, `q_bits` given, with the converter's
     recipe, in memory), and load strictly: target or drafter (`embedded`: an assistant's files

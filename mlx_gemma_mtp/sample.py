@@ -21,8 +21,8 @@ were drawn from q.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors
@@ -98,7 +98,9 @@ def make_sampling(
         raise ValueError(f"repetition_context_size must be a positive int, got {repetition_context_size!r}")
     if logits_processors is not None and not all(callable(p) for p in logits_processors):
         raise ValueError("logits_processors must be a list of callables (tokens, logits) -> logits")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT):
+    if seed is not None and (
+        not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT
+    ):
         raise ValueError(f"seed must be an int in 0..2**64-1 (or None), got {seed!r}")
     processors = make_logits_processors(
         repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size
@@ -114,7 +116,12 @@ def make_sampling(
 
 
 def _check(name: str, value, ok: Callable[[float], bool], what: str) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or not ok(value):
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or not ok(value)
+    ):
         raise ValueError(f"{name} must be {what}, got {value!r}")
 
 

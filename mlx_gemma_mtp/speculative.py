@@ -15,8 +15,8 @@ device's work, and a round costs one host sync.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import mlx.core as mx
 
@@ -116,7 +116,9 @@ def drafter_proposer(drafter: Drafter, target: Target) -> Proposer:
                 token, q, q_ids = _draft_step(drafter, h, rows, position + 1 + i, histories)
                 qs.append(q)
                 ids.append(q_ids)
-                histories = [a if a is None else mx.concatenate([a, token[b]]) for b, a in enumerate(histories)]
+                histories = [
+                    a if a is None else mx.concatenate([a, token[b]]) for b, a in enumerate(histories)
+                ]
             tokens.append(token)
         sampled = not rows.greedy
         return Draft(
@@ -206,7 +208,9 @@ class Queued:
         return [(row[: row[self.k]] + [row[-1]], row[self.k]) for row in values]
 
 
-def queue_round(target: Target, propose: Proposer, rows: Rows, k: int, *, behind: bool, top: int | None) -> Queued:
+def queue_round(
+    target: Target, propose: Proposer, rows: Rows, k: int, *, behind: bool, top: int | None
+) -> Queued:
     """Draft k per row (none when k = 0) and verify them in one forward, all on the device:
     each row's outcome stays there; `rows` (token, hidden, cache positions) move to where
     the next round starts. top: logprobs with this many alternatives (None: no logprobs)."""
@@ -233,7 +237,9 @@ def queue_round(target: Target, propose: Proposer, rows: Rows, k: int, *, behind
         outcome = chosen = follow[:, None]
         # Its one token is known to follow, read or not: histories can take it now, so the next
         # round can be queued behind this one even with logits processors.
-        rows.histories = [h if h is None else mx.concatenate([h, follow[b : b + 1]]) for b, h in enumerate(rows.histories)]
+        rows.histories = [
+            h if h is None else mx.concatenate([h, follow[b : b + 1]]) for b, h in enumerate(rows.histories)
+        ]
     rows.token = follow[:, None]
     logprobs = None if top is None else log_probs_of(logits, chosen, top)
     mx.async_eval(outcome, rows.token, rows.hidden, cache.positions.offset, *(logprobs or ()))

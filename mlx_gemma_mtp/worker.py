@@ -101,7 +101,7 @@ class Worker:
             self._model, self._drafter = model, drafter
             self.drafter_source = None if drafter is None else str(drafter.source)
             self._engine = self._make_engine(model, drafter)
-        except Exception as e:  # noqa: BLE001  (handed to start()'s caller, which reports it)
+        except Exception as e:
             self._ready.set_exception(e)
             return
         self._ready.set_result(tokenizer)

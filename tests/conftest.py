@@ -9,7 +9,6 @@ from mlx_gemma_mtp import costs, load_drafter
 from mlx_gemma_mtp.load import load_target
 from tests.fixtures import KINDS, build_pair, load_hf_pair
 
-
 # transformers' tiny forwards (the oracle) run ~10x faster on one torch thread than on two busy
 # cores' worth of them.
 torch.set_num_threads(1)

@@ -27,9 +27,13 @@ def test_stream_generate_responses(e2b):
     model, tokenizer, drafter = e2b
     prompt = "the quick brown fox jumps over the lazy dog and " * 3
     plain = list(stream_generate(model, tokenizer, prompt, max_tokens=24))
-    spec = list(stream_generate(model, tokenizer, prompt, draft_model=drafter, max_tokens=24, num_draft_tokens=3))
+    spec = list(
+        stream_generate(model, tokenizer, prompt, draft_model=drafter, max_tokens=24, num_draft_tokens=3)
+    )
     assert [r.token for r in spec] == [r.token for r in plain]
-    assert "".join(r.text for r in spec) == generate(model, tokenizer, prompt, draft_model=drafter, max_tokens=24)
+    assert "".join(r.text for r in spec) == generate(
+        model, tokenizer, prompt, draft_model=drafter, max_tokens=24
+    )
     last = spec[-1]
     assert last.generation_tokens == len(spec) <= 24
     assert last.finish_reason in ("stop", "length")
@@ -40,7 +44,9 @@ def test_stream_generate_responses(e2b):
     assert plain[-1].drafted == 0 and not any(r.from_draft for r in plain)
     # A token-id prompt gives the same as its text.
     ids = tokenizer.encode(prompt)
-    assert [r.token for r in stream_generate(model, tokenizer, ids, draft_model=drafter, max_tokens=24)] == [r.token for r in spec]
+    assert [r.token for r in stream_generate(model, tokenizer, ids, draft_model=drafter, max_tokens=24)] == [
+        r.token for r in spec
+    ]
 
 
 def test_stops_at_every_stop_id(e2b, checkpoints):
@@ -187,10 +193,17 @@ def test_prompt_cache_prefills_only_the_new_turn(e2b):
     model, tokenizer, drafter = e2b
     cache = make_prompt_cache(model)
     first = [2, 7, 11, 13, 17, 19, 23] * 5
-    out1 = [r.token for r in stream_generate(model, tokenizer, first, draft_model=drafter, max_tokens=12, prompt_cache=cache)]
+    out1 = [
+        r.token
+        for r in stream_generate(
+            model, tokenizer, first, draft_model=drafter, max_tokens=12, prompt_cache=cache
+        )
+    ]
     assert cache.tokens == first + out1[:-1]
     second = first + out1 + [29, 31, 37]
-    responses = list(stream_generate(model, tokenizer, second, draft_model=drafter, max_tokens=12, prompt_cache=cache))
+    responses = list(
+        stream_generate(model, tokenizer, second, draft_model=drafter, max_tokens=12, prompt_cache=cache)
+    )
     assert responses[0].prompt_tokens == 4  # the last answer token, not yet cached, and 3 new ones
     fresh = [r.token for r in stream_generate(model, tokenizer, second, draft_model=drafter, max_tokens=12)]
     assert [r.token for r in responses] == fresh
@@ -198,4 +211,6 @@ def test_prompt_cache_prefills_only_the_new_turn(e2b):
     third = first[:20] + [41, 43]
     responses = list(stream_generate(model, tokenizer, third, max_tokens=5, prompt_cache=cache))
     assert responses[0].prompt_tokens == 2
-    assert [r.token for r in responses] == [r.token for r in stream_generate(model, tokenizer, third, max_tokens=5)]
+    assert [r.token for r in responses] == [
+        r.token for r in stream_generate(model, tokenizer, third, max_tokens=5)
+    ]

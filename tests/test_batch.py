@@ -69,7 +69,10 @@ def test_rows_joining_and_cancelled_mid_generation_leave_the_others_exact(loaded
 
     engine_out = decode(target, drafter, batch[:3], 3, 30, max_batch=4, on_step=on_step)
     assert [o.tokens for o in engine_out[:1] + engine_out[2:3]] == [alone[0], alone[2]]
-    assert engine_out[1].finish_reason == "cancelled" and alone[1][: len(engine_out[1].tokens)] == engine_out[1].tokens
+    assert (
+        engine_out[1].finish_reason == "cancelled"
+        and alone[1][: len(engine_out[1].tokens)] == engine_out[1].tokens
+    )
     assert engine_out[3].tokens == alone[3]  # the row that joined mid-generation
 
 
@@ -77,8 +80,12 @@ def test_seeded_rows_do_not_depend_on_their_neighbours(loaded):
     target, drafter = loaded["dense"]
     a, b, c = prompts(12, [15, 30, 7])
     s = make_sampling(temperature=1.0, top_p=0.95, seed=5)
-    with_b = decode(target, drafter, [a, b], 3, [30, 200], sampling=[s, make_sampling(temperature=0.7, seed=9)])
-    with_c = decode(target, drafter, [a, c], 3, [30, 200], sampling=[s, make_sampling(temperature=1.2, seed=11)])
+    with_b = decode(
+        target, drafter, [a, b], 3, [30, 200], sampling=[s, make_sampling(temperature=0.7, seed=9)]
+    )
+    with_c = decode(
+        target, drafter, [a, c], 3, [30, 200], sampling=[s, make_sampling(temperature=1.2, seed=11)]
+    )
     assert with_b[0].tokens == with_c[0].tokens
     assert with_b[1].tokens != with_c[1].tokens
     greedy_too = decode(target, drafter, [a, b], 3, [30, 30], sampling=[s, GREEDY])
@@ -172,7 +179,10 @@ def test_bad_prompts_are_refused_before_anything_runs(loaded, checkpoints, monke
     for bad, message in (
         ([], "prompt 1: prompt is empty"),
         ([5, VOCAB_SIZE + 3], r"prompt 1: prompt token ids \[515\] are outside the vocabulary"),
-        ([5] * context, f"prompt 1: prompt of {context} tokens does not fit the model's context of {context}"),
+        (
+            [5] * context,
+            f"prompt 1: prompt of {context} tokens does not fit the model's context of {context}",
+        ),
     ):
         with pytest.raises(ValueError, match=message):
             batch_generate(target, tokenizer, ["fine", bad, "also fine"], drafter, max_tokens=8)

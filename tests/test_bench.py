@@ -24,9 +24,13 @@ TINY = ["--shapes", "tiny", "--bits", "bf16", "--context", "32", "--prompt", "16
 def known_costs(monkeypatch):
     """Auto from given costs (a verify a little dearer than a plain step, drafting cheap)
     rather than measured ones: measuring takes a minute on a CI core."""
-    costs = Costs(plain=0.01, verify=tuple(0.012 + 0.001 * k for k in range(MAX_DRAFT + 1)), draft=0.001)
+    verify = (0.01,) + tuple(0.012 + 0.001 * k for k in range(1, MAX_DRAFT + 1))
     generate = importlib.import_module("mlx_gemma_mtp.generate")  # the package's `generate` is the function
-    monkeypatch.setattr(generate, "load_costs", lambda target, drafter: costs)
+
+    def load_costs(target, drafter, batches):
+        return Costs(batches=tuple(batches), verify=(verify,) * len(batches), draft=(0.001,) * len(batches))
+
+    monkeypatch.setattr(generate, "load_costs", load_costs)
 
 
 def test_batched_cells_replay_exactly_against_their_costs(tmp_path, known_costs):

@@ -111,6 +111,7 @@ def test_ragged_rewinds_are_exact_per_row_past_the_window():
 def test_device_positions_read_what_host_positions_would():
     """A round queued before the host knows where rows stand (low <= offset <= high) writes and
     sees exactly what it would with the positions known."""
+
     def run(host: bool):
         cache = Cache(KINDS, WINDOW)
         _forward(cache, 30, [0])

@@ -115,7 +115,7 @@ def test_cancel_from_another_thread(checkpoints):
                 seen.append(r)
                 if len(seen) == 10:
                     ten.set()
-        except Exception as e:  # noqa: BLE001  (reported on the main thread)
+        except Exception as e:
             errors.append(e)
         finally:
             ten.set()

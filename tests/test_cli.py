@@ -144,10 +144,14 @@ def test_generate_reads_stdin(model_dir, pair):
     model, tokenizer, drafter = pair
     out = _run("generate", str(model_dir), "--max-tokens", "24", stdin="the quick brown fox\n")
     assert out.returncode == 0, out.stderr
-    expected = generate(model, tokenizer, _templated(tokenizer, "the quick brown fox"), 24, draft_model=drafter)
+    expected = generate(
+        model, tokenizer, _templated(tokenizer, "the quick brown fox"), 24, draft_model=drafter
+    )
     assert out.stdout == expected + "\n"
-    said, stats = out.stderr.strip().splitlines()
+    lines = out.stderr.strip().splitlines()
+    said, stats = lines[0], lines[-1]
     assert said == f"Drafter: {model_dir}-assistant"  # which drafter decodes
+    assert "Measuring this device's drafting costs once" in lines[1]  # "auto", the first time
     assert re.search(r"prompt \d+ tokens, [\d.]+ tok/s \| generation \d+ tokens, [\d.]+ tok/s", stats)
     assert re.search(r"acceptance \d+% \(\d+/\d+\)", stats) and "peak memory" in stats
 
@@ -168,7 +172,11 @@ def test_generate_flags(checkpoints, model_dir, pair, capsys, monkeypatch):
     assert main(["generate", str(model_dir), "-m", "16", *flags]) == 0
     out, err = capsys.readouterr()
     templated = _templated(tokenizer, prompt)
-    assert out == generate(model, tokenizer, templated, 16, draft_model=drafter, num_draft_tokens=2, **sampling) + "\n"
+    assert (
+        out
+        == generate(model, tokenizer, templated, 16, draft_model=drafter, num_draft_tokens=2, **sampling)
+        + "\n"
+    )
     assert "acceptance" in err
 
     # A lone target (its drafter is not named `-assistant`): decoded alone, with a note;

@@ -61,7 +61,9 @@ def _in_memory(hf_dirs: tuple[Path, Path], variant: str):
 
 
 def _greedy(model, tokenizer, drafter=None) -> list[int]:
-    responses = stream_generate(model, tokenizer, PROMPT, NEW_TOKENS, draft_model=drafter, num_draft_tokens=DRAFTS)
+    responses = stream_generate(
+        model, tokenizer, PROMPT, NEW_TOKENS, draft_model=drafter, num_draft_tokens=DRAFTS
+    )
     return [r.token for r in responses]
 
 
@@ -273,6 +275,7 @@ def test_full_size_plans(name):
     from tests.test_shapes import CONFIGS, TABLE, _hf_drafter_shapes, _hf_target_shapes, _lazy
 
     row = TABLE[name]
+
     def config(suffix: str) -> dict:
         return json.loads((CONFIGS / f"gemma-4-{name}-it{suffix}.json").read_text())
 
@@ -339,7 +342,9 @@ def test_hub_ids_from_an_offline_cache(checkpoints, tmp_path, monkeypatch):
     assert _greedy(model, tokenizer, drafter) == _greedy(reference, tokenizer)
 
     # mlx-lm's --hf-path with a hub id finds the hub's '<id>-assistant'.
-    assert convert_pkg.main(["--hf-path", "tiny-org/gemma-tiny-it", "-o", str(tmp_path / "p2"), "--quiet"]) == 0
+    assert (
+        convert_pkg.main(["--hf-path", "tiny-org/gemma-tiny-it", "-o", str(tmp_path / "p2"), "--quiet"]) == 0
+    )
     sources = json.loads((tmp_path / "p2" / PAIR_MANIFEST).read_text())["sources"]
     assert sources == {"target": "tiny-org/gemma-tiny-it", "drafter": "tiny-org/gemma-tiny-it-assistant"}
 
@@ -607,6 +612,7 @@ def _logits(model, ids: list[int]) -> np.ndarray:
 
 def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
     """Mean over positions of KL(p || q), p the reference."""
+
     def log_softmax(x):
         x = x - x.max(-1, keepdims=True)
         return x - np.log(np.exp(x).sum(-1, keepdims=True))
@@ -618,7 +624,9 @@ def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
 def _acceptance(model, tokenizer, drafter, prompts) -> float:
     drafted = accepted = 0
     for ids in prompts:
-        last = list(stream_generate(model, tokenizer, ids, 40, draft_model=drafter, num_draft_tokens=DRAFTS))[-1]
+        last = list(stream_generate(model, tokenizer, ids, 40, draft_model=drafter, num_draft_tokens=DRAFTS))[
+            -1
+        ]
         drafted, accepted = drafted + last.drafted, accepted + last.accepted
     return accepted / drafted
 

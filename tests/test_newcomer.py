@@ -56,7 +56,9 @@ def test_a_bad_seed_is_a_clear_error_everywhere(small, capsys):
         with pytest.raises(ValueError, match=r"seed must be an int in 0..2\*\*64-1"):
             stream_generate(model, tokenizer, "hi", temperature=1.0, seed=seed)
         for command in ("generate", "chat"):
-            argv = [command, str(small), "--seed", str(seed)] + (["-p", "hi"] if command == "generate" else [])
+            argv = [command, str(small), "--seed", str(seed)] + (
+                ["-p", "hi"] if command == "generate" else []
+            )
             assert main(argv) == 1
             err = capsys.readouterr().err.strip()
             assert "\n" not in err and "seed must be an int" in err and "Traceback" not in err
@@ -64,9 +66,15 @@ def test_a_bad_seed_is_a_clear_error_everywhere(small, capsys):
 
 def test_prompts_past_the_context_are_refused_and_generation_ends_with_it(small, capsys):
     model, tokenizer, drafter = load_pair(small)
-    with pytest.raises(ContextError, match=f"prompt of {CONTEXT + 4} tokens does not fit the model's context of {CONTEXT}"):
+    with pytest.raises(
+        ContextError, match=f"prompt of {CONTEXT + 4} tokens does not fit the model's context of {CONTEXT}"
+    ):
         stream_generate(model, tokenizer, [5] * (CONTEXT + 4), draft_model=drafter)
-    out = list(stream_generate(model, tokenizer, [2] + [5] * (CONTEXT - 11), 500, draft_model=drafter, num_draft_tokens=3))
+    out = list(
+        stream_generate(
+            model, tokenizer, [2] + [5] * (CONTEXT - 11), 500, draft_model=drafter, num_draft_tokens=3
+        )
+    )
     assert len(out) <= 10 and (out[-1].finish_reason == "stop" or len(out) == 10)
     assert main(["generate", str(small), "-p", "word " * CONTEXT, "--no-chat-template", "-k", "3"]) == 1
     err = capsys.readouterr().err
@@ -128,11 +136,28 @@ def test_mlx_lm_flags(small, capsys):
     model, tokenizer, drafter = load_pair(small)
     prompt = "the quick brown fox"
     flags = ["-m", "6", "-k", "3"]
-    assert main(["generate", "--model", str(small), "--prompt", prompt, *flags, "--ignore-chat-template"]) == 0
+    assert (
+        main(["generate", "--model", str(small), "--prompt", prompt, *flags, "--ignore-chat-template"]) == 0
+    )
     out, err = capsys.readouterr()
     expected = generate(model, tokenizer, prompt, 6, draft_model=drafter, num_draft_tokens=3)
     assert out == expected + "\n" and "generation 6 tokens" in err
-    assert main(["generate", str(small), "-p", prompt, *flags, "--system-prompt", "Be brief.", "--verbose", "False"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(small),
+                "-p",
+                prompt,
+                *flags,
+                "--system-prompt",
+                "Be brief.",
+                "--verbose",
+                "False",
+            ]
+        )
+        == 0
+    )
     out, err = capsys.readouterr()
     templated = tokenizer.apply_chat_template(
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": prompt}],
@@ -175,7 +200,21 @@ def test_load_takes_dtype_names_and_quantizes_in_memory(small, tmp_path):
 
 
 def test_cli_quantizes_in_memory(small, capsys):
-    argv = ["generate", str(small), "-p", "hi", "-m", "4", "-k", "2", "-q", "--q-bits", "8", "--q-group-size", "32"]
+    argv = [
+        "generate",
+        str(small),
+        "-p",
+        "hi",
+        "-m",
+        "4",
+        "-k",
+        "2",
+        "-q",
+        "--q-bits",
+        "8",
+        "--q-group-size",
+        "32",
+    ]
     assert main(argv) == 0
     assert capsys.readouterr().out.strip()
 
@@ -202,7 +241,10 @@ def test_a_turn_cancelled_before_its_first_token_stays_in_the_conversation(small
     session.cancel()  # before the stream began: it ends before its first token
     assert list(stream) == []
     assert session.last is None
-    assert session.history == [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": ""}]
+    assert session.history == [
+        {"role": "user", "content": "hello there"},
+        {"role": "assistant", "content": ""},
+    ]
     answer = list(session.send("why"))  # and the conversation goes on
     assert answer and session.last == answer[-1]
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from convert import convert
-from mlx_gemma_mtp.load import load_drafter, load_target
 from mlx_gemma_mtp.cache import ring_positions
+from mlx_gemma_mtp.load import load_drafter, load_target
 from mlx_gemma_mtp.speculative import prefill
 from tests.fixtures import KINDS, SLIDING_WINDOW, VOCAB_SIZE, load_hf_pair
 
@@ -60,9 +60,15 @@ def test_shared_kv_is_what_transformers_shares(kind, checkpoints, hf_models):
     reach = {}
     for layer_type, (keys, values, mask) in cache.views(target.kv_producers, mx.float32).items():
         S = keys.shape[2]
-        held = np.arange(S) if layer_type == "full_attention" else np.array(ring_positions(cache.positions.offset, S))[0]
+        held = (
+            np.arange(S)
+            if layer_type == "full_attention"
+            else np.array(ring_positions(cache.positions.offset, S))[0]
+        )
         seen = np.array(mask)[0, 0, 0] == 0  # additive mask: 0 where the drafter sees the position
-        order = np.argsort(np.where(seen, held, np.iinfo(np.int32).max))[: seen.sum()]  # seen slots by position
+        order = np.argsort(np.where(seen, held, np.iinfo(np.int32).max))[
+            : seen.sum()
+        ]  # seen slots by position
         keys, values = np.array(keys)[:, :, order], np.array(values)[:, :, order]
         reach[layer_type] = keys.shape[2]
         ref_k, ref_v = (t[:, :, -reach[layer_type] :].numpy() for t in ref[layer_type])

@@ -118,7 +118,7 @@ def _drawn_positions(p, q, ids, drafts, seed, wrong_residual=False):
     N = drafts.shape[0]
     logp = mx.log(mx.broadcast_to(mx.array(p), (1, N + 1, p.shape[0])))
     seeds = mx.array([[seed, 0]], dtype=mx.uint32)
-    batch = (lambda a: None if a is None else a[None])
+    batch = lambda a: None if a is None else a[None]
     kept, tokens = judge(logp, drafts[None], batch(q), batch(ids), seeds, mx.array([0]))
     if wrong_residual:  # the classic mistake: redraw a rejected position from p itself
         tokens = categorical(logp, seeds, mx.arange(N + 1)[None], 99)
@@ -239,7 +239,9 @@ def test_speculative_sampling_draws_the_target_distribution(kind, loaded):
     n, k = RUNS[kind]
     counts, acceptance = sample_joint(target, drafter, k, SAMPLING, n)
     value = chi_square_pvalue(counts, exact)
-    print(f"\n{kind}: speculative sampling p-value {value:.3f}, acceptance {acceptance:.2f}, {len(exact)} outcomes")
+    print(
+        f"\n{kind}: speculative sampling p-value {value:.3f}, acceptance {acceptance:.2f}, {len(exact)} outcomes"
+    )
     assert acceptance > 0.3, "too few drafts accepted for the test to have power"
     assert value > ALPHA, f"speculative sampling differs from the target's distribution: p-value {value:.2e}"
 
@@ -261,7 +263,9 @@ def test_wrong_variant_is_rejected(loaded):
     exact = exact_joint(target, SAMPLING)
     value = chi_square_pvalue(counts, exact)
     stat, dof = chi_square(counts, exact)
-    print(f"\nwrong variant: p-value {value:.1e} (chi-square {stat:.0f}, {dof} dof), acceptance {acceptance:.2f}")
+    print(
+        f"\nwrong variant: p-value {value:.1e} (chi-square {stat:.0f}, {dof} dof), acceptance {acceptance:.2f}"
+    )
     assert value < ALPHA, f"the wrong variant was not rejected: p-value {value:.2e}"
 
 
@@ -311,7 +315,12 @@ def test_seeded_runs_reproduce(checkpoints):
 
     def run(seed, k=3):
         kwargs = dict(temperature=1.0, top_p=0.9, min_p=0.05, seed=seed)
-        return [r.token for r in stream_generate(model, tokenizer, PROMPT, 30, draft_model=drafter, num_draft_tokens=k, **kwargs)]
+        return [
+            r.token
+            for r in stream_generate(
+                model, tokenizer, PROMPT, 30, draft_model=drafter, num_draft_tokens=k, **kwargs
+            )
+        ]
 
     assert run(5) == run(5)
     assert run(5) != run(6)
@@ -367,9 +376,21 @@ def test_log_probs_are_what_mlx_lm_samples(params):
 
 
 def test_bad_sampling_arguments():
-    for bad in (dict(temperature=-1), dict(top_p=1.5), dict(min_p=-0.1), dict(top_k=-2), dict(top_k=2.5),
-                dict(repetition_penalty=0), dict(repetition_context_size=0), dict(logits_processors=[3]),
-                dict(seed=-1), dict(seed=2**70), dict(seed=1.5), dict(seed="7"), dict(temperature=float("nan"))):
+    for bad in (
+        dict(temperature=-1),
+        dict(top_p=1.5),
+        dict(min_p=-0.1),
+        dict(top_k=-2),
+        dict(top_k=2.5),
+        dict(repetition_penalty=0),
+        dict(repetition_context_size=0),
+        dict(logits_processors=[3]),
+        dict(seed=-1),
+        dict(seed=2**70),
+        dict(seed=1.5),
+        dict(seed="7"),
+        dict(temperature=float("nan")),
+    ):
         name = next(iter(bad))
         with pytest.raises(ValueError, match=name):
             make_sampling(**bad)

@@ -50,16 +50,69 @@ class Row:
 
 
 TABLE = {
-    "E2B": Row(1536, 35, 6144, 8, (1, 1), tuple(range(4, 35, 5)), 20, True, False, double_wide_from=15,
-               drafter=(256, 2048, 4, True, 77_731_328)),
-    "E4B": Row(2560, 42, 10240, 8, (2, 2), tuple(range(5, 42, 6)), 18, True, False,
-               drafter=(256, 2048, 4, True, 78_517_760)),
-    "12B": Row(3840, 48, 15360, 16, (8, 1), tuple(range(5, 48, 6)), 0, False, True,
-               drafter=(1024, 8192, 16, False, 422_856_960), multimodal=tuple(UNIFIED_EMBEDDERS.items())),
-    "26B-A4B": Row(2816, 30, 2112, 16, (8, 2), (5, 11, 17, 23, 29), 0, False, True, experts=(128, 704),
-                   drafter=(1024, 8192, 16, False, 419_711_232)),
-    "31B": Row(5376, 60, 21504, 32, (16, 4), tuple(range(5, 60, 6)), 0, False, True,
-               drafter=(1024, 8192, 32, False, 469_518_592)),
+    "E2B": Row(
+        1536,
+        35,
+        6144,
+        8,
+        (1, 1),
+        tuple(range(4, 35, 5)),
+        20,
+        True,
+        False,
+        double_wide_from=15,
+        drafter=(256, 2048, 4, True, 77_731_328),
+    ),
+    "E4B": Row(
+        2560,
+        42,
+        10240,
+        8,
+        (2, 2),
+        tuple(range(5, 42, 6)),
+        18,
+        True,
+        False,
+        drafter=(256, 2048, 4, True, 78_517_760),
+    ),
+    "12B": Row(
+        3840,
+        48,
+        15360,
+        16,
+        (8, 1),
+        tuple(range(5, 48, 6)),
+        0,
+        False,
+        True,
+        drafter=(1024, 8192, 16, False, 422_856_960),
+        multimodal=tuple(UNIFIED_EMBEDDERS.items()),
+    ),
+    "26B-A4B": Row(
+        2816,
+        30,
+        2112,
+        16,
+        (8, 2),
+        (5, 11, 17, 23, 29),
+        0,
+        False,
+        True,
+        experts=(128, 704),
+        drafter=(1024, 8192, 16, False, 419_711_232),
+    ),
+    "31B": Row(
+        5376,
+        60,
+        21504,
+        32,
+        (16, 4),
+        tuple(range(5, 60, 6)),
+        0,
+        False,
+        True,
+        drafter=(1024, 8192, 32, False, 469_518_592),
+    ),
 }
 
 
@@ -77,8 +130,12 @@ def _hf_target_shapes(row: Row) -> dict[str, tuple]:
         hd, kv = (512, row.kv[1]) if full else (256, row.kv[0])
         mlp = row.mlp * (2 if row.double_wide_from is not None and i >= row.double_wide_from else 1)
         L = f"{p}layers.{i}."
-        for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                     "post_feedforward_layernorm"):
+        for norm in (
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+        ):
             s[L + norm + ".weight"] = (H,)
         s[L + "layer_scalar"] = (1,)
         s[L + "self_attn.q_proj.weight"] = (row.heads * hd, H)
@@ -103,14 +160,18 @@ def _hf_target_shapes(row: Row) -> dict[str, tuple]:
             s[L + "router.per_expert_scale"] = (n,)
             s[L + "experts.gate_up_proj"] = (n, 2 * w, H)
             s[L + "experts.down_proj"] = (n, H, w)
-            for norm in ("post_feedforward_layernorm_1", "post_feedforward_layernorm_2", "pre_feedforward_layernorm_2"):
+            for norm in (
+                "post_feedforward_layernorm_1",
+                "post_feedforward_layernorm_2",
+                "pre_feedforward_layernorm_2",
+            ):
                 s[L + norm + ".weight"] = (H,)
     s.update(row.multimodal)
     return s
 
 
 def _hf_drafter_shapes(row: Row) -> dict[str, tuple]:
-    h, I, heads, ordered, _ = row.drafter
+    h, inter, heads, ordered, _ = row.drafter
     s = {
         "model.embed_tokens.weight": (VOCAB, h),
         "model.norm.weight": (h,),
@@ -119,16 +180,20 @@ def _hf_drafter_shapes(row: Row) -> dict[str, tuple]:
     }
     for i, hd in enumerate((256, 256, 256, 512)):
         L = f"model.layers.{i}."
-        for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                     "post_feedforward_layernorm"):
+        for norm in (
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+        ):
             s[L + norm + ".weight"] = (h,)
         s[L + "layer_scalar"] = (1,)
         s[L + "self_attn.q_proj.weight"] = (heads * hd, h)
         s[L + "self_attn.q_norm.weight"] = (hd,)
         s[L + "self_attn.o_proj.weight"] = (h, heads * hd)
-        s[L + "mlp.gate_proj.weight"] = (I, h)
-        s[L + "mlp.up_proj.weight"] = (I, h)
-        s[L + "mlp.down_proj.weight"] = (h, I)
+        s[L + "mlp.gate_proj.weight"] = (inter, h)
+        s[L + "mlp.up_proj.weight"] = (inter, h)
+        s[L + "mlp.down_proj.weight"] = (h, inter)
     if ordered:
         s["masked_embedding.centroids.weight"] = (2048, h)
         s["masked_embedding.token_ordering"] = (VOCAB,)
@@ -136,7 +201,10 @@ def _hf_drafter_shapes(row: Row) -> dict[str, tuple]:
 
 
 def _lazy(shapes: dict[str, tuple]) -> dict[str, mx.array]:
-    return {k: mx.zeros(v, dtype=mx.int64 if k.endswith("token_ordering") else mx.bfloat16) for k, v in shapes.items()}
+    return {
+        k: mx.zeros(v, dtype=mx.int64 if k.endswith("token_ordering") else mx.bfloat16)
+        for k, v in shapes.items()
+    }
 
 
 def _shapes(module) -> dict[str, tuple]:
@@ -147,7 +215,9 @@ def _shapes(module) -> dict[str, tuple]:
 def test_full_size_shapes(name):
     row = TABLE[name]
     target = Target(target_config(json.loads((CONFIGS / f"gemma-4-{name}-it.json").read_text()), CONFIGS, ()))
-    drafter_cfg = drafter_config(json.loads((CONFIGS / f"gemma-4-{name}-it-assistant.json").read_text()), CONFIGS)
+    drafter_cfg = drafter_config(
+        json.loads((CONFIGS / f"gemma-4-{name}-it-assistant.json").read_text()), CONFIGS
+    )
     drafter = Drafter(drafter_cfg)
     check_fit(drafter_cfg, target, CONFIGS)
 

@@ -126,7 +126,9 @@ def test_early_stop_leaves_the_cache_ready_to_continue(kind, pairs, checkpoints)
     for j, k in ((1, 7), (6, 7), (13, 3), (9, 0)):
         cache = PromptCache()
         head = []
-        for r in stream_generate(target, tokenizer, prompt, NEW_TOKENS, draft_model=drafter, num_draft_tokens=k, prompt_cache=cache):
+        for r in stream_generate(
+            target, tokenizer, prompt, NEW_TOKENS, draft_model=drafter, num_draft_tokens=k, prompt_cache=cache
+        ):
             head.append(r.token)
             if len(head) == j:
                 break
