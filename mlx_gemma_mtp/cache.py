@@ -144,15 +144,24 @@ class SlidingLayer:
             slots = (p.queries(L) % self.capacity)[:, None, :, None]  # [B, 1, L, 1]
             self.keys = mx.put_along_axis(self.keys, slots, keys, axis=2)
             self.values = mx.put_along_axis(self.values, slots, values, axis=2)
-        return self.keys, self.values
+        end = ring_read(p, L, self.capacity)
+        return self.keys[..., :end, :], self.values[..., :end, :]
 
 
-def ring_positions(ends: mx.array, capacity: int) -> mx.array:
-    """[B, capacity] the position each slot holds, for rows whose newest written position is
-    ends - 1 ([B]): the latest position <= ends - 1 congruent to the slot (negative: none yet).
-    A stale key of a rejected draft (past ends - 1) maps `capacity` positions back, outside
-    every window."""
-    slots = mx.arange(capacity, dtype=mx.int32)[None]
+def ring_read(p: Positions, L: int, capacity: int) -> int:
+    """The ring slots a forward of L tokens reads: until some row has written past the ring's
+    end, the first max(high) + L (later slots hold nothing or stale keys); then all of them.
+    Attention over a short context then costs what the context holds, not the whole ring."""
+    end = max(p.high) + L
+    return end if end <= capacity and max(p.written) <= capacity else capacity
+
+
+def ring_positions(ends: mx.array, capacity: int, slots: int | None = None) -> mx.array:
+    """[B, slots] the position each of the first `slots` (default: all) slots holds, for rows
+    whose newest written position is ends - 1 ([B]): the latest position <= ends - 1 congruent
+    to the slot (negative: none yet). A stale key of a rejected draft (past ends - 1) maps
+    `capacity` positions back, outside every window."""
+    slots = mx.arange(capacity if slots is None else slots, dtype=mx.int32)[None]
     last = ends[:, None] - 1
     return last - mx.remainder(last - slots, capacity)
 
@@ -203,9 +212,13 @@ class Cache:
                 keys = mx.arange(max(p.high) + L, dtype=mx.int32)[None, None, None]
                 masks["full_attention"] = _additive(keys <= queries, dtype)
         if "sliding_attention" in self.kinds:
-            held = ring_positions(p.offset + L, self.capacity)[:, None, None, :]
-            seen = (held >= 0) & (held <= queries) & (queries - held < self.window)
-            masks["sliding_attention"] = _additive(seen, dtype)
+            end = ring_read(p, L, self.capacity)
+            if p.shared is not None and end == p.shared + L <= self.window:
+                masks["sliding_attention"] = "causal" if L > 1 else None  # slots 0.. hold positions 0..
+            else:
+                held = ring_positions(p.offset + L, self.capacity, end)[:, None, None, :]
+                seen = (held >= 0) & (held <= queries) & (queries - held < self.window)
+                masks["sliding_attention"] = _additive(seen, dtype)
         return masks
 
     def advance(self, L: int) -> None:

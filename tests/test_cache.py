@@ -31,11 +31,13 @@ def _forward(cache: Cache, n: int, starts: list[int]):
     return masks, fetched
 
 
-def _visible(keys: mx.array, mask, row: int, query: int) -> set[int]:
-    """Positions a query (index within the forward) of a row sees among the fetched keys."""
+def _visible(keys: mx.array, mask, row: int, query: int, n: int = 1) -> set[int]:
+    """Positions a query (index within a forward of n tokens) of a row sees among the fetched keys."""
     positions = np.array(keys)[row, 0, :, 0].astype(int)
     if mask is None:
         return set(positions.tolist())
+    if isinstance(mask, str):  # "causal", aligned to the keys' end
+        return set(positions[: len(positions) - n + query + 1].tolist())
     seen = np.array(mask)[row, 0, query] == 0
     return set(positions[seen].tolist())
 
@@ -43,7 +45,7 @@ def _visible(keys: mx.array, mask, row: int, query: int) -> set[int]:
 def _check_window(masks, fetched, starts: list[int], n: int) -> None:
     for row, first in enumerate(starts):
         for i, q in enumerate(range(first, first + n)):
-            seen = _visible(fetched["sliding_attention"], masks["sliding_attention"], row, i)
+            seen = _visible(fetched["sliding_attention"], masks["sliding_attention"], row, i, n)
             assert seen == set(range(max(q - WINDOW + 1, 0), q + 1)), (row, q, sorted(seen))
             full_mask = masks["full_attention"]
             if isinstance(full_mask, str) or full_mask is None:
@@ -129,7 +131,9 @@ def test_device_positions_read_what_host_positions_would():
         keys_e, keys_d = np.array(exact[kind])[0, 0, :, 0], np.array(device[kind])[0, 0, :, 0]
         n = min(len(keys_e), len(keys_d))
         assert np.array_equal(keys_e[:n], keys_d[:n])
-    assert np.array_equal(exact_mask, device_mask)
+    # The device round reads up to its host bound (high): its extra slots are all masked.
+    n = exact_mask.shape[-1]
+    assert np.array_equal(exact_mask, device_mask[..., :n]) and np.all(device_mask[..., n:] == -np.inf)
 
 
 def test_rewinds_past_what_is_held_raise():
@@ -180,3 +184,22 @@ def test_ring_positions_map_each_slot_to_its_newest_position():
     assert held[0].tolist() == [0, 1, 2, -5, -4, -3, -2, -1]
     assert held[1].tolist() == [8, 9, 2, 3, 4, 5, 6, 7]
     assert held[2].tolist() == [24, 17, 18, 19, 20, 21, 22, 23]
+
+
+def test_sliding_reads_what_the_context_holds_until_the_ring_wraps():
+    """Before any row wrote past the ring's end a forward reads only the slots written so far
+    (unmasked while one row is inside its window); after, the whole ring."""
+    cache = Cache(KINDS, WINDOW)
+    masks, fetched = _forward(cache, 1, [0])
+    assert fetched["sliding_attention"].shape[2] == 1 and masks["sliding_attention"] is None
+    masks, fetched = _forward(cache, 3, [1])
+    assert fetched["sliding_attention"].shape[2] == 4 and masks["sliding_attention"] == "causal"
+    masks, fetched = _forward(cache, 10, [4])  # past the window: a mask over the 14 slots
+    assert fetched["sliding_attention"].shape[2] == 14 and masks["sliding_attention"].shape[-1] == 14
+    at = 14
+    while at + 256 <= cache.capacity:
+        _forward(cache, 256, [at])
+        at += 256
+    masks, fetched = _forward(cache, cache.capacity - at + 1, [at])  # writes past the end
+    assert fetched["sliding_attention"].shape[2] == cache.capacity
+    _check_window(masks, fetched, [at], cache.capacity - at + 1)
