@@ -141,17 +141,7 @@ def convert(
     _check_output(out, force)
     say = (lambda *a: None) if quiet else print
 
-    plans = []
-    target_model = None
-    if target is not None:
-        path = resolve(target)
-        target_model = Target(load_target_config(path))  # lazy: shapes, names, the recipe
-        _check_source("target", path, target_model)
-        plans.append(_plan("target", str(target), path, target_model, read_shards(path), quant, cast))
-        if drafter is None and (embedded := embedded_drafter(path)) is not None:
-            say(f"note: {path} embeds an assistant ({embedded.config}); give it as the drafter to convert it")
-    if drafter is not None:
-        plans.append(_drafter_plan(drafter, target_model, quant, cast))
+    plans = _plans(target, drafter, quant, cast, say)
     for plan in plans:
         _check_not_inside(out, plan.source)
 
@@ -175,6 +165,22 @@ def convert(
             (staging / PAIR_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     say(f"wrote {out}")
     return out
+
+
+def _plans(target, drafter, quant, cast, say) -> list:
+    """What to convert: the target's plan, then the drafter's (checked against that target)."""
+    plans = []
+    target_model = None
+    if target is not None:
+        path = resolve(target)
+        target_model = Target(load_target_config(path))  # lazy: shapes, names, the recipe
+        _check_source("target", path, target_model)
+        plans.append(_plan("target", str(target), path, target_model, read_shards(path), quant, cast))
+        if drafter is None and (embedded := embedded_drafter(path)) is not None:
+            say(f"note: {path} embeds an assistant ({embedded.config}); give it as the drafter to convert it")
+    if drafter is not None:
+        plans.append(_drafter_plan(drafter, target_model, quant, cast))
+    return plans
 
 
 # ------------------------------------------------------------------------------------------
