@@ -106,15 +106,18 @@ def replay_table(continuations: list[list[int]], hits: np.ndarray, vocab: int) -
     return mx.array(np.where(hits, truth, (truth + 1) % vocab), dtype=mx.int32)
 
 
-def replay_proposer(real: Proposer, table: mx.array, prompt_lens: list[int]) -> Proposer:
-    """Drafts from `table` (`replay_table`) for rows whose ids are the requests' indices;
-    `real` (the drafter's own proposer) runs too and its tokens are discarded on the device."""
+def replay_proposer(
+    real: Proposer, table: mx.array, prompt_lens: list[int], key: Callable[[Rows], list[int]] | None = None
+) -> Proposer:
+    """Drafts from `table` (`replay_table`): row b of the batch replays table row key(rows)[b]
+    (default: the row's id, a request's index); `real` (the drafter's own proposer) runs too
+    and its tokens are discarded on the device."""
     base = mx.array(prompt_lens, dtype=mx.int32)
     width = table.shape[1]
 
     def propose(rows: Rows, k: int) -> Draft:
         drafted = real(rows, k).tokens
-        ids = mx.array(rows.ids, dtype=mx.int32)
+        ids = mx.array(rows.ids if key is None else key(rows), dtype=mx.int32)
         # A row's token at position p is continuation[p - prompt_len].
         j = mx.clip(rows.cache.positions.offset - mx.take(base, ids), 0, width - 1)  # [B]
         mine = mx.take(table, ids, axis=0)  # [B, W, MAX_DRAFT]
@@ -123,6 +126,14 @@ def replay_proposer(real: Proposer, table: mx.array, prompt_lens: list[int]) -> 
         return Draft(tokens=replayed + drafted * 0)
 
     return propose
+
+
+def by_seed(rows: Rows) -> list[int]:
+    """A row's table row is its request's seed: what a server's clients can send (`bench.serve`)."""
+    seeds = [s.seed for s in rows.settings]
+    if any(seed is None for seed in seeds):
+        raise ValueError("replayed drafts by seed: every request must carry its prompt's index as its seed")
+    return seeds
 
 
 def replay_settled(

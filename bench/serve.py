@@ -14,8 +14,13 @@ runs alone, one after the other (the servers as subprocesses, as users start the
 
 The drafter's weights are random, so acceptance is what a random drafter gets (alpha ~ 0):
 `auto` then mostly decodes plainly, and the comparison with mlx_lm.server shows what the
-server costs when drafting does not pay. (Alpha 0.8 by replay needs the engine to take replayed
-proposals; see the issue.)
+server costs when drafting does not pay. `--alphas 0.8` measures ours again at a replayed
+acceptance (`bench.replay`): each prompt's plain greedy continuation, computed first, is drafted
+right at that chance; the server runs as `python -m bench.serve_replay`, the engine in process
+with the same proposer, and every request carries its prompt's index as its seed, by which
+the drafts are looked up. Where a backend's batched rounding drifts a row off its plain
+continuation (MLX CUDA), that row's acceptance falls below alpha: the measured mean accepted
+per round says so.
 """
 
 from __future__ import annotations
@@ -40,10 +45,13 @@ import numpy as np
 from mlx_gemma_mtp import load_pair
 from mlx_gemma_mtp.engine import Engine, Request
 from mlx_gemma_mtp.generate import draft_length
+from mlx_gemma_mtp.sample import make_sampling
 
-from . import environment
+from . import environment, measure
 from .models import SHAPES, build
 from .peer import FIRST_ORDINARY, write_pair
+from .replay import draw_hits, parse_acceptance, replay_table
+from .serve_replay import replayed
 
 SIDES = ("serve", "engine", "mlx_lm")
 START_TIMEOUT = 1800  # seconds: loading a large model and measuring draft costs on first use
@@ -63,6 +71,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=128, help="max tokens per request")
     p.add_argument("-k", "--num-draft-tokens", default="auto", help="ours: an int or 'auto'")
     p.add_argument("--trials", type=int, default=3)
+    p.add_argument(
+        "--alphas",
+        nargs="*",
+        type=float,
+        default=[],
+        help="ours (serve, engine) also at these replayed acceptances; requests then carry seeds",
+    )
     p.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES)
     p.add_argument("--port", type=int, default=8391)
     p.add_argument("--workdir", type=Path, default=None, help="write the checkpoint here and keep it")
@@ -85,20 +100,19 @@ def as_text(ids: list[int]) -> str:
 # Clients
 
 
-def drive(url: str, texts: list[str], clients: int, tokens: int) -> dict:
-    """`clients` threads send `texts` as completions back to back; the run's totals."""
-    queue = iter(texts)
+def drive(url: str, texts: list[str], clients: int, tokens: int, seeds: bool = False) -> dict:
+    """`clients` threads send `texts` as completions back to back; the run's totals. seeds:
+    each request's seed is its text's index (a replaying server looks its drafts up by it)."""
+    queue = iter(enumerate(texts))
     records: list[dict] = []
 
     def client() -> None:
         with httpx.Client(timeout=600) as http:
-            for text in queue:  # the iterator is shared: each text goes to one client
+            for index, text in queue:  # the iterator is shared: each text goes to one client
                 start = time.perf_counter()
-                body = {
-                    "prompt": text,
-                    "max_tokens": tokens,
-                    "temperature": 0.0,
-                }  # mlx_lm loads a named model
+                body = {"prompt": text, "max_tokens": tokens, "temperature": 0.0}  # mlx_lm: one model
+                if seeds:
+                    body["seed"] = index
                 response = http.post(f"{url}/v1/completions", json=body)
                 response.raise_for_status()
                 answer = response.json()
@@ -156,11 +170,14 @@ def server_process(command: list[str], url: str, health: str):
             process.wait()
 
 
-def serve_command(side: str, pair: Path, args) -> tuple[list[str], str]:
-    """The command line of a server side and its health path."""
+def serve_command(side: str, pair: Path, args, replay: Path | None = None) -> tuple[list[str], str]:
+    """The command line of a server side and its health path; ours replays `replay`'s drafts."""
     batch = str(max(args.clients))
     if side == "serve":
-        command = [sys.executable, "-m", "mlx_gemma_mtp", "serve", str(pair), "--port", str(args.port)]
+        server = (
+            ["mlx_gemma_mtp", "serve"] if replay is None else ["bench.serve_replay", "--replay", str(replay)]
+        )
+        command = [sys.executable, "-m", *server, str(pair), "--port", str(args.port)]
         command += ["--max-batch", batch, "-k", str(args.num_draft_tokens), "--log-level", "warning"]
         return command, "/health"
     command = [
@@ -176,13 +193,14 @@ def serve_command(side: str, pair: Path, args) -> tuple[list[str], str]:
     return command + ["--decode-concurrency", batch, "--log-level", "WARNING"], "/health"
 
 
-def bench_server(side: str, pair: Path, texts: list[str], args) -> dict:
+def bench_server(side: str, pair: Path, texts: list[str], args, replay: Path | None = None) -> dict:
     url = f"http://127.0.0.1:{args.port}"
-    command, health = serve_command(side, pair, args)
+    command, health = serve_command(side, pair, args, replay)
+    seeds = replay is not None
     with server_process(command, url, health):
-        drive(url, texts[: max(args.clients)], max(args.clients), args.tokens)  # warm-up
+        drive(url, texts[: max(args.clients)], max(args.clients), args.tokens, seeds)  # warm-up
         return {
-            c: _trials(lambda c=c: drive(url, texts[: c * args.requests], c, args.tokens), args)
+            c: _trials(lambda c=c: drive(url, texts[: c * args.requests], c, args.tokens, seeds), args)
             for c in args.clients
         }
 
@@ -191,13 +209,15 @@ def bench_server(side: str, pair: Path, texts: list[str], args) -> dict:
 # The in-process engine
 
 
-def engine_run(engine, ids: list[list[int]], clients: int, tokens: int) -> dict:
-    """Keep `clients` rows in flight over `ids`, as the server's clients do."""
-    pending, in_flight, records = list(ids), 0, []
+def engine_run(engine, ids: list[list[int]], clients: int, tokens: int, seeds: bool = False) -> dict:
+    """Keep `clients` rows in flight over `ids`, as the server's clients do (seeds: as `drive`)."""
+    pending, in_flight, records = list(enumerate(ids)), 0, []
     start = time.perf_counter()
     while pending or engine.busy:
         while pending and in_flight < clients:
-            engine.add(Request(prompt=pending.pop(0), max_tokens=tokens))
+            index, prompt = pending.pop(0)
+            sampling = make_sampling(seed=index) if seeds else make_sampling()
+            engine.add(Request(prompt=prompt, max_tokens=tokens, sampling=sampling))
             in_flight += 1
         for event in engine.step():
             if event.finish_reason is not None:
@@ -208,18 +228,20 @@ def engine_run(engine, ids: list[list[int]], clients: int, tokens: int) -> dict:
     return _totals(records, time.perf_counter() - start)
 
 
-def bench_engine(pair: Path, ids: list[list[int]], args) -> dict:
+def bench_engine(pair: Path, ids: list[list[int]], args, replay: Path | None = None) -> dict:
     model, _, drafter = load_pair(pair)
+    propose = None if replay is None else replayed(str(replay))(model, drafter)
+    seeds = replay is not None
     k = (
         args.num_draft_tokens
         if args.num_draft_tokens in ("auto", "heuristic")
         else int(args.num_draft_tokens)
     )
     policy = draft_length(k, model, drafter, max(args.clients))
-    engine = Engine(model, drafter, num_draft_tokens=policy, max_batch=max(args.clients))
-    engine_run(engine, ids[: max(args.clients)], max(args.clients), args.tokens)  # warm-up
+    engine = Engine(model, drafter, num_draft_tokens=policy, max_batch=max(args.clients), propose=propose)
+    engine_run(engine, ids[: max(args.clients)], max(args.clients), args.tokens, seeds)  # warm-up
     out = {
-        c: _trials(lambda c=c: engine_run(engine, ids[: c * args.requests], c, args.tokens), args)
+        c: _trials(lambda c=c: engine_run(engine, ids[: c * args.requests], c, args.tokens, seeds), args)
         for c in args.clients
     }
     return out  # the engine and models go with this frame; main clears MLX's cache after
@@ -250,16 +272,18 @@ def main(argv: list[str] | None = None) -> int:
         mx.clear_cache()
         ids = prompts(max(args.clients) * args.requests, args.prompt, vocab)
         texts = [as_text(p) for p in ids]
+        replays = write_replays(workdir, ids, args)
         results = {}
-        for side in args.sides:
-            results[side] = (
-                bench_engine(workdir, ids, args)
+        for side, alpha in cases(args):
+            label, replay = side if alpha is None else f"{side} alpha={alpha}", replays.get(alpha)
+            results[label] = (
+                bench_engine(workdir, ids, args, replay)
                 if side == "engine"
-                else bench_server(side, workdir, texts, args)
+                else bench_server(side, workdir, texts, args, replay)
             )
             mx.clear_cache()
-            for clients, run in results[side].items():
-                print(_line(side, clients, run), flush=True)
+            for clients, run in results[label].items():
+                print(_line(label, clients, run), flush=True)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -273,15 +297,47 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _ratios(results: dict) -> dict:
-    """Per client count: the server's tokens/s over the in-process engine's and over mlx_lm.server's."""
+def cases(args) -> list[tuple[str, float | None]]:
+    """(side, replayed alpha or None: the random drafter's own drafts); mlx_lm has no drafter."""
+    return [
+        (side, alpha)
+        for side in args.sides
+        for alpha in ([None] if side == "mlx_lm" else [None, *args.alphas])
+    ]
+
+
+def write_replays(pair: Path, ids: list[list[int]], args) -> dict[float, Path]:
+    """Per alpha, the .npz of drafts `bench.serve_replay` and the engine replay: each prompt's
+    plain greedy continuation (our engine, all prompts in one batch), right at that alpha."""
+    if not args.alphas:
+        return {}
+    model, _, _ = load_pair(pair)
+    continuations = measure.engine_run(model, None, ids, args.tokens, 0).tokens
     out = {}
-    for other in ("engine", "mlx_lm"):
-        if "serve" in results and other in results:
-            serve, base = results["serve"], results[other]
-            out[f"serve/{other}"] = {
-                str(c): serve[c]["tokens_per_s"] / base[c]["tokens_per_s"] for c in serve if c in base
-            }
+    for alpha in args.alphas:
+        chances = parse_acceptance(f"alpha={alpha}").chances(len(ids))
+        table = replay_table(
+            continuations, draw_hits(chances, args.tokens + 1, seed=7), model.args.vocab_size
+        )
+        out[alpha] = pair / f"replay-{alpha}.npz"
+        np.savez(out[alpha], table=np.array(table), prompt_lens=np.array([len(p) for p in ids]))
+    del model
+    mx.clear_cache()
+    return out
+
+
+def _ratios(results: dict) -> dict:
+    """Per client count and case: our server's tokens/s over the in-process engine's and over
+    mlx_lm.server's."""
+    out = {}
+    for label in [label for label in results if label.startswith("serve")]:
+        case = label[len("serve") :]
+        for other in ("engine" + case, "mlx_lm"):
+            if other in results:
+                serve, base = results[label], results[other]
+                out[f"{label}/{other}"] = {
+                    str(c): serve[c]["tokens_per_s"] / base[c]["tokens_per_s"] for c in serve if c in base
+                }
     return out
 
 

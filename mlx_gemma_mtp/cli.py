@@ -402,7 +402,9 @@ def setup_serve_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def serve_main(argv: list[str] | None = None) -> int:
+def serve_main(argv: list[str] | None = None, *, propose=None) -> int:
+    """`propose(model, drafter)`, if given, makes the engine's draft source (a benchmark's
+    replayed drafts, say) in place of the drafter's own."""
     args = parse(setup_serve_parser(), argv)
     try:
         from . import server
@@ -436,6 +438,7 @@ def serve_main(argv: list[str] | None = None) -> int:
             num_draft_tokens=policy,
             max_batch=args.max_batch,
             prefix_cache_size=args.prefix_cache,
+            propose=None if propose is None else propose(model, drafter),
         )
 
     worker = server.Worker(lambda: load_from_flags(args), make_engine)

@@ -183,3 +183,26 @@ def test_timeline_times_every_step_of_every_variant(tmp_path, known_costs):
     assert all(len(run) == 7 for run in steps["plain"] + steps["mlx-lm"])
     assert all(sum(kept for _, _, kept in run) > 0 for run in steps["auto"])  # alpha = 1: auto keeps drafts
     assert report["order"] == [["plain", "mlx-lm", "auto"], ["auto", "mlx-lm", "plain"]]
+
+
+def test_the_server_bench_replays_acceptance_through_the_server(tmp_path):
+    """`bench.serve --alphas 1.0`: the server (a subprocess running `bench.serve_replay`) and the
+    engine in process keep every replayed draft, looked up by each request's seed; the random
+    drafter's own drafts are measured beside them."""
+    import socket
+
+    from bench import serve
+
+    with socket.socket() as s:  # a free loopback port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "serve.json"
+    argv = ["--shape", "tiny", "--bits", "bf16", "--clients", "2", "--requests", "1", "--prompt", "16"]
+    argv += ["--tokens", "12", "--trials", "1", "-k", "3", "--alphas", "1.0", "--sides", "serve", "engine"]
+    assert serve.main([*argv, "--port", str(port), "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"serve", "engine", "serve alpha=1.0", "engine alpha=1.0"}
+    for label in ("serve alpha=1.0", "engine alpha=1.0"):
+        run = results[label]["2"]
+        assert run["requests"] == 2 and run["drafted"] > 0 and run["accepted"] == run["drafted"], (label, run)
+    assert "serve alpha=1.0/engine alpha=1.0" in json.loads(out.read_text())["ratios"]
