@@ -366,6 +366,7 @@ RULES_OFF = {
     "probe stretch scaled by its cost": {"probe_share": math.inf},  # probe_first between probes
     "only a kept draft ends a stretch": {"kept_ends_stretch": False},
     "a kept draft on thin evidence: probe soon": {"thin": 0.0},
+    "drafting stopped on thin evidence: probe after 2": {"thin_wait": 16},
     "a probe drafts the cheapest round": {"cheap_probe": False},
 }
 
