@@ -5,7 +5,7 @@ back, and reports a round's time only where its clock can tell (a round queued b
 read back with another queued behind it; never a plain step queued behind a drafting round). At
 B > 1 a row that ends its conversation leaves and a new one takes its place. The card: rounds cost
 what the H100 measured (`truth`: the benchmark runs in bench/results at B = 1, the batched surface
-of shared/device/README.md at B > 1), times the card's noise (`Noise`, `Card`); the policy starts
+of shared/device/README.md at B > 1, or a batch benchmark's own costs: `BENCH`), times the card's noise (`Noise`, `Card`); the policy starts
 from costs measured with their own noise (`measured`). Acceptance: a row's draft j is kept with
 probability a_j once drafts 1..j-1 were (`PROFILES`), drawn per token position.
 
@@ -75,12 +75,23 @@ SHAPE_RUNS = {
     "31B 4-bit": "31b-4bit-r40.json",
 }
 COMPUTE_BOUND = "compute-bound"  # synthetic: a step costs 8 ms + 2 ms per row-token
+# A batch benchmark's own costs (bench/results/batch-e2b-bf16-r42.json, H100, the run whose auto
+# reached 66-73% of Leviathan's ideal): B -> ms of a forward of B rows x L = 1..9 tokens after a
+# 1024-token context, and B -> ms of a drafter step.
+BENCH_L = tuple(range(1, 10))
+BENCH = {
+    "E2B bf16 r42": {
+        1: (7.6, 11.9, 11.8, 12.0, 11.8, 11.8, 11.5, 11.2, 11.2),
+        4: (10.4, 11.8, 12.8, 12.8, 12.6, 12.5, 12.9, 12.0, 11.9),
+        8: (10.6, 12.9, 12.1, 12.9, 12.5, 12.4, 12.2, 12.0, 11.8),
+    },
+}
+BENCH_DRAFT = {"E2B bf16 r42": {1: 0.54, 4: 0.75, 8: 0.74}}
 
 
-def _surface(ms: tuple[float, ...], length: int) -> float:
-    """ms of a verify of `length` tokens per row from one surface row: linear between the
-    measured lengths, and past L = 8 growing by the row's mean step from L = 1 to L = 8."""
-    ls = SURFACE_L
+def _surface(ms: tuple[float, ...], length: int, ls: tuple[int, ...] = SURFACE_L) -> float:
+    """ms of a verify of `length` tokens per row from one surface row measured at lengths `ls`:
+    linear between them, and past the last growing by the row's mean step from the first."""
     if length >= ls[-1]:
         slope = max(ms[-1] - ms[0], 0.0) / (ls[-1] - ls[0])
         return ms[-1] + slope * (length - ls[-1])
@@ -92,10 +103,17 @@ def _surface(ms: tuple[float, ...], length: int) -> float:
 def truth(shape: str) -> Costs:
     """What rounds of `shape` cost on the simulated card: at B = 1 the curve its benchmark run
     timed by the loop's clock (six passes, "ideal_costs_ms"); at B > 1 the batched surface's
-    forwards; a drafter step as at B = 1 (not measured batched yet; launch-bound)."""
+    forwards; a drafter step as at B = 1 (not measured batched yet; launch-bound). A `BENCH`
+    shape: its batch benchmark's forwards and drafter steps at each B."""
     if shape == COMPUTE_BOUND:
         verify = tuple(tuple((8 + 2 * b * (k + 1)) * 1e-3 for k in range(MAX_DRAFT + 1)) for b in BATCHES)
         return Costs(batches=BATCHES, verify=verify, draft=(0.5e-3,) * len(BATCHES))
+    if shape in BENCH:
+        rows, draft = BENCH[shape], BENCH_DRAFT[shape]
+        verify = tuple(
+            tuple(_surface(rows[b], k + 1, BENCH_L) * 1e-3 for k in range(MAX_DRAFT + 1)) for b in rows
+        )
+        return Costs(batches=tuple(rows), verify=verify, draft=tuple(draft[b] * 1e-3 for b in rows))
     run = json.loads((RESULTS / SHAPE_RUNS[shape]).read_text())["results"][0]["ideal_costs_ms"]
     surface = SURFACE[shape]
     batches = tuple(sorted(surface))
@@ -123,16 +141,18 @@ class Case:
     acceptance: str  # a key of PROFILES
     cold: bool = False  # kernels not compiled: the first round of each shape costs COLD_FACTOR x
     tokens: int = TOKENS  # per conversation
+    queue: bool = True  # B > 1: a row that ends is replaced (False: the batch starts and ends together)
 
     @property
     def conversations(self) -> int:
         """Per place in the batch, in tokens: B = 1 is one generation (the benchmark's), a batch
-        serves two's worth."""
-        return 1 if self.batch == 1 else 2
+        serves two's worth from a queue, or one each when it is not fed."""
+        return 1 if self.batch == 1 or not self.queue else 2
 
     @property
     def name(self) -> str:
         tail = (" cold" if self.cold else "") + (f" {self.tokens} tokens" if self.tokens != TOKENS else "")
+        tail += " together" if not self.queue and self.batch > 1 else ""
         return f"{self.shape} B={self.batch} {self.acceptance}{tail}"
 
 
@@ -328,7 +348,8 @@ class Loop:
             if row.generated >= self.tokens:
                 del self.rows[r]
                 policy.forget(r)
-                self._start(row.slot)
+                if self.case.queue:
+                    self._start(row.slot)
 
 
 # Each of auto's rules switched off (docs/auto.md): the Rules fields that do it.
@@ -345,6 +366,7 @@ RULES_OFF = {
     "probe stretch scaled by its cost": {"probe_share": math.inf},  # probe_first between probes
     "only a kept draft ends a stretch": {"kept_ends_stretch": False},
     "a kept draft on thin evidence: probe soon": {"thin": 0.0},
+    "drafting stopped on thin evidence: probe after 2": {"thin_wait": 16},
     "a probe drafts the cheapest round": {"cheap_probe": False},
 }
 
@@ -407,15 +429,23 @@ def summary(case: Case, seconds: dict[str, list[float]]) -> dict:
 
 def cases(batches=(1, 4, 16)) -> list[Case]:
     """Every shape x batch size x acceptance (the ragged mix only in batches), then at B = 1
-    longer generations (where probes back off) and cold kernels (compiles)."""
+    longer generations (where probes back off) and cold kernels (compiles); for a `BENCH` shape
+    its benchmark's generations too (64 tokens, the batch starting and ending together)."""
     out = []
-    for shape in (*SURFACE, COMPUTE_BOUND):
+    for shape in (*SURFACE, COMPUTE_BOUND, *BENCH):
         measured_sizes = truth(shape).batches
         for b in batches:
             if b <= measured_sizes[-1]:
                 out += [Case(shape, b, a) for a in PROFILES if b > 1 or a != "ragged"]
         out += [Case(shape, 1, a, tokens=1024) for a in ("α 0", "α 0.8")]
         out += [Case(shape, 1, a, cold=True) for a in ("α 0", "α 0.8")]
+        if shape in BENCH:  # the benchmark's own generations
+            out += [
+                Case(shape, b, a, tokens=64, queue=False)
+                for b in batches
+                if b <= measured_sizes[-1]
+                for a in ("α 0", "α 0.8")
+            ]
     return out
 
 

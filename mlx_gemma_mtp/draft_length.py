@@ -199,6 +199,7 @@ class Rules:
     probe_share: float = 0.005  # ... then enough between probes that a failed one costs 0.5% of them
     kept_ends_stretch: bool = True  # a plain stretch ends before its probe only on a kept draft ...
     thin: float = 8.0  # ... and, while fewer than 8 rows x rounds reached draft 1, one brings the probe near
+    thin_wait: int = 2  # drafting stopped on thin evidence (a failed first round): probe after 2, not 16
 
 
 class _Counts:
@@ -322,7 +323,8 @@ class CostModel:
 
 class Probes:
     """When to draft again once plain decoding pays: one drafting round (a probe) after
-    `rules.probe_first` plain rounds, then one every `stretch` while they fail. A stretch ends
+    `rules.probe_first` plain rounds (`rules.thin_wait` while the acceptance estimate rests on
+    little), then one every `stretch` while they fail. A stretch ends
     before its probe only when a round read back since it began kept a draft (in a stretch only
     plain steps are timed, and the clock alone would end it on their noise); while the evidence
     is thin such a draft brings the next probe within `rules.probe_first`."""
@@ -347,7 +349,8 @@ class Probes:
             self.left -= 1
             return 0
         # After drafting (or a first probe) a dip is likelier than a useless drafter: a short stretch.
-        self.left = self.rules.probe_first if best or self._fresh else stretch
+        first = self.rules.thin_wait if thin else self.rules.probe_first  # one failed round says little
+        self.left = first if best or self._fresh else stretch
         self._fresh = False
         self._kept_at = None if best else kept_rounds
         return best or probe

@@ -274,8 +274,8 @@ def test_auto_decodes_a_compute_bound_batch_plainly():
 
 def test_auto_with_a_useless_drafter_decodes_plainly_and_probes():
     """Nothing is ever kept: after the opening rounds (drafting pays until the prior's 1/2 has
-    fallen below the break-even), plain steps, and a probe after 16, then one each time enough
-    plain steps have passed that it costs 0.5% of them."""
+    fallen below the break-even), plain steps, and a probe after 2 (the opening is thin evidence),
+    then one each time enough plain steps have passed that it costs 0.5% of them."""
     chosen = useless_drafter_choices(Auto(GPU), GPU, 1000)
     drafted = [i for i, k in enumerate(chosen) if k]
     opening = next(i for i, k in enumerate(chosen) if not k)
@@ -283,7 +283,7 @@ def test_auto_with_a_useless_drafter_decodes_plainly_and_probes():
     assert opening == 5 and drafted[:opening] == list(range(opening))
     stretch = math.ceil((GPU.round(1) / GPU.plain() - 1) / Rules().probe_share)
     gaps = [b - a - 1 for a, b in itertools.pairwise(drafted[opening - 1 :])]
-    assert gaps == [16] + [stretch] * (len(gaps) - 1) and len(gaps) > 20
+    assert gaps == [2] + [stretch] * (len(gaps) - 1) and len(gaps) > 20
 
 
 def test_auto_learns_what_rounds_really_cost():
@@ -383,6 +383,9 @@ def test_rounds_timed_dear_say_nothing_of_an_untimed_plain_step():
     policy.observe(second, {0: 0})
     policy.observe_time(second, 1, 2.0 * costs.round(second))
     assert policy.cost.seconds(0, 1) == costs.plain()
+    chosen = [policy.choose(100, [0]) for _ in range(3)]
+    assert chosen[:2] == [0, 0] and chosen[2] > 0  # on thin evidence a probe after 2 plain steps
+    policy.observe(chosen[2], {0: 0})
     assert [policy.choose(100, [0]) for _ in range(16)] == [0] * 16
 
 
@@ -393,8 +396,8 @@ def test_probes_draft_the_cheapest_round_and_come_soon_after_a_kept_draft():
     policy = Auto(SLOW_SHORT)
     assert policy.choose(100, [0]) == 1  # nothing seen: plain pays at the prior, so a probe
     policy.observe(1, {0: 0})
-    chosen = [policy.choose(100, [0]) for _ in range(17)]
-    assert chosen == [0] * 16 + [1]  # the short stretch, then a probe of the cheapest round
+    chosen = [policy.choose(100, [0]) for _ in range(3)]
+    assert chosen == [0] * 2 + [1]  # thin evidence: a short wait, then a probe of the cheapest round
     policy.observe(1, {0: 1})  # it kept its draft: not enough to draft on (a_1 = 1/2) ...
     chosen = [policy.choose(100, [0]) for _ in range(17)]
     assert chosen == [0] * 16 + [1]  # ... but the next probe comes after 16, not the stretch
@@ -409,6 +412,24 @@ def test_probes_draft_the_cheapest_round_and_come_soon_after_a_kept_draft():
     assert [sure.choose(100, [0]) for _ in range(17)] == [0] * 16 + [1]
     sure.observe(1, {0: 1})  # the second probe kept its draft
     assert [sure.choose(100, [0]) for _ in range(40)] == [0] * 40  # the stretch goes on
+
+
+def test_a_failed_first_round_is_thin_evidence():
+    """At high acceptance one first round in five keeps nothing. On a flat cost curve (E2B bf16 on
+    the H100, r42: a verify costs ~1.55 plain steps) that alone makes plain decoding pay, but one
+    round says little: a probe after 2 plain rounds, not 16, and drafting resumes once it keeps."""
+    flat = one_row((1.0,) + (1.55,) * MAX_DRAFT, 0.07)
+    policy = Auto(flat)
+    first = policy.choose(100, [0])
+    assert first > 1  # the prior's 1/2 pays on this curve
+    policy.observe(first, {0: 0})
+    chosen = [policy.choose(100, [0]) for _ in range(3)]
+    assert chosen[:2] == [0, 0] and chosen[2] > 0
+    policy.observe(chosen[2], {0: chosen[2]})  # kept
+    assert policy.choose(100, [0]) > 0
+    patient = Auto(flat, Rules(thin_wait=Rules().probe_first))  # as a stretch after drafting paid
+    patient.observe(patient.choose(100, [0]), {0: 0})
+    assert [patient.choose(100, [0]) for _ in range(16)] == [0] * 16
 
 
 def test_auto_forgets_rows_that_leave():
