@@ -50,6 +50,7 @@ class Positions:
     def __init__(self, offsets: list[int]):
         self.offset = mx.array(offsets, dtype=mx.int32)
         self.low, self.high, self.written = list(offsets), list(offsets), list(offsets)
+        self.sliding_keys = 0  # sliding-ring slots the coming forward reads (`Cache.begin` sets it)
 
     @property
     def rows(self) -> int:
@@ -144,8 +145,7 @@ class SlidingLayer:
             slots = (p.queries(L) % self.capacity)[:, None, :, None]  # [B, 1, L, 1]
             self.keys = mx.put_along_axis(self.keys, slots, keys, axis=2)
             self.values = mx.put_along_axis(self.values, slots, values, axis=2)
-        end = ring_read(p, L, self.capacity)
-        return self.keys[..., :end, :], self.values[..., :end, :]
+        return self.keys[..., : p.sliding_keys, :], self.values[..., : p.sliding_keys, :]
 
 
 def ring_read(p: Positions, L: int, capacity: int) -> int:
@@ -212,7 +212,7 @@ class Cache:
                 keys = mx.arange(max(p.high) + L, dtype=mx.int32)[None, None, None]
                 masks["full_attention"] = _additive(keys <= queries, dtype)
         if "sliding_attention" in self.kinds:
-            end = ring_read(p, L, self.capacity)
+            end = p.sliding_keys = ring_read(p, L, self.capacity)  # the layers' keys and this mask alike
             if p.shared is not None and end == p.shared + L <= self.window:
                 masks["sliding_attention"] = "causal" if L > 1 else None  # slots 0.. hold positions 0..
             else:
