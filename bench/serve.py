@@ -284,17 +284,22 @@ def main(argv: list[str] | None = None) -> int:
             mx.clear_cache()
             for clients, run in results[label].items():
                 print(_line(label, clients, run), flush=True)
+            report = save(results, args)  # after every side: a run cut short keeps what it measured
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
+    for line in _ratio_lines(report["ratios"]):
+        print(line)
+    return 0
+
+
+def save(results: dict, args) -> dict:
     report = {"environment": environment(), "arguments": {k: str(v) for k, v in vars(args).items()}}
     report["results"] = {side: {str(c): run for c, run in runs.items()} for side, runs in results.items()}
     report["ratios"] = _ratios(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
-    for line in _ratio_lines(report["ratios"]):
-        print(line)
-    return 0
+    return report
 
 
 def cases(args) -> list[tuple[str, float | None]]:
