@@ -206,3 +206,24 @@ def test_the_server_bench_replays_acceptance_through_the_server(tmp_path):
         run = results[label]["2"]
         assert run["requests"] == 2 and run["drafted"] > 0 and run["accepted"] == run["drafted"], (label, run)
     assert "serve alpha=1.0/engine alpha=1.0" in json.loads(out.read_text())["ratios"]
+
+
+def test_the_forward_probe_records_a_failing_shape_and_goes_on(tmp_path, monkeypatch):
+    from bench import forward_probe, measure
+
+    timed = measure.forward_ms
+
+    def flaky(target, cache, tokens, context):
+        if tokens.shape[1] == 2:
+            raise RuntimeError("cuGraphAddKernelNode(...) failed: invalid argument")
+        return timed(target, cache, tokens, context)
+
+    monkeypatch.setattr(measure, "forward_ms", flaky)
+    out = tmp_path / "probe.json"
+    argv = ["--shape", "tiny", "--bits", "bf16", "--batches", "2", "--lengths", "1", "2", "3"]
+    assert forward_probe.main([*argv, "--context", "70", "--out", str(out)]) == 0
+    forwards = json.loads(out.read_text())["forwards"]["2"]
+    assert forwards["2"] == {"error": "RuntimeError: cuGraphAddKernelNode(...) failed: invalid argument"}
+    assert forwards["1"]["ms"] > 0 and forwards["3"]["ms"] > 0
+    with pytest.raises(SystemExit):
+        forward_probe.main([*argv[:-3], "0", "--out", str(out)])
