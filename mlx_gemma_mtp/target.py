@@ -74,8 +74,7 @@ class Target(nn.Module):
         ids = self.config.placeholder_ids
         if not ids:
             return tokens
-        is_placeholder = functools.reduce(mx.logical_or, [tokens == i for i in ids])
-        return mx.where(is_placeholder, self.config.pad_id, tokens)
+        return _placeholders_as_pad(tuple(ids), self.config.pad_id)(tokens)
 
     def __call__(self, tokens: mx.array, cache: Cache) -> mx.array:
         """Hidden states after the final norm, [B, L, hidden]; appends L positions to each row
@@ -150,6 +149,17 @@ class Target(nn.Module):
         if len(parts) < 5 or parts[1] != "layers" or parts[3] != "self_attn":
             return False
         return int(parts[2]) >= self.first_shared and parts[4] in ("k_proj", "v_proj", "k_norm")
+
+
+@functools.cache
+def _placeholders_as_pad(ids: tuple[int, ...], pad: int):
+    """tokens -> tokens with `ids` as `pad`, compiled into one fused kernel (uncompiled, it is
+    a comparison per id, their ors and a select: six launches in every forward)."""
+
+    def swap(tokens: mx.array) -> mx.array:
+        return mx.where(functools.reduce(mx.logical_or, [tokens == i for i in ids]), pad, tokens)
+
+    return mx.compile(swap, shapeless=True)
 
 
 def _text_key(name: str) -> str | None:
