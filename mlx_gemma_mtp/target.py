@@ -74,7 +74,7 @@ class Target(nn.Module):
         ids = self.config.placeholder_ids
         if not ids:
             return tokens
-        return _placeholders_as_pad(tuple(ids), self.config.pad_id)(tokens)
+        return _placeholders_as_pad(ids, self.config.pad_id)(tokens)
 
     def __call__(self, tokens: mx.array, cache: Cache) -> mx.array:
         """Hidden states after the final norm, [B, L, hidden]; appends L positions to each row
