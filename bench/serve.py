@@ -3,14 +3,19 @@ concurrent clients over loopback, against the in-process batched engine at the s
 server's overhead) and against `mlx_lm.server` serving the same target without a drafter.
 
 One random-weight checkpoint at a real Gemma 4 shape (`bench.models.build`; `--shape tiny`
-for a CPU check) is written where both servers load it (`bench.peer.write_pair`). Each side
-runs alone, one after the other (the servers as subprocesses, as users start them):
+for a CPU check) is written where both servers load it (`bench.peer.write_pair`). The servers run
+as subprocesses, as users start them:
 
 - every client sends `--requests` /v1/completions requests back to back, each a different
   random `--prompt`-token prompt, greedy, `--tokens` tokens at most; the in-process engine keeps
   the same number of rows in flight over the same prompts;
 - tokens/s = completion tokens of all requests / wall time from the first request to the last
   answer; the median of `--trials` after one warm-up round at the largest client count.
+
+The sides of a case are up together (the servers idle while another side runs), and their
+trials alternate, the order turning each trial: a card whose speed drifts by 20% from one
+minute to the next (H100s do) moves every side alike. A ratio is the median of the trials'
+paired ratios. The card has to hold every side's copy of the model at once.
 
 The drafter's weights are random, so acceptance is what a random drafter gets (alpha ~ 0):
 `auto` then mostly decodes plainly, and the comparison with mlx_lm.server shows what the
@@ -77,6 +82,11 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         type=float,
         default=[],
         help="ours (serve, engine) also at these replayed acceptances; requests then carry seeds",
+    )
+    p.add_argument(
+        "--replayed-only",
+        action="store_true",
+        help="only the --alphas cases, not the random drafter's own (mlx_lm, which has no drafter, then sits out)",
     )
     p.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES)
     p.add_argument("--port", type=int, default=8391)
@@ -170,14 +180,16 @@ def server_process(command: list[str], url: str, health: str):
             process.wait()
 
 
-def serve_command(side: str, pair: Path, args, replay: Path | None = None) -> tuple[list[str], str]:
+def serve_command(
+    side: str, pair: Path, args, port: int, replay: Path | None = None
+) -> tuple[list[str], str]:
     """The command line of a server side and its health path; ours replays `replay`'s drafts."""
     batch = str(max(args.clients))
     if side == "serve":
         server = (
             ["mlx_gemma_mtp", "serve"] if replay is None else ["bench.serve_replay", "--replay", str(replay)]
         )
-        command = [sys.executable, "-m", *server, str(pair), "--port", str(args.port)]
+        command = [sys.executable, "-m", *server, str(pair), "--port", str(port)]
         command += ["--max-batch", batch, "-k", str(args.num_draft_tokens), "--log-level", "warning"]
         return command, "/health"
     command = [
@@ -188,21 +200,20 @@ def serve_command(side: str, pair: Path, args, replay: Path | None = None) -> tu
         "--model",
         str(pair / "target"),
         "--port",
-        str(args.port),
+        str(port),
     ]
     return command + ["--decode-concurrency", batch, "--log-level", "WARNING"], "/health"
 
 
-def bench_server(side: str, pair: Path, texts: list[str], args, replay: Path | None = None) -> dict:
-    url = f"http://127.0.0.1:{args.port}"
-    command, health = serve_command(side, pair, args, replay)
+@contextlib.contextmanager
+def open_server(side: str, pair: Path, texts: list[str], args, port: int, replay: Path | None = None):
+    """A server side, up and warmed: yields run(clients) -> one trial's totals."""
+    url = f"http://127.0.0.1:{port}"
+    command, health = serve_command(side, pair, args, port, replay)
     seeds = replay is not None
     with server_process(command, url, health):
         drive(url, texts[: max(args.clients)], max(args.clients), args.tokens, seeds)  # warm-up
-        return {
-            c: _trials(lambda c=c: drive(url, texts[: c * args.requests], c, args.tokens, seeds), args)
-            for c in args.clients
-        }
+        yield lambda c: drive(url, texts[: c * args.requests], c, args.tokens, seeds)
 
 
 # ------------------------------------------------------------------------------------------
@@ -228,7 +239,9 @@ def engine_run(engine, ids: list[list[int]], clients: int, tokens: int, seeds: b
     return _totals(records, time.perf_counter() - start)
 
 
-def bench_engine(pair: Path, ids: list[list[int]], args, replay: Path | None = None) -> dict:
+@contextlib.contextmanager
+def open_engine(pair: Path, ids: list[list[int]], args, replay: Path | None = None):
+    """The in-process engine (its own copy of the model), warmed: yields run(clients)."""
     model, _, drafter = load_pair(pair)
     propose = None if replay is None else replayed(str(replay))(model, drafter)
     seeds = replay is not None
@@ -240,26 +253,35 @@ def bench_engine(pair: Path, ids: list[list[int]], args, replay: Path | None = N
     policy = draft_length(k, model, drafter, max(args.clients))
     engine = Engine(model, drafter, num_draft_tokens=policy, max_batch=max(args.clients), propose=propose)
     engine_run(engine, ids[: max(args.clients)], max(args.clients), args.tokens, seeds)  # warm-up
-    out = {
-        c: _trials(lambda c=c: engine_run(engine, ids[: c * args.requests], c, args.tokens, seeds), args)
-        for c in args.clients
-    }
-    return out  # the engine and models go with this frame; main clears MLX's cache after
+    yield lambda c: engine_run(engine, ids[: c * args.requests], c, args.tokens, seeds)
+    # the engine and models go with this frame; main clears MLX's cache after
 
 
-def _trials(run, args) -> dict:
-    trials = [run() for _ in range(args.trials)]
-    best = dict(trials[0])
-    best["tokens_per_s"] = statistics.median(t["tokens_per_s"] for t in trials)
-    best["tokens_per_s_trials"] = [t["tokens_per_s"] for t in trials]
-    return best
+def run_case(sides: dict, clients: int, trials: int) -> dict:
+    """`trials` rounds over the sides (label -> run), the order turning each round: per side the
+    first trial's totals with the median tokens/s, and every trial's tokens/s in order."""
+    labels, runs = list(sides), {label: [] for label in sides}
+    for t in range(trials):
+        turn = t % len(labels)
+        for label in labels[turn:] + labels[:turn]:
+            runs[label].append(sides[label](clients))
+    out = {}
+    for label, trial_runs in runs.items():
+        best = dict(trial_runs[0])
+        best["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in trial_runs)
+        best["tokens_per_s_trials"] = [r["tokens_per_s"] for r in trial_runs]
+        out[label] = best
+    return out
 
 
 # ------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = setup_arg_parser().parse_args(argv)
+    parser = setup_arg_parser()
+    args = parser.parse_args(argv)
+    if args.replayed_only and not args.alphas:
+        parser.error("--replayed-only measures the --alphas cases: name at least one")
     if args.quick:
         args.shape, args.bits, args.clients, args.requests = "tiny", "bf16", [1, 4], 2
         args.prompt, args.tokens, args.trials = 32, 16, 2
@@ -273,18 +295,23 @@ def main(argv: list[str] | None = None) -> int:
         ids = prompts(max(args.clients) * args.requests, args.prompt, vocab)
         texts = [as_text(p) for p in ids]
         replays = write_replays(workdir, ids, args)
-        results = {}
-        for side, alpha in cases(args):
-            label, replay = side if alpha is None else f"{side} alpha={alpha}", replays.get(alpha)
-            results[label] = (
-                bench_engine(workdir, ids, args, replay)
-                if side == "engine"
-                else bench_server(side, workdir, texts, args, replay)
-            )
+        results: dict = {}
+        for alpha in [*([] if args.replayed_only else [None]), *args.alphas]:
+            replay, case = replays.get(alpha), "" if alpha is None else f" alpha={alpha}"
+            with contextlib.ExitStack() as stack:
+                sides = {}  # up one after another: the first measures draft costs, the next reads them
+                for i, side in enumerate(name for name in args.sides if alpha is None or name != "mlx_lm"):
+                    sides[side + case] = stack.enter_context(
+                        open_engine(workdir, ids, args, replay)
+                        if side == "engine"
+                        else open_server(side, workdir, texts, args, args.port + i, replay)
+                    )
+                for clients in args.clients:
+                    for label, run in run_case(sides, clients, args.trials).items():
+                        results.setdefault(label, {})[clients] = run
+                        print(_line(label, clients, run), flush=True)
+                    report = save(results, args)  # after every step: a run cut short keeps it
             mx.clear_cache()
-            for clients, run in results[label].items():
-                print(_line(label, clients, run), flush=True)
-            report = save(results, args)  # after every side: a run cut short keeps what it measured
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -300,15 +327,6 @@ def save(results: dict, args) -> dict:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     return report
-
-
-def cases(args) -> list[tuple[str, float | None]]:
-    """(side, replayed alpha or None: the random drafter's own drafts); mlx_lm has no drafter."""
-    return [
-        (side, alpha)
-        for side in args.sides
-        for alpha in ([None] if side == "mlx_lm" else [None, *args.alphas])
-    ]
 
 
 def write_replays(pair: Path, ids: list[list[int]], args) -> dict[float, Path]:
@@ -333,7 +351,7 @@ def write_replays(pair: Path, ids: list[list[int]], args) -> dict[float, Path]:
 
 def _ratios(results: dict) -> dict:
     """Per client count and case: our server's tokens/s over the in-process engine's and over
-    mlx_lm.server's."""
+    mlx_lm.server's, the median of the paired trials' ratios."""
     out = {}
     for label in [label for label in results if label.startswith("serve")]:
         case = label[len("serve") :]
@@ -341,7 +359,11 @@ def _ratios(results: dict) -> dict:
             if other in results:
                 serve, base = results[label], results[other]
                 out[f"{label}/{other}"] = {
-                    str(c): serve[c]["tokens_per_s"] / base[c]["tokens_per_s"] for c in serve if c in base
+                    str(c): statistics.median(
+                        a / b for a, b in zip(serve[c]["tokens_per_s_trials"], base[c]["tokens_per_s_trials"])
+                    )
+                    for c in serve
+                    if c in base
                 }
     return out
 

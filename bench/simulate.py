@@ -142,17 +142,21 @@ class Case:
     cold: bool = False  # kernels not compiled: the first round of each shape costs COLD_FACTOR x
     tokens: int = TOKENS  # per conversation
     queue: bool = True  # B > 1: a row that ends is replaced (False: the batch starts and ends together)
+    turns: int = 1  # B = 1: conversations one after another, one policy (a chat, a server's one client)
 
     @property
     def conversations(self) -> int:
-        """Per place in the batch, in tokens: B = 1 is one generation (the benchmark's), a batch
-        serves two's worth from a queue, or one each when it is not fed."""
-        return 1 if self.batch == 1 or not self.queue else 2
+        """Per place in the batch, in tokens: B = 1 is one generation (the benchmark's) or `turns`
+        in turn, a batch serves two's worth from a queue, or one each when it is not fed."""
+        if self.batch == 1:
+            return self.turns
+        return 2 if self.queue else 1
 
     @property
     def name(self) -> str:
         tail = (" cold" if self.cold else "") + (f" {self.tokens} tokens" if self.tokens != TOKENS else "")
         tail += " together" if not self.queue and self.batch > 1 else ""
+        tail += f" {self.turns} in turn" if self.turns > 1 else ""
         return f"{self.shape} B={self.batch} {self.acceptance}{tail}"
 
 
@@ -368,6 +372,8 @@ RULES_OFF = {
     "a kept draft on thin evidence: probe soon": {"thin": 0.0},
     "drafting stopped on thin evidence: probe after 2": {"thin_wait": 16},
     "a probe drafts the cheapest round": {"cheap_probe": False},
+    "plain for want of room: no verdict": {"room_no_verdict": False},
+    "a row that left still counts": {"remember_left": False},
 }
 
 
@@ -439,6 +445,7 @@ def cases(batches=(1, 4, 16)) -> list[Case]:
                 out += [Case(shape, b, a) for a in PROFILES if b > 1 or a != "ragged"]
         out += [Case(shape, 1, a, tokens=1024) for a in ("α 0", "α 0.8")]
         out += [Case(shape, 1, a, cold=True) for a in ("α 0", "α 0.8")]
+        out += [Case(shape, 1, a, tokens=64, turns=4) for a in ("α 0", "α 0.8")]
         if shape in BENCH:  # the benchmark's own generations
             out += [
                 Case(shape, b, a, tokens=64, queue=False)

@@ -188,6 +188,7 @@ class Rules:
     prior_weight: float = 2.0  # ... worth 2 rounds; an untried a_j leans on a_{j-1} as much
     decay: float = 0.98  # per observed round: counts remember about the last 50 rounds
     per_row: bool = True  # each row its own a_j, shrunk towards the other rows' (False: one for all)
+    remember_left: bool = True  # a row that left still counts among the others' (fading by `decay`)
     timings: int = 9  # a (batch, k)'s cost: the median of its last 9 timings (a hiccup moves nothing)
     scale_untimed: bool = True  # an untimed one: its measurement x the least timed/measured ratio ...
     plain_down: bool = True  # ... a plain step's only if that is < 1: dear rounds say nothing of it
@@ -200,6 +201,7 @@ class Rules:
     kept_ends_stretch: bool = True  # a plain stretch ends before its probe only on a kept draft ...
     thin: float = 8.0  # ... and, while fewer than 8 rows x rounds reached draft 1, one brings the probe near
     thin_wait: int = 2  # drafting stopped on thin evidence (a failed first round): probe after 2, not 16
+    room_no_verdict: bool = True  # plain for want of room (a row near its end) is no verdict on drafting
 
 
 class _Counts:
@@ -253,7 +255,7 @@ class Acceptance:
 
     def forget(self, row: int) -> None:
         own = self._rows.pop(row, None)
-        if own is not None:
+        if own is not None and not self.rules.remember_left:
             self._all.tries = [max(a - b, 0.0) for a, b in zip(self._all.tries, own.tries)]
             self._all.hits = [max(a - b, 0.0) for a, b in zip(self._all.hits, own.hits)]
 
@@ -376,9 +378,13 @@ class Auto:
         limit = min(limit, MAX_DRAFT)
         if limit <= 0 or not rows or self._blind:  # blind: a second guess would only repeat the first
             return 0
-        seconds = [self.cost.seconds(k, len(rows)) for k in range(limit + 1)]
-        rates = [n / s for n, s in zip(self.acceptance.expected(limit, rows), seconds)]
+        horizon = MAX_DRAFT if self.rules.room_no_verdict else limit
+        seconds = [self.cost.seconds(k, len(rows)) for k in range(horizon + 1)]
+        rates = [n / s for n, s in zip(self.acceptance.expected(horizon, rows), seconds)]
         best = max(range(limit + 1), key=rates.__getitem__)
+        if best == 0 and limit < horizon and max(rates) > rates[0]:
+            return 0  # drafting would pay but the rows' room is short: no verdict for `Probes`
+        seconds = seconds[: limit + 1]
         # A probe is there to learn whether drafts are kept: the cheapest round, should it fail.
         probe = 1 + min(
             range(limit), key=lambda i: seconds[i + 1] if self.rules.cheap_probe else -rates[i + 1]

@@ -208,6 +208,14 @@ def test_the_server_bench_replays_acceptance_through_the_server(tmp_path):
     assert "serve alpha=1.0/engine alpha=1.0" in json.loads(out.read_text())["ratios"]
 
 
+def test_the_server_bench_refuses_replayed_only_without_an_alpha(capsys):
+    from bench import serve
+
+    with pytest.raises(SystemExit):
+        serve.main(["--shape", "tiny", "--replayed-only"])
+    assert "--replayed-only measures the --alphas cases" in capsys.readouterr().err
+
+
 def test_the_forward_probe_records_a_failing_shape_and_goes_on(tmp_path, monkeypatch):
     from bench import forward_probe, measure
 
@@ -227,3 +235,24 @@ def test_the_forward_probe_records_a_failing_shape_and_goes_on(tmp_path, monkeyp
     assert forwards["1"]["ms"] > 0 and forwards["3"]["ms"] > 0
     with pytest.raises(SystemExit):
         forward_probe.main([*argv[:-3], "0", "--out", str(out)])
+
+
+def test_the_server_bench_alternates_its_sides_and_pairs_their_trials():
+    """`bench.serve.run_case`: each trial runs every side, the order turning, and a ratio is the
+    median of the trials' paired ratios (a drifting card moves both sides of a pair alike)."""
+    from bench import serve
+
+    calls, speeds = [], {"a": iter([10.0, 30.0, 20.0]), "b": iter([5.0, 10.0, 4.0])}
+
+    def side(label):
+        def run(clients):
+            calls.append(label)
+            return {"requests": clients, "tokens": 1, "tokens_per_s": next(speeds[label])}
+
+        return run
+
+    out = serve.run_case({"a": side("a"), "b": side("b")}, 4, 3)
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+    assert out["a"]["tokens_per_s"] == 20.0 and out["a"]["tokens_per_s_trials"] == [10.0, 30.0, 20.0]
+    ratios = serve._ratios({"serve": {4: out["a"]}, "engine": {4: out["b"]}})
+    assert ratios == {"serve/engine": {"4": 3.0}}  # the median of 2, 3 and 5; not 20 / 5

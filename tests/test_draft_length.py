@@ -5,6 +5,7 @@ simulation's targets. Then the loop running whatever a policy chooses, and the c
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -432,13 +433,35 @@ def test_a_failed_first_round_is_thin_evidence():
     assert [patient.choose(100, [0]) for _ in range(16)] == [0] * 16
 
 
-def test_auto_forgets_rows_that_leave():
-    policy = Auto(GPU, STEADY)
-    teach(policy, [0.95] * MAX_DRAFT, rows=(0,))
-    teach(policy, [0.0] * MAX_DRAFT, rows=(1,))
-    assert policy.rates(4, [2])[4] > policy.rates(4, [1])[4]  # a new row: between the two
+def test_a_row_that_left_still_counts_among_the_others():
+    """A new row starts from the rows before it, those that left included (a chat's next turn, a
+    server's next request): forgetting them started every new conversation from the prior, and a
+    lone row's next conversation decoded plainly until a probe (docs/auto.md, "in turn").
+    `remember_left` off: only the rows present count."""
+    policy, forgetful = Auto(GPU, STEADY), Auto(GPU, dataclasses.replace(STEADY, remember_left=False))
+    for p in (policy, forgetful):
+        teach(p, [0.95] * MAX_DRAFT, rows=(0,))
+        teach(p, [0.0] * MAX_DRAFT, rows=(1,))
+    between = policy.rates(4, [2])[4]
+    assert policy.rates(4, [1])[4] < between < policy.rates(4, [0])[4]  # a new row: between the two
     policy.forget(0)
-    assert policy.rates(4, [2]) == pytest.approx(policy.rates(4, [1]), rel=0.02)  # only row 1 is left
+    forgetful.forget(0)
+    assert policy.rates(4, [2])[4] == pytest.approx(between)  # row 0's rounds still count
+    assert forgetful.rates(4, [2]) == pytest.approx(forgetful.rates(4, [1]), rel=0.02)  # only row 1's
+
+
+def test_plain_for_want_of_room_is_no_verdict_on_drafting():
+    """Near its end a row has room for one draft, and one draft does not pay on this curve (a
+    verify costs 2 plain steps) though eight do: that round is plain, and the next conversation
+    drafts at once. Taken as a verdict it began a plain stretch the next row inherited."""
+    steep_start = one_row((1.0,) + (2.0,) * MAX_DRAFT, 0.05)
+    for rules, drafts_next in ((STEADY, True), (dataclasses.replace(STEADY, room_no_verdict=False), False)):
+        policy = Auto(steep_start, rules)
+        teach(policy, [0.95] * MAX_DRAFT, rows=(0,))
+        assert policy.choose(100, [0]) > 1
+        assert policy.choose(1, [0]) == 0  # one draft of room: a plain step pays more
+        policy.forget(0)
+        assert (policy.choose(100, [1]) > 0) is drafts_next, rules
 
 
 # ---------------------------------------------------------------------------------------------
