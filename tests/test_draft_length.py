@@ -153,7 +153,8 @@ def test_acceptance_per_position():
 
 def test_acceptance_per_row():
     """Each row its own estimate; a new row starts from the others'; the round's tokens are the
-    sum over its rows; a row that leaves takes its counts with it."""
+    sum over its rows; a row that leaves stays among the others' (`remember_left`; off: it takes
+    its counts with it)."""
     acceptance = Acceptance(STEADY)
     teach(acceptance, [0.9] * MAX_DRAFT, rows=(0,))
     teach(acceptance, [0.2] * MAX_DRAFT, rows=(1,))
@@ -165,8 +166,13 @@ def test_acceptance_per_row():
         [x + y for x, y in zip(*(acceptance.expected(MAX_DRAFT, [r]) for r in (0, 1)))]
     )
     acceptance.forget(0)
-    assert acceptance.of_row(2)[0] == pytest.approx(0.2, abs=0.01)  # only row 1's counts are left
-    assert acceptance.of_row(0) == acceptance.of_row(2)  # row 0 is new again
+    assert acceptance.of_row(2) == new  # row 0's rounds still count for a new row ...
+    assert acceptance.of_row(0) == acceptance.of_row(2)  # ... and row 0 is new again
+    forgetful = Acceptance(dataclasses.replace(STEADY, remember_left=False))
+    teach(forgetful, [0.9] * MAX_DRAFT, rows=(0,))
+    teach(forgetful, [0.2] * MAX_DRAFT, rows=(1,))
+    forgetful.forget(0)
+    assert forgetful.of_row(2)[0] == pytest.approx(0.2, abs=0.01)  # only row 1's counts are left
     pooled = Acceptance(Rules(per_row=False, decay=1.0))
     teach(pooled, [0.9] * MAX_DRAFT, rows=(0,))
     teach(pooled, [0.2] * MAX_DRAFT, rows=(1,))
