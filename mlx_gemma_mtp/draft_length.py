@@ -46,7 +46,7 @@ class DraftLength(Protocol):
         took `seconds`."""
 
     def forget(self, row: int) -> None:
-        """A row left the batch (its acceptance estimate is dropped)."""
+        """A row left the batch (its own estimate goes; auto keeps its rounds among the others')."""
 
 
 @dataclass
@@ -227,7 +227,9 @@ class Acceptance:
     """The chance that a row's draft j is kept once its drafts 1..j-1 were: counted per row and
     per position, forgetting slowly. A row's count at j is shrunk towards the other rows' at j,
     and theirs towards the row's own j - 1 (so a new row starts from the batch's, and a lone
-    row's unreached positions lean on the one before, the first on `rules.prior`)."""
+    row's unreached positions lean on the one before, the first on `rules.prior`). A row that
+    leaves stays among the others' counts (`rules.remember_left`), fading as every count does:
+    the next conversation starts from the last ones'."""
 
     def __init__(self, rules: Rules):
         self.rules = rules
