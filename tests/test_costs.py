@@ -13,11 +13,11 @@ import pytest
 from mlx_gemma_mtp import costs as costs_module
 from mlx_gemma_mtp import load, load_drafter, stream_generate
 from mlx_gemma_mtp.cli import main
-from mlx_gemma_mtp.draft_length import MAX_DRAFT
+from mlx_gemma_mtp.draft_length import MAX_DRAFT, Auto, Costs, Rules
 from mlx_gemma_mtp.load import load_target
 from mlx_gemma_mtp.sample import make_sampling
 from mlx_gemma_mtp.speculative import drafter_proposer
-from tests.run import decode, prompts
+from tests.run import decode, prompts, scripted
 
 
 class Script:
@@ -216,3 +216,47 @@ def test_cost_key_tells_models_apart(checkpoints):
     assert costs_module.cost_key(half, drafter) != key
     e2b = load_target(checkpoints["e2b"][0])
     assert costs_module.cost_key(e2b, load_drafter(checkpoints["e2b"][1], e2b)) != key
+
+
+class Recorded:
+    """An `Auto` told no timings (this CPU's clock would teach it a CPU's costs), noting each
+    choice and the rows it was made for."""
+
+    def __init__(self, policy):
+        self.policy, self.choices = policy, []
+
+    def choose(self, limit, rows):
+        k = self.policy.choose(limit, rows)
+        self.choices.append((tuple(rows), k))
+        return k
+
+    def observe(self, k, accepted):
+        self.policy.observe(k, accepted)
+
+    def observe_time(self, k, batch, seconds):
+        """Not told."""
+
+    def forget(self, row):
+        self.policy.forget(row)
+
+
+def test_auto_drafts_from_the_start_of_the_next_conversation(dense):
+    """One engine, one row at a time (a server's one client, a chat's turns): the second request
+    drafts from its first choice, on what the first request's rounds showed. On this curve (a
+    verify costs 3 plain steps, whatever its length) drafting pays at the first request's
+    acceptance (every draft kept) but not at the prior's 1/2: with `remember_left` off the row
+    that left took its counts with it, and the second request started plain (docs/auto.md,
+    "Conversations in turn")."""
+    target, drafter = dense
+    batch, n = prompts(3, [20, 24]), 120
+    plain = [decode(target, None, [p], 0, n)[0].tokens for p in batch]
+    propose = scripted(plain, [len(p) for p in batch], [MAX_DRAFT])  # every draft right
+    costs = Costs(verify=((1.0,) + (3.0,) * MAX_DRAFT,), draft=(0.01,))
+    first = {}
+    for name, rules in (("auto", Rules()), ("remember_left off", Rules(remember_left=False))):
+        policy = Recorded(Auto(costs, rules))
+        out = decode(target, drafter, batch, policy, n, max_batch=1, propose=propose)
+        assert [o.tokens for o in out] == plain
+        assert out[0].usage.accepted == out[0].usage.drafted >= n // 2  # the first learnt to draft
+        first[name] = next(k for rows, k in policy.choices if rows == (1,))
+    assert first["auto"] == MAX_DRAFT and first["remember_left off"] == 0, first
