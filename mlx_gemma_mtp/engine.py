@@ -48,10 +48,13 @@ MAX_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's limi
 @dataclass
 class PromptCache:
     """One conversation's cache (a one-row `Cache`) and the token ids whose K/V it holds: a
-    request continuing `tokens` prefills only what is new."""
+    request continuing `tokens` prefills only what is new. `stream_generate` keeps here the
+    draft-length policy that drafted the conversation (its model, drafter and setting with it),
+    so that the next turn starts from the acceptance and costs the last ones showed."""
 
     cache: Cache | None = None
     tokens: list[int] = field(default_factory=list)
+    drafting: tuple | None = None  # (model, drafter, num_draft_tokens, policy)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -154,7 +154,8 @@ def stream_generate(
     Generation stops after a stop id of the checkpoint (yielded with text "" and finish_reason
     "stop"), after `max_tokens`, or when the caller stops iterating. Bad arguments raise here,
     at the call. With `prompt_cache` (`make_prompt_cache`) only what the cache does not already
-    hold is prefilled, and the cache is left holding the conversation for the next call.
+    hold is prefilled, and the cache is left holding the conversation for the next call, with
+    its draft-length policy ("auto"'s acceptance and costs, learnt over the turns so far).
     """
     ids = encode_prompt(tokenizer, prompt)
     settings = sampling_from("stream_generate", sampling)
@@ -176,7 +177,7 @@ def _responses(model, tokenizer, draft_model, num_draft_tokens, request: Request
     """stream_generate's work, from its first iteration on ("auto" may measure this device's
     costs first, before the clock of the first response starts)."""
     clear_streams_at_thread_exit()  # this thread evaluates: it must free MLX's state before it ends
-    policy = draft_length(num_draft_tokens, model, draft_model)
+    policy = _conversation_policy(request.cache, num_draft_tokens, model, draft_model)
     engine = Engine(model, draft_model, num_draft_tokens=policy, max_batch=1)
     rid = engine.add(request)
     detokenizer = tokenizer.detokenizer
@@ -192,6 +193,19 @@ def _responses(model, tokenizer, draft_model, num_draft_tokens, request: Request
     finally:
         engine.cancel(rid, keep=yielded)
         engine.close()  # the prompt cache holds what was yielded, now, not at garbage collection
+
+
+def _conversation_policy(cache: PromptCache | None, num_draft_tokens, model, draft_model):
+    """The draft-length policy of one call: a conversation's (`prompt_cache`) own, kept across
+    its turns while the model, drafter and setting stay the same (auto's learnt acceptance and
+    costs carry to the next turn: docs/auto.md, "Conversations in turn"); else a new one."""
+    kept = cache.drafting if cache is not None else None
+    if kept is not None and kept[0] is model and kept[1] is draft_model and kept[2] == num_draft_tokens:
+        return kept[3]
+    policy = draft_length(num_draft_tokens, model, draft_model)
+    if cache is not None:
+        cache.drafting = (model, draft_model, num_draft_tokens, policy)
+    return policy
 
 
 def _events(engine: Engine) -> Iterator[Event]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 
@@ -12,6 +13,7 @@ from mlx.utils import tree_flatten, tree_map
 from convert import convert
 from mlx_gemma_mtp import generate, load, load_drafter, load_pair, stream_generate
 from mlx_gemma_mtp.config import ConfigError
+from mlx_gemma_mtp.draft_length import Auto
 from mlx_gemma_mtp.generate import make_prompt_cache
 from mlx_gemma_mtp.quantize import quantize
 from mlx_gemma_mtp.target import WeightsError
@@ -214,3 +216,29 @@ def test_prompt_cache_prefills_only_the_new_turn(e2b):
     assert [r.token for r in responses] == [
         r.token for r in stream_generate(model, tokenizer, third, max_tokens=5)
     ]
+
+
+def test_a_conversation_keeps_its_draft_length_policy(e2b, monkeypatch):
+    """A conversation's turns (`prompt_cache`) share one policy while the model, drafter and
+    setting stay: auto's acceptance and costs, learnt over a turn, carry to the next (a new
+    policy each turn started from the prior: docs/auto.md, "Conversations in turn"). Another
+    setting gets a policy of its own; the output stays exact."""
+    module = importlib.import_module("mlx_gemma_mtp.generate")  # the package's `generate` is a function
+    model, tokenizer, drafter = e2b
+    made, real = [], module.draft_length
+    monkeypatch.setattr(module, "draft_length", lambda *a: made.append(a[0]) or real(*a))
+
+    def answer(prompt, max_tokens=8, **kwargs):
+        kwargs = {"draft_model": drafter, "max_tokens": max_tokens, **kwargs}
+        return [r.token for r in stream_generate(model, tokenizer, prompt, **kwargs)]
+
+    cache = make_prompt_cache(model)
+    turn = [2, 7, 11, 13, 17, 19, 23] * 5
+    for _ in range(2):
+        turn = turn + answer(turn, prompt_cache=cache) + [29, 31]
+    auto = cache.drafting[3]
+    assert made == ["auto"] and isinstance(auto, Auto)  # one policy for both turns
+    answer(turn, 4, prompt_cache=cache, num_draft_tokens="heuristic")
+    assert made == ["auto", "heuristic"] and cache.drafting[3] is not auto
+    fresh = answer(turn)  # no conversation: a policy of its own
+    assert answer(turn, prompt_cache=cache) == fresh and made == ["auto", "heuristic", "auto", "auto"]
