@@ -40,6 +40,43 @@ PARTS = ("cost", "baseline", "e2e")
 POLICIES = ("auto", "heuristic")
 
 
+class Cycle:
+    """A diagnostic draft length: each of `ks` in turn, a round each (fewer only when fewer
+    tokens remain). Against a fixed k of the same mean on the same hits it shows what changing
+    the verify's shape from one round to the next costs (`--ks 7/8/9` beside `--ks 8`)."""
+
+    def __init__(self, ks: tuple[int, ...]):
+        self.ks, self.rounds = ks, 0
+
+    def choose(self, limit: int, rows) -> int:
+        k = self.ks[self.rounds % len(self.ks)]
+        self.rounds += 1
+        return min(k, limit)
+
+    def observe(self, k: int, accepted) -> None:
+        """Cycles ignore acceptance ..."""
+
+    def observe_time(self, k: int, batch: int, seconds: float) -> None:
+        """... and timing ..."""
+
+    def forget(self, row: int) -> None:
+        """... and rows."""
+
+
+def parse_k(k: str) -> int | str | tuple[int, ...]:
+    """A --ks value: an int in 0..MAX_DRAFT, a policy name, or a cycle "7/8/9" (ValueError
+    naming a bad one)."""
+    if k in POLICIES:
+        return k
+    parts = k.split("/")
+    if not all(p.isdigit() and int(p) <= MAX_DRAFT for p in parts):
+        raise ValueError(
+            f"--ks: {k!r} is neither an int in 0..{MAX_DRAFT}, one of {POLICIES}, nor a cycle of "
+            f"such ints (7/8/9)"
+        )
+    return int(k) if len(parts) == 1 else tuple(int(p) for p in parts)
+
+
 def setup_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlx-gemma-mtp bench", description=__doc__)
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), help=f"of {SHAPES} (or 'tiny')")
@@ -56,7 +93,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "--ragged", action="store_true", help=f"half the rows at alpha {RAGGED[0]}, half at {RAGGED[1]}"
     )
     p.add_argument(
-        "--ks", nargs="+", default=["auto", "3", "5"], help="draft lengths: ints, 'auto', 'heuristic'"
+        "--ks",
+        nargs="+",
+        default=["auto", "3", "5"],
+        help="draft lengths: ints, 'auto', 'heuristic', or a cycle of ints a round each (7/8/9)",
     )
     p.add_argument(
         "--context", type=int, default=1024, help="positions per row before the cost surface's forward"
@@ -78,8 +118,10 @@ def _quick(args) -> None:
 
 def _check(p: argparse.ArgumentParser, args) -> None:
     for k in args.ks:
-        if k not in POLICIES and not (k.isdigit() and int(k) <= MAX_DRAFT):
-            p.error(f"--ks: {k!r} is neither an int in 0..{MAX_DRAFT} nor one of {POLICIES}")
+        try:
+            parse_k(k)
+        except ValueError as e:
+            p.error(str(e))
     if not 2 <= args.max_l <= MAX_DRAFT + 1:
         p.error(f"--max-l must lie in 2..{MAX_DRAFT + 1} (a verify of up to MAX_DRAFT drafts)")
     if not 0 < args.prompt <= MAX_WRITE:
@@ -191,7 +233,7 @@ def _cell(target, drafter, proposer, rows, plain_tokens, spec, k, args, result, 
     """One acceptance spec and draft length at one batch: paired trials against batched plain.
     `warm`: the (batch, k) already run (the first cell of each warms up: traces, kernels,
     auto's costs; a fixed k's shapes at another acceptance need none)."""
-    k = k if k in POLICIES else int(k)
+    name, k = k, parse_k(k)
     B, n, vocab = len(rows), args.tokens, target.args.vocab_size
     chances = spec.chances(B)
 
@@ -200,7 +242,8 @@ def _cell(target, drafter, proposer, rows, plain_tokens, spec, k, args, result, 
 
         def run(fed):
             propose = replay_proposer(proposer, replay_table(fed, hits, vocab), [len(r) for r in rows])
-            return measure.engine_run(target, drafter, rows, n, k, propose=propose)
+            policy = Cycle(k) if isinstance(k, tuple) else k
+            return measure.engine_run(target, drafter, rows, n, policy, propose=propose)
 
         return replay_settled(run, plain_tokens)
 
@@ -219,12 +262,33 @@ def _cell(target, drafter, proposer, rows, plain_tokens, spec, k, args, result, 
             plain.append(measure.engine_run(target, None, rows, n, 0))
         spec_runs.append(run)
         passes.append(settled_in)
-    cell = {"batch": B} | _cell_stats(spec.name, k, plain, spec_runs, plain_tokens)
+    label = name if isinstance(k, tuple) else k  # a cycle by its --ks spelling
+    cell = {"batch": B} | _cell_stats(spec.name, label, plain, spec_runs, plain_tokens)
     cell["replay_passes"] = max(passes)
     costs = result["costs"].get(str(B))
     if costs is not None:
         cell |= _ideal(chances, k, costs, cell["speedup"], args.max_l)
+        cell |= _against_surface(cell, costs)
     return cell
+
+
+def _rounds_ms(runs: list) -> float:
+    """The median over runs of ms per step read back (an engine step reads one round)."""
+    return statistics.median(r.seconds * 1e3 / r.steps for r in runs)
+
+
+def _against_surface(cell: dict, costs: dict) -> dict:
+    """A round's ms as run against what the cost surface says rounds of the cell's draft
+    lengths cost (their mean over row-rounds, a plain step's for plain decoding): the ratio
+    over plain's is what the cell's rounds cost beyond the surface, e.g. for changing shape."""
+    verify, draft = costs["verify_ms"], costs["drafter_ms"]["step"]
+    lengths = {int(k): count for k, count in cell["row_rounds_by_k"].items()}
+    if any(str(k + 1) not in verify for k in lengths):
+        return {}
+    surface = sum(count * measure.round_ms(verify, draft, k) for k, count in lengths.items())
+    surface /= sum(lengths.values())
+    ratio, plain = cell["ms_per_round"] / surface, cell["plain_ms_per_round"] / verify["1"]
+    return {"surface_ms_per_round": surface, "round_vs_surface": ratio, "beyond_plain": ratio / plain}
 
 
 def _cell_stats(name: str, k, plain: list, runs: list, plain_tokens) -> dict:
@@ -249,6 +313,8 @@ def _cell_stats(name: str, k, plain: list, runs: list, plain_tokens) -> dict:
         "accepted_per_round": accepted / rounds if rounds else 0.0,  # per row-round that drafted
         "accepted_per_trial": [r.accepted for r in runs],
         "row_rounds_by_k": {str(i): count for i, count in enumerate(lengths) if count},
+        "ms_per_round": _rounds_ms(runs),
+        "plain_ms_per_round": _rounds_ms(plain),
         "peak_gb": max(r.peak_gb for r in runs),
         "plain_peak_gb": max(p.peak_gb for p in plain),
         "same_as_plain": min(
@@ -290,6 +356,10 @@ def _cell_line(result: dict, cell: dict) -> str:
         if "ideal" in cell
         else ""
     )
+    if "beyond_plain" in cell:
+        ideal += (
+            f", rounds {cell['ms_per_round']:.1f} ms ({cell['beyond_plain']:.2f}x the surface's, as plain)"
+        )
     return (
         f"{result['shape']} {result['bits']} B={cell['batch']} {cell['acceptance']} k={cell['k']}: "
         f"{cell['speedup']:.2f}x{ideal}, {cell['speedup_to_last']:.2f}x to the last token, "

@@ -196,6 +196,7 @@ class Run:
     accepted: int = 0
     rounds: int = 0  # row-rounds that drafted (a row's share of a drafting round)
     draft_lengths: list[int] = field(default_factory=lambda: [0] * (MAX_DRAFT + 1))  # row-rounds per k
+    steps: int = 0  # steps read back in `seconds` (an engine's: one round of the batch each)
 
     @property
     def tokens_per_s(self) -> float:
@@ -248,7 +249,7 @@ class _Clock:
     (seconds, tokens) up to the step in which the first row finished."""
 
     def __init__(self, steps: list | None):
-        self.steps, self.start, self.last, self.generated = steps, None, None, 0
+        self.steps, self.start, self.last, self.generated, self.ticks = steps, None, None, 0, 0
         self.full: tuple[float, int] | None = None
 
     def tick(self, started: bool, tokens: int, kept: int, finished: bool) -> None:
@@ -257,6 +258,7 @@ class _Clock:
             self.start = self.last = now if started else None
             return
         self.generated += tokens
+        self.ticks += 1
         if self.steps is not None:
             self.steps.append(((now - self.last) * 1e3, tokens, kept))
         self.last = now
@@ -271,6 +273,7 @@ def _run(tokens, clock: _Clock, usages) -> Run:
         drafted=sum(u.drafted for u in usages), accepted=sum(u.accepted for u in usages),
         rounds=sum(u.rounds for u in usages),
         draft_lengths=[sum(column) for column in zip(*(u.draft_lengths for u in usages))] or [0] * (MAX_DRAFT + 1),
+        steps=clock.ticks,
     )  # fmt: skip
 
 

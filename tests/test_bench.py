@@ -67,6 +67,29 @@ def test_batched_cells_replay_exactly_against_their_costs(tmp_path, known_costs)
     assert cells["ragged=0.9/0.2", 2]["ideal"] == pytest.approx(mix * verify["1"] / (verify["3"] + 2 * draft))
 
 
+def test_a_cycle_of_draft_lengths_runs_a_round_of_each_and_is_held_to_the_surface(tmp_path):
+    out = tmp_path / "bench.json"
+    argv = TINY + ["--parts", "cost", "e2e", "--batches", "1", "--max-l", "4", "--alphas", "1", "--ks", "1/3",
+                   "--tokens", "24", "--trials", "1", "--out", str(out)]  # fmt: skip
+    assert bench.main(argv) == 0
+    (cell,) = json.loads(out.read_text())["results"][0]["batches"]["1"]["cells"]
+    assert cell["k"] == "1/3" and cell["same_as_plain"] == 24 and cell["acceptance_rate"] == 1
+    rounds = cell["row_rounds_by_k"]  # every draft kept: 2 and 4 tokens a round, in turn
+    assert rounds["1"] >= 3 and rounds["3"] >= 3 and rounds["1"] - rounds["3"] in (-1, 0, 1)
+    assert set(rounds) <= {"0", "1", "2", "3"}  # fewer only where fewer tokens remain
+    assert cell["ms_per_round"] > 0 and cell["plain_ms_per_round"] > 0
+    assert math.isfinite(cell["surface_ms_per_round"]) and math.isfinite(cell["beyond_plain"])
+
+
+def test_draft_lengths_parse_or_name_the_bad_one():
+    assert [bench.parse_k(k) for k in ("5", "auto", "7/8/9")] == [5, "auto", (7, 8, 9)]
+    for bad in ("17", "7/x", "", "3/", "auto/3"):
+        with pytest.raises(ValueError, match="--ks"):
+            bench.parse_k(bad)
+    with pytest.raises(SystemExit):
+        bench.main(TINY + ["--ks", "5/99"])
+
+
 def test_paired_trials_alternate_which_run_goes_first(tmp_path, monkeypatch):
     calls = []
     engine_run = measure.engine_run
