@@ -222,20 +222,23 @@ def open_server(side: str, pair: Path, texts: list[str], args, port: int, replay
 
 def engine_run(engine, ids: list[list[int]], clients: int, tokens: int, seeds: bool = False) -> dict:
     """Keep `clients` rows in flight over `ids`, as the server's clients do (seeds: as `drive`)."""
-    pending, in_flight, records = list(enumerate(ids)), 0, []
+    pending, in_flight, records, added = list(enumerate(ids)), 0, [], {}
     start = time.perf_counter()
     while pending or engine.busy:
         while pending and in_flight < clients:
             index, prompt = pending.pop(0)
             sampling = make_sampling(seed=index) if seeds else make_sampling()
-            engine.add(Request(prompt=prompt, max_tokens=tokens, sampling=sampling))
+            added[engine.add(Request(prompt=prompt, max_tokens=tokens, sampling=sampling))] = (
+                time.perf_counter()
+            )
             in_flight += 1
         for event in engine.step():
             if event.finish_reason is not None:
                 in_flight -= 1
                 u = event.usage
                 drafting = {"drafted": u.drafted, "accepted": u.accepted, "rounds": u.rounds}
-                records.append({"tokens": u.generation_tokens, "drafting": drafting})
+                seconds = time.perf_counter() - added.pop(event.rid)  # as a client times its request
+                records.append({"tokens": u.generation_tokens, "seconds": seconds, "drafting": drafting})
     return _totals(records, time.perf_counter() - start)
 
 
@@ -351,7 +354,9 @@ def write_replays(pair: Path, ids: list[list[int]], args) -> dict[float, Path]:
 
 def _ratios(results: dict) -> dict:
     """Per client count and case: our server's tokens/s over the in-process engine's and over
-    mlx_lm.server's, the median of the paired trials' ratios."""
+    mlx_lm.server's, the median of the paired trials' ratios; and what a request takes longer
+    through the server than through the engine (medians of its first trials, seconds): queueing,
+    HTTP and the wait for the batch's next step, per request."""
     out = {}
     for label in [label for label in results if label.startswith("serve")]:
         case = label[len("serve") :]
@@ -365,6 +370,15 @@ def _ratios(results: dict) -> dict:
                     for c in serve
                     if c in base
                 }
+        if "engine" + case in results:
+            serve, base = results[label], results["engine" + case]
+            timed = [
+                c for c in serve if "median_request_s" in serve[c] and "median_request_s" in base.get(c, {})
+            ]
+            if timed:
+                out[f"{label} - engine{case}: request s"] = {
+                    str(c): serve[c]["median_request_s"] - base[c]["median_request_s"] for c in timed
+                }
     return out
 
 
@@ -376,7 +390,12 @@ def _line(side: str, clients: int, run: dict) -> str:
 
 def _ratio_lines(ratios: dict) -> list[str]:
     return [
-        f"{name}: " + ", ".join(f"{c} clients x{r:.3f}" for c, r in by.items()) for name, by in ratios.items()
+        f"{name}: "
+        + ", ".join(
+            f"{c} clients {f'{r * 1e3:+.0f} ms' if name.endswith(' s') else f'x{r:.3f}'}"
+            for c, r in by.items()
+        )
+        for name, by in ratios.items()
     ]
 
 

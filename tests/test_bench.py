@@ -228,7 +228,15 @@ def test_the_server_bench_replays_acceptance_through_the_server(tmp_path):
     for label in ("serve alpha=1.0", "engine alpha=1.0"):
         run = results[label]["2"]
         assert run["requests"] == 2 and run["drafted"] > 0 and run["accepted"] == run["drafted"], (label, run)
-    assert "serve alpha=1.0/engine alpha=1.0" in json.loads(out.read_text())["ratios"]
+        assert 0 < run["median_request_s"] < run["wall_s"]  # each side times its requests as a client does
+    ratios = json.loads(out.read_text())["ratios"]
+    assert "serve alpha=1.0/engine alpha=1.0" in ratios
+    added = ratios["serve alpha=1.0 - engine alpha=1.0: request s"]["2"]
+    expected = (
+        results["serve alpha=1.0"]["2"]["median_request_s"]
+        - results["engine alpha=1.0"]["2"]["median_request_s"]
+    )
+    assert added == pytest.approx(expected)
 
 
 def test_the_server_bench_refuses_replayed_only_without_an_alpha(capsys):
