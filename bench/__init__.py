@@ -22,6 +22,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_gemma_mtp.cache import MAX_WRITE
+from mlx_gemma_mtp.draft_length import Fixed
 from mlx_gemma_mtp.speculative import MAX_DRAFT, drafter_proposer
 
 from . import measure
@@ -40,10 +41,11 @@ PARTS = ("cost", "baseline", "e2e")
 POLICIES = ("auto", "heuristic")
 
 
-class Cycle:
+class Cycle(Fixed):
     """A diagnostic draft length: each of `ks` in turn, a round each (fewer only when fewer
-    tokens remain). Against a fixed k of the same mean on the same hits it shows what changing
-    the verify's shape from one round to the next costs (`--ks 7/8/9` beside `--ks 8`)."""
+    tokens remain); blind to acceptance, timing and rows as a fixed k is. Against a fixed k of
+    the same mean on the same hits it shows what changing the verify's shape from one round to
+    the next costs (`--ks 7/8/9` beside `--ks 8`)."""
 
     def __init__(self, ks: tuple[int, ...]):
         self.ks, self.rounds = ks, 0
@@ -52,15 +54,6 @@ class Cycle:
         k = self.ks[self.rounds % len(self.ks)]
         self.rounds += 1
         return min(k, limit)
-
-    def observe(self, k: int, accepted) -> None:
-        """Cycles ignore acceptance ..."""
-
-    def observe_time(self, k: int, batch: int, seconds: float) -> None:
-        """... and timing ..."""
-
-    def forget(self, row: int) -> None:
-        """... and rows."""
 
 
 def parse_k(k: str) -> int | str | tuple[int, ...]:

@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    for line in _ratio_lines(report["ratios"]):
+    for line in _ratio_lines(report):
         print(line)
     return 0
 
@@ -327,6 +327,7 @@ def save(results: dict, args) -> dict:
     report = {"environment": environment(), "arguments": {k: str(v) for k, v in vars(args).items()}}
     report["results"] = {side: {str(c): run for c, run in runs.items()} for side, runs in results.items()}
     report["ratios"] = _ratios(results)
+    report["added_seconds"] = _added_seconds(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     return report
@@ -354,9 +355,7 @@ def write_replays(pair: Path, ids: list[list[int]], args) -> dict[float, Path]:
 
 def _ratios(results: dict) -> dict:
     """Per client count and case: our server's tokens/s over the in-process engine's and over
-    mlx_lm.server's, the median of the paired trials' ratios; and what a request takes longer
-    through the server than through the engine (medians of its first trials, seconds): queueing,
-    HTTP and the wait for the batch's next step, per request."""
+    mlx_lm.server's, the median of the paired trials' ratios."""
     out = {}
     for label in [label for label in results if label.startswith("serve")]:
         case = label[len("serve") :]
@@ -370,15 +369,21 @@ def _ratios(results: dict) -> dict:
                     for c in serve
                     if c in base
                 }
-        if "engine" + case in results:
-            serve, base = results[label], results["engine" + case]
-            timed = [
-                c for c in serve if "median_request_s" in serve[c] and "median_request_s" in base.get(c, {})
-            ]
-            if timed:
-                out[f"{label} - engine{case}: request s"] = {
-                    str(c): serve[c]["median_request_s"] - base[c]["median_request_s"] for c in timed
-                }
+    return out
+
+
+def _added_seconds(results: dict) -> dict:
+    """Per client count and case: what a request takes longer through the server than through
+    the engine (the medians of their first trials, seconds): queueing, HTTP and the wait for the
+    batch's next step."""
+    out = {}
+    for label in [label for label in results if label.startswith("serve")]:
+        engine = "engine" + label[len("serve") :]
+        if engine in results:
+            serve, base = results[label], results[engine]
+            out[f"{label} - {engine}"] = {
+                str(c): serve[c]["median_request_s"] - base[c]["median_request_s"] for c in serve if c in base
+            }
     return out
 
 
@@ -388,14 +393,14 @@ def _line(side: str, clients: int, run: dict) -> str:
     return f"{side:7} {clients:3} clients: {run['tokens_per_s']:8.1f} tok/s ({run['requests']} requests{latency}{drafting})"
 
 
-def _ratio_lines(ratios: dict) -> list[str]:
-    return [
-        f"{name}: "
-        + ", ".join(
-            f"{c} clients {f'{r * 1e3:+.0f} ms' if name.endswith(' s') else f'x{r:.3f}'}"
-            for c, r in by.items()
-        )
-        for name, by in ratios.items()
+def _ratio_lines(report: dict) -> list[str]:
+    ratios = [
+        f"{name}: " + ", ".join(f"{c} clients x{r:.3f}" for c, r in by.items())
+        for name, by in report["ratios"].items()
+    ]
+    return ratios + [
+        f"{name}, a request: " + ", ".join(f"{c} clients {s * 1e3:+.0f} ms" for c, s in by.items())
+        for name, by in report["added_seconds"].items()
     ]
 
 

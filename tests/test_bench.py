@@ -231,7 +231,7 @@ def test_the_server_bench_replays_acceptance_through_the_server(tmp_path):
         assert 0 < run["median_request_s"] < run["wall_s"]  # each side times its requests as a client does
     ratios = json.loads(out.read_text())["ratios"]
     assert "serve alpha=1.0/engine alpha=1.0" in ratios
-    added = ratios["serve alpha=1.0 - engine alpha=1.0: request s"]["2"]
+    added = json.loads(out.read_text())["added_seconds"]["serve alpha=1.0 - engine alpha=1.0"]["2"]
     expected = (
         results["serve alpha=1.0"]["2"]["median_request_s"]
         - results["engine alpha=1.0"]["2"]["median_request_s"]
