@@ -214,6 +214,7 @@ class Engine:
         self._pending: Queued | None = None
         self._firsts: list[_First] = []  # read with the next read-back
         self._read_at = time.perf_counter()
+        self.device_wait = 0.0  # seconds the last step's read-back waited for the device
         self._next_rid = 0
 
     # ----------------------------------------------------------------------------------------
@@ -255,6 +256,11 @@ class Engine:
     @property
     def batch_size(self) -> int:
         return 0 if self._batch is None else len(self._batch.ids)
+
+    @property
+    def free_rows(self) -> int:
+        """Requests that, added now, would join with the next step (no row to wait for)."""
+        return max(0, self.max_batch - self._occupied() - len(self._waiting))
 
     def _occupied(self) -> int:
         """Rows decoding, and rows whose only token is being read."""
@@ -304,8 +310,10 @@ class Engine:
         firsts, self._firsts = self._firsts, []
         now = time.perf_counter()
         events = []
+        self.device_wait = 0.0
         if done is not None:
             outcomes = done.read()
+            self.device_wait = time.perf_counter() - now
             self._observe(done, outcomes, now)
             events += self._round_events(done, outcomes)
             self._tighten(done, outcomes, queued)

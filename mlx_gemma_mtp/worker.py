@@ -22,6 +22,10 @@ from .threads import clear_streams_at_thread_exit
 
 log = logging.getLogger(__name__)
 
+# Of what a step's read-back waited for the device, the share the worker may then wait for new
+# requests (after rows left) before queueing the next round: the device stays busy meanwhile.
+WAIT_SHARE = 0.5
+
 
 class RequestError(ValueError):
     """The engine refused the request (a bad prompt, max_tokens, ...): the client's mistake."""
@@ -105,26 +109,34 @@ class Worker:
             self._ready.set_exception(e)
             return
         self._ready.set_result(tokenizer)
-        while self._take_commands():
+        wait = None
+        while self._take_commands(wait):
             if self._deadline is not None and time.monotonic() >= self._deadline:
                 self._deadline = None
                 self._fail_all(ServiceError("the server is shutting down"))
-            if self._engine.busy:
-                self._step()
+            wait = self._step() if self._engine.busy else None
         self._fail_all(ServiceError("the server is shutting down"))
 
-    def _take_commands(self) -> bool:
-        """Apply the queued commands, waiting for one while the engine is idle; False on stop."""
+    def _take_commands(self, wait: tuple[int, float] | None = None) -> bool:
+        """Apply the queued commands, waiting for one while the engine is idle, and for
+        `wait` = (requests, until) new requests until then (`_step` says when); False on stop."""
         idle = not self._engine.busy
-        timeout = None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
-        try:
-            command = self._commands.get(block=idle, timeout=timeout if idle else None)
-            while True:
-                if not self._apply(*command):
-                    return False
-                command = self._commands.get_nowait()
-        except queue.Empty:
-            return True
+        wanted, until = wait or (0, 0.0)
+        while True:
+            if idle:
+                block = True
+                timeout = None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+            else:
+                timeout = until - time.monotonic()
+                block = wanted > 0 and timeout > 0
+            try:
+                name, arg = self._commands.get(block=block, timeout=timeout if block else None)
+            except queue.Empty:
+                return True
+            if not self._apply(name, arg):
+                return False
+            idle = False  # then only what is queued already, or the requests waited for
+            wanted -= name == "add"
 
     def _apply(self, name: str, arg) -> bool:
         if name == "stop":
@@ -150,21 +162,32 @@ class Worker:
         self._jobs[job.rid] = job
         job.deliver(job.rid)
 
-    def _step(self) -> None:
+    def _step(self) -> tuple[int, float] | None:
+        """One engine step, its events delivered. When rows left, how many new requests to wait
+        for, and until when: a client whose answer just went out often sends its next request
+        at once, and it joins a step sooner if that step waits for it. The wait is a share of
+        what the step's read-back waited for the device, which the round in flight keeps busy
+        meanwhile: waiting costs the other rows nothing."""
         try:
             events = self._engine.step()
         except Exception as e:  # an engine bug: fail its rows, keep serving on a fresh engine
             log.exception("engine step failed; its %d rows end with an error", len(self._jobs))
             self._engine = self._make_engine(self._model, self._drafter)
             self._fail_all(ServiceError(f"the engine failed: {type(e).__name__}: {e}"), cancel=False)
-            return
+            return None
+        left = 0
         for event in events:
             job = self._jobs.get(event.rid)
             if job is None:  # a row already failed (shutdown) whose cancellation came through
                 continue
             if event.finish_reason is not None:
                 del self._jobs[event.rid]
+                left += 1
             job.deliver(event)
+        wanted = min(left, self._engine.free_rows)
+        if not wanted or self._draining or not self._engine.busy:
+            return None
+        return wanted, time.monotonic() + WAIT_SHARE * self._engine.device_wait
 
     def _fail_all(self, error: ServiceError, cancel: bool = True) -> None:
         for rid, job in list(self._jobs.items()):

@@ -38,6 +38,7 @@ class ScriptedEngine:
         self.gate = gate  # a threading.Event: no row advances while it is clear
         self.prompts: list[list[int]] = []
         self.max_batch = 8
+        self.device_wait = 0.0  # what the engine reports its last read-back waited for the device
         self._rows: dict[int, _Row] = {}
         self._cancelled: set[int] = set()
         self._ids = itertools.count()
@@ -59,6 +60,10 @@ class ScriptedEngine:
     @property
     def busy(self) -> bool:
         return bool(self._rows)
+
+    @property
+    def free_rows(self) -> int:
+        return max(0, self.max_batch - len(self._rows))
 
     def step(self) -> list[Event]:
         events = [self._event(self._rows.pop(rid), (), "cancelled") for rid in sorted(self._cancelled)]

@@ -62,8 +62,12 @@ def test_rows_joining_and_cancelled_mid_generation_leave_the_others_exact(loaded
     late = {}
 
     def on_step(engine, step, rids):
+        if step == 0:
+            assert engine.free_rows == 1  # of 4: three wait to join
         if step == 4:
+            assert engine.device_wait > 0  # the last step read a round back
             late["join"] = engine.add(Request(prompt=batch[3], max_tokens=30))
+            assert engine.free_rows == 0
         if step == 6:
             engine.cancel(rids[1])
 

@@ -451,6 +451,61 @@ def test_a_full_queue_answers_429_with_retry_after(plain_tokenizer, pair):
         assert _health(url)["rejected"] == 1
 
 
+class _Logged(ScriptedEngine):
+    """Records its adds and steps in order: ("add", rid) and ("step", rids that finished)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.log: list[tuple] = []
+
+    def add(self, request: Request) -> int:
+        rid = super().add(request)
+        self.log.append(("add", rid))
+        return rid
+
+    def step(self):
+        events = super().step()
+        self.log.append(("step", {e.rid for e in events if e.finish_reason}))
+        return events
+
+
+@pytest.mark.parametrize("device_wait", [1.0, 0.0])
+def test_a_request_sent_when_an_answer_ends_joins_the_next_step_if_the_device_is_busy(
+    plain_tokenizer, pair, device_wait
+):
+    """A row ends; its client's next request comes 20 ms later. The worker waits for it before
+    the next step (up to half of what the last read-back waited for the device): it joins a
+    step sooner than one arriving during that step would. With no such wait to spare (0 s),
+    the other rows' next step goes first."""
+    engine = _Logged(pair[0], _script(plain_tokenizer, 300), stop_ids=[106], chunks=(1,), delay=0.05)
+    engine.device_wait = device_wait
+    worker = Worker(lambda: (None, plain_tokenizer, None), lambda m, d: engine)
+    worker.start()
+    prompt = plain_tokenizer.encode("hi", add_special_tokens=False)
+    done = threading.Event()
+
+    def next_request(item):  # the second row's client: its next request once its answer ended
+        if getattr(item, "finish_reason", None):
+            threading.Timer(0.02, worker.submit, [Job(Request(prompt=prompt, max_tokens=1), on_last)]).start()
+
+    def on_last(item):
+        if getattr(item, "finish_reason", None):
+            done.set()
+
+    long = Job(Request(prompt=prompt, max_tokens=200), lambda item: None)
+    worker.submit(long)
+    worker.submit(Job(Request(prompt=prompt, max_tokens=2), next_request))
+    try:
+        assert done.wait(10), "the third request did not finish"
+    finally:
+        worker.cancel(long)
+        worker.stop(10)
+    ended = next(i for i, (what, arg) in enumerate(engine.log) if what == "step" and arg == {1})
+    joined = engine.log.index(("add", 2))
+    steps_before = [what for what, _ in engine.log[ended + 1 : joined]].count("step")
+    assert steps_before == 0 if device_wait else steps_before >= 1, engine.log
+
+
 def test_sigterm_finishes_or_errors_what_is_in_flight(plain_tokenizer, pair):
     engine = ScriptedEngine(pair[0], _script(plain_tokenizer, 300), stop_ids=[106], delay=0.02)
     with serving(lambda: (None, plain_tokenizer, None), lambda m, d: engine, grace=1.5) as (url, server):
