@@ -71,7 +71,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", default="E2B", choices=list(SHAPES) + ["tiny"])
     p.add_argument("--bits", default="4", choices=["bf16", "4", "8"])
     p.add_argument("--clients", nargs="+", type=int, default=[1, 4, 8, 16])
-    p.add_argument("--requests", type=int, default=4, help="requests per client per trial")
+    p.add_argument(
+        "--requests",
+        type=int,
+        default=4,
+        help="requests per client per trial (few let the last wave's tail weigh: the server's "
+        "clients drift apart, the engine's rows end together)",
+    )
     p.add_argument("--prompt", type=int, default=256, help="prompt tokens")
     p.add_argument("--tokens", type=int, default=128, help="max tokens per request")
     p.add_argument("-k", "--num-draft-tokens", default="auto", help="ours: an int or 'auto'")
