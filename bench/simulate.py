@@ -3,10 +3,12 @@
 The loop is `speculative.py`'s, batched (`Loop`): it chooses round r+1 before it reads round r
 back, and reports a round's time only where its clock can tell (a round queued behind another,
 read back with another queued behind it; never a plain step queued behind a drafting round). At
-B > 1 a row that ends its conversation leaves and a new one takes its place. The card: rounds cost
-what the H100 measured (`truth`: the benchmark runs in bench/results at B = 1, the batched surface
-of shared/device/README.md at B > 1, or a batch benchmark's own costs: `BENCH`), times the card's noise (`Noise`, `Card`); the policy starts
-from costs measured with their own noise (`measured`). Acceptance: a row's draft j is kept with
+B > 1 a row that ends its conversation leaves and a new one takes its place (in a "served" case
+some rounds later, in a round that also runs its prefill and goes untimed: a server's clients).
+The card: rounds cost what the H100 measured (`truth`: the benchmark runs in bench/results at
+B = 1, the batched surface of shared/device/README.md at B > 1, or a batch benchmark's own costs:
+`BENCH`), times the card's noise (`Noise`, `Card`); the policy starts from costs measured with
+their own noise (`measured`). Acceptance: a row's draft j is kept with
 probability a_j once drafts 1..j-1 were (`PROFILES`), drawn per token position.
 
 Every case runs plain decoding, each fixed k, the heuristic and auto on the same draws (of
@@ -143,6 +145,10 @@ class Case:
     tokens: int = TOKENS  # per conversation
     queue: bool = True  # B > 1: a row that ends is replaced (False: the batch starts and ends together)
     turns: int = 1  # B = 1: conversations one after another, one policy (a chat, a server's one client)
+    # B > 1, queue: the server's clients. A row that ends is replaced `served` rounds later (its
+    # client's next request over HTTP), the round it joins in also runs its prompt's prefill and
+    # is not timed, as the engine's (0: replaced at once, in a round timed as any).
+    served: int = 0
 
     @property
     def conversations(self) -> int:
@@ -157,6 +163,7 @@ class Case:
         tail = (" cold" if self.cold else "") + (f" {self.tokens} tokens" if self.tokens != TOKENS else "")
         tail += " together" if not self.queue and self.batch > 1 else ""
         tail += f" {self.turns} in turn" if self.turns > 1 else ""
+        tail += f" served (+{self.served} rounds)" if self.served else ""
         return f"{self.shape} B={self.batch} {self.acceptance}{tail}"
 
 
@@ -169,6 +176,7 @@ PROFILES = {
     "switching": lambda slot, pos: uniform(0.9 if (pos + 17 * slot) // SWITCH_EVERY % 2 == 0 else 0.1),
 }
 COLD_FACTOR = 5.0
+PREFILL_FACTOR = 2.0  # a joining row's prompt prefill: this many one-row verifies of MAX_DRAFT drafts
 
 
 @dataclass(frozen=True)
@@ -285,6 +293,7 @@ class Loop:
         self.left = case.batch * case.conversations * (self.tokens - 1)  # tokens to read back
         self.rows: dict[int, _Row] = {}
         self.started = 0
+        self.arriving: list[tuple[int, int]] = []  # (round, slot): a served row's next request
         for slot in range(case.batch):
             self._start(slot)
         self.now = 0.0  # host time
@@ -294,17 +303,18 @@ class Loop:
 
     def run(self, policy: DraftLength) -> float:
         """Seconds until the batch has read back every conversation's tokens."""
-        pending, since = None, 0.0
+        pending, since, joined = None, 0.0, 0
         while self.left > 0:
+            joined += self._arrivals(idle=pending is None and not self.rows)
             active = list(self.rows)
-            limit = max(self._room(r, pending) for r in active)
-            if pending is not None and limit < 0:  # nothing fits behind it: drain
+            limit = max((self._room(r, pending) for r in active), default=-1)
+            if pending is not None and limit < 0:  # nothing fits behind it (or no row left): drain
                 self._read_back(pending, None, policy, since)
                 pending, since = None, self.now
                 continue
             limit = max(limit, 0)
             k = min(policy.choose(limit, active), limit, MAX_DRAFT)
-            queued = self._queue(k, active, pending)
+            queued, joined = self._queue(k, active, pending, joined), 0
             if pending is None:
                 pending = queued
                 continue
@@ -317,17 +327,28 @@ class Loop:
         self.started += 1
         self.rows[row] = _Row(slot, random.Random(self.seed * 1000 + row))
 
+    def _arrivals(self, idle: bool) -> int:
+        """Served rows whose requests have come (idle: the next ones, nothing else running) join
+        the round queued next; how many."""
+        now = min((a[0] for a in self.arriving), default=0) if idle else self.rounds
+        due = [a for a in self.arriving if a[0] <= now]
+        self.arriving = [a for a in self.arriving if a[0] > now]
+        for _, slot in due:
+            self._start(slot)
+        return len(due)
+
     def _room(self, row: int, pending: _Round | None) -> int:
         ahead = pending.k + 1 if pending is not None and row in pending.kept else 0
         return self.tokens - self.rows[row].generated - 1 - ahead
 
-    def _queue(self, k: int, active: list[int], pending: _Round | None) -> _Round:
+    def _queue(self, k: int, active: list[int], pending: _Round | None, joined: int = 0) -> _Round:
         kept = {}
         for r in active:
             kept[r] = self.rows[r].accept(self.profile, k) if k else 0
             self.rows[r].position += kept[r] + 1
         batch = len(active)
-        seconds = self.true.round(k, batch) * self.card.factor(self.device_free, self.rounds, k > 0)
+        seconds = self.true.round(k, batch) + joined * PREFILL_FACTOR * self.true.step(MAX_DRAFT)
+        seconds *= self.card.factor(self.device_free, self.rounds, k > 0)
         if self.case.cold and (batch, k) not in self.compiled:
             seconds *= COLD_FACTOR
         self.compiled.add((batch, k))
@@ -335,7 +356,8 @@ class Loop:
         self.device_free = start + seconds
         self.rounds += 1
         exact = pending is None or pending.k == 0
-        return _Round(k, kept, behind=pending is not None, exact=exact, end=self.device_free)
+        behind = pending is not None and not joined  # the engine times no round queued with a prefill
+        return _Round(k, kept, behind=behind, exact=exact, end=self.device_free)
 
     def _read_back(self, done: _Round, pending: _Round | None, policy: DraftLength, since: float) -> None:
         self.now = max(self.now, done.end)
@@ -352,7 +374,9 @@ class Loop:
             if row.generated >= self.tokens:
                 del self.rows[r]
                 policy.forget(r)
-                if self.case.queue:
+                if self.case.queue and self.case.served:
+                    self.arriving.append((self.rounds + self.case.served, row.slot))
+                elif self.case.queue:
                     self._start(row.slot)
 
 
@@ -434,8 +458,9 @@ def summary(case: Case, seconds: dict[str, list[float]]) -> dict:
 
 
 def cases(batches=(1, 4, 16)) -> list[Case]:
-    """Every shape x batch size x acceptance (the ragged mix only in batches), then at B = 1
-    longer generations (where probes back off) and cold kernels (compiles); for a `BENCH` shape
+    """Every shape x batch size x acceptance (the ragged mix only in batches), α 0.8 served at
+    each B > 1, then at B = 1 longer generations (where probes back off) and cold kernels
+    (compiles); for a `BENCH` shape
     its benchmark's generations too (64 tokens, the batch starting and ending together)."""
     out = []
     for shape in (*SURFACE, COMPUTE_BOUND, *BENCH):
@@ -443,6 +468,7 @@ def cases(batches=(1, 4, 16)) -> list[Case]:
         for b in batches:
             if b <= measured_sizes[-1]:
                 out += [Case(shape, b, a) for a in PROFILES if b > 1 or a != "ragged"]
+        out += [Case(shape, b, "α 0.8", served=1) for b in batches if 1 < b <= measured_sizes[-1]]
         out += [Case(shape, 1, a, tokens=1024) for a in ("α 0", "α 0.8")]
         out += [Case(shape, 1, a, cold=True) for a in ("α 0", "α 0.8")]
         out += [Case(shape, 1, a, tokens=64, turns=4) for a in ("α 0", "α 0.8")]

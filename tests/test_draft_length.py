@@ -511,6 +511,38 @@ def test_the_simulated_loop_chooses_one_round_ahead_and_times_as_the_loop_does()
     assert all(s == pytest.approx(true.round(k)) for k, s in policy.timed)
 
 
+def test_served_rows_join_later_and_their_rounds_go_untimed():
+    """The server's regime: a row that ends is replaced `served` rounds later, and a round that
+    runs a joining row's prefill costs that much more and is not timed; every timed round is a
+    plain round of its batch."""
+    case = simulate.Case("E2B bf16", 4, "α 0.8", tokens=12, served=2)
+    true = simulate.truth(case.shape)
+
+    class Batches(Recording):
+        def choose(self, limit, rows):
+            self.batches.append(len(rows))
+            return super().choose(limit, rows)
+
+        def observe_time(self, k, batch, seconds):
+            self.timed.append((k, batch, seconds))
+
+    policy = Batches([3])  # rows keep different numbers of drafts: they end apart
+    policy.batches = []
+    loop = simulate.Loop(case, true, simulate.Card(simulate.QUIET, 0), seed=0)
+    loop.run(policy)
+    assert loop.started > case.batch  # rows were replaced
+    assert min(policy.batches) < case.batch and policy.batches[-1] <= case.batch  # ... after a gap
+    gaps = [b for b in policy.batches if b < case.batch]
+    assert len(gaps) >= case.served  # a gap lasts `served` rounds at least
+    # A round with a prefill, timed, would read more than its own cost.
+    assert policy.timed and all(s == pytest.approx(true.round(k, b)) for k, b, s in policy.timed)
+    unserved = simulate.Case("E2B bf16", 4, "α 0.8", tokens=12)
+    again = Batches([3])
+    again.batches = []
+    simulate.Loop(unserved, true, simulate.Card(simulate.QUIET, 0), seed=0).run(again)
+    assert set(again.batches) == {case.batch}  # replaced at once
+
+
 @pytest.mark.parametrize(
     "case, least",
     [
