@@ -10,7 +10,9 @@ as subprocesses, as users start them:
   random `--prompt`-token prompt, greedy, `--tokens` tokens at most; the in-process engine keeps
   the same number of rows in flight over the same prompts;
 - tokens/s = completion tokens of all requests / wall time from the first request to the last
-  answer; the median of `--trials` after one warm-up round at the largest client count.
+  answer; the median of `--trials` after one warm-up round at the largest client count. Also
+  "until the last request was sent" (`_steady`): while every client still had requests to send,
+  without the run's tail of a few clients' last requests (with several requests a client).
 
 The sides of a case are up together (the servers idle while another side runs), and their
 trials alternate, the order turning each trial: a card whose speed drifts by 20% from one
@@ -75,8 +77,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "--requests",
         type=int,
         default=4,
-        help="requests per client per trial (few let the last wave's tail weigh: the server's "
-        "clients drift apart, the engine's rows end together)",
+        help="requests per client per trial (the fewer, the more the run's tail of last requests "
+        "weighs in its tokens/s; the rate until the last request was sent leaves it out)",
     )
     p.add_argument("--prompt", type=int, default=256, help="prompt tokens")
     p.add_argument("--tokens", type=int, default=128, help="max tokens per request")
@@ -132,19 +134,22 @@ def drive(url: str, texts: list[str], clients: int, tokens: int, seeds: bool = F
                 response = http.post(f"{url}/v1/completions", json=body)
                 response.raise_for_status()
                 answer = response.json()
+                end = time.perf_counter()
                 records.append(
                     {
                         "tokens": answer["usage"]["completion_tokens"],
-                        "seconds": time.perf_counter() - start,
+                        "start": start - began,
+                        "end": end - began,
+                        "seconds": end - start,
                         "drafting": answer.get("drafting"),
                     }
                 )
 
-    start = time.perf_counter()
+    began = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         for future in [pool.submit(client) for _ in range(clients)]:
             future.result()
-    return _totals(records, time.perf_counter() - start)
+    return _totals(records, time.perf_counter() - began)
 
 
 def _totals(records: list[dict], wall: float) -> dict:
@@ -152,6 +157,8 @@ def _totals(records: list[dict], wall: float) -> dict:
     out = {"requests": len(records), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
     if records and "seconds" in records[0]:
         out["median_request_s"] = statistics.median(r["seconds"] for r in records)
+    if records and "start" in records[0]:
+        out["steady_tokens_per_s"] = _steady(records)
     drafting = [r["drafting"] for r in records if r.get("drafting")]
     if drafting:
         rounds = sum(d["rounds"] for d in drafting)
@@ -159,6 +166,19 @@ def _totals(records: list[dict], wall: float) -> dict:
         out["accepted"] = sum(d["accepted"] for d in drafting)
         out["mean_accepted"] = out["accepted"] / rounds if rounds else 0.0
     return out
+
+
+def _steady(records: list[dict]) -> float:
+    """Tokens per second until the last request was sent, while every client had one to send
+    (the run's tail of a few clients' last requests left out): a request running across that
+    moment counts its tokens in proportion to its time before it. A run of one request: its own."""
+    cut = max(r["start"] for r in records)
+    if cut <= 0:
+        return sum(r["tokens"] for r in records) / max(r["end"] for r in records)
+    done = sum(
+        r["tokens"] * min(max((cut - r["start"]) / (r["end"] - r["start"]), 0.0), 1.0) for r in records
+    )
+    return done / cut
 
 
 @contextlib.contextmanager
@@ -243,8 +263,16 @@ def engine_run(engine, ids: list[list[int]], clients: int, tokens: int, seeds: b
                 in_flight -= 1
                 u = event.usage
                 drafting = {"drafted": u.drafted, "accepted": u.accepted, "rounds": u.rounds}
-                seconds = time.perf_counter() - added.pop(event.rid)  # as a client times its request
-                records.append({"tokens": u.generation_tokens, "seconds": seconds, "drafting": drafting})
+                added_at, now = added.pop(event.rid), time.perf_counter()  # as a client times its request
+                records.append(
+                    {
+                        "tokens": u.generation_tokens,
+                        "start": added_at - start,
+                        "end": now - start,
+                        "seconds": now - added_at,
+                        "drafting": drafting,
+                    }
+                )
     return _totals(records, time.perf_counter() - start)
 
 
@@ -279,6 +307,8 @@ def run_case(sides: dict, clients: int, trials: int) -> dict:
         best = dict(trial_runs[0])
         best["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in trial_runs)
         best["tokens_per_s_trials"] = [r["tokens_per_s"] for r in trial_runs]
+        if all("steady_tokens_per_s" in r for r in trial_runs):
+            best["steady_tokens_per_s_trials"] = [r["steady_tokens_per_s"] for r in trial_runs]
         out[label] = best
     return out
 
@@ -333,6 +363,7 @@ def save(results: dict, args) -> dict:
     report = {"environment": environment(), "arguments": {k: str(v) for k, v in vars(args).items()}}
     report["results"] = {side: {str(c): run for c, run in runs.items()} for side, runs in results.items()}
     report["ratios"] = _ratios(results)
+    report["steady_ratios"] = _ratios(results, "steady_tokens_per_s_trials")
     report["added_seconds"] = _added_seconds(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
@@ -359,9 +390,9 @@ def write_replays(pair: Path, ids: list[list[int]], args) -> dict[float, Path]:
     return out
 
 
-def _ratios(results: dict) -> dict:
+def _ratios(results: dict, trials: str = "tokens_per_s_trials") -> dict:
     """Per client count and case: our server's tokens/s over the in-process engine's and over
-    mlx_lm.server's, the median of the paired trials' ratios."""
+    mlx_lm.server's, the median of the paired trials' ratios (`trials`: which tokens/s)."""
     out = {}
     for label in [label for label in results if label.startswith("serve")]:
         case = label[len("serve") :]
@@ -369,11 +400,9 @@ def _ratios(results: dict) -> dict:
             if other in results:
                 serve, base = results[label], results[other]
                 out[f"{label}/{other}"] = {
-                    str(c): statistics.median(
-                        a / b for a, b in zip(serve[c]["tokens_per_s_trials"], base[c]["tokens_per_s_trials"])
-                    )
+                    str(c): statistics.median(a / b for a, b in zip(serve[c][trials], base[c][trials]))
                     for c in serve
-                    if c in base
+                    if c in base and trials in serve[c] and trials in base[c]
                 }
     return out
 
@@ -396,13 +425,20 @@ def _added_seconds(results: dict) -> dict:
 def _line(side: str, clients: int, run: dict) -> str:
     drafting = f", mean accepted {run['mean_accepted']:.2f}" if "mean_accepted" in run else ""
     latency = f", median request {run['median_request_s']:.2f} s" if "median_request_s" in run else ""
-    return f"{side:7} {clients:3} clients: {run['tokens_per_s']:8.1f} tok/s ({run['requests']} requests{latency}{drafting})"
+    steady = (
+        f", {run['steady_tokens_per_s']:.1f} until the last was sent" if "steady_tokens_per_s" in run else ""
+    )
+    return (
+        f"{side:7} {clients:3} clients: {run['tokens_per_s']:8.1f} tok/s ({run['requests']} requests"
+        f"{steady}{latency}{drafting})"
+    )
 
 
 def _ratio_lines(report: dict) -> list[str]:
     ratios = [
-        f"{name}: " + ", ".join(f"{c} clients x{r:.3f}" for c, r in by.items())
-        for name, by in report["ratios"].items()
+        f"{name}{kind}: " + ", ".join(f"{c} clients x{r:.3f}" for c, r in by.items())
+        for key, kind in (("ratios", ""), ("steady_ratios", ", until the last request was sent"))
+        for name, by in report[key].items()
     ]
     return ratios + [
         f"{name}, a request: " + ", ".join(f"{c} clients {s * 1e3:+.0f} ms" for c, s in by.items())

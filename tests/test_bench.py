@@ -237,6 +237,23 @@ def test_the_server_bench_replays_acceptance_through_the_server(tmp_path):
         - results["engine alpha=1.0"]["2"]["median_request_s"]
     )
     assert added == pytest.approx(expected)
+    steady = json.loads(out.read_text())["steady_ratios"]["serve alpha=1.0/engine alpha=1.0"]["2"]
+    assert steady > 0 and all(r["2"]["steady_tokens_per_s"] > 0 for r in results.values())
+
+
+def test_the_server_bench_leaves_the_last_requests_tail_out_of_its_steady_rate():
+    """Tokens per second until the last request was sent: requests done by then count whole, one
+    running across that moment in proportion, one sent then not at all."""
+    from bench import serve
+
+    records = [
+        {"tokens": 10, "start": 0.0, "end": 1.0},
+        {"tokens": 10, "start": 0.0, "end": 2.0},  # 1.5 of its 2 s before the cut: 7.5 tokens
+        {"tokens": 10, "start": 1.0, "end": 1.5},
+        {"tokens": 10, "start": 1.5, "end": 9.0},  # the last sent: the cut; a slow tail after it
+    ]
+    assert serve._steady(records) == pytest.approx((10 + 7.5 + 10) / 1.5)
+    assert serve._steady([{"tokens": 8, "start": 0.0, "end": 2.0}]) == 4.0  # one request: its own rate
 
 
 def test_the_server_bench_refuses_replayed_only_without_an_alpha(capsys):
