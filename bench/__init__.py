@@ -4,8 +4,10 @@ Per shape: the cost surface (one target forward of B rows x L tokens, the drafte
 per batch size B: our batched plain decoding against mlx-lm's batched generation on the same
 weights; then a cell per acceptance spec and draft length: the engine at replayed acceptance
 (`replay.py`) against our batched plain decoding in paired trials, with Leviathan's ideal from
-this run's costs and peak memory. One JSON of every measurement, written after every cell (a
-run cut short keeps its cells), a line per cell on stdout, and PNG plots with matplotlib.
+this run's costs and peak memory. The draft lengths of one spec share their trials: each trial
+runs plain and every draft length in turn, the order turning, so that the card's drift between
+minutes moves all of them alike. One JSON of every measurement, written after every spec (a run
+cut short keeps its cells), a line per cell on stdout, and PNG plots with matplotlib.
 `--quick` runs a tiny model (a CPU check of the whole pipeline).
 """
 
@@ -181,10 +183,10 @@ def _batch(target, drafter, proposer, rows, args, result: dict, entry: dict, war
                 f"{result['shape']} {result['bits']} B={B} {spec.name}: skipped (needs {len(spec.rows)} rows)"
             )
             continue
-        for k in args.ks:
-            cell = _cell(target, drafter, proposer, rows, plain.tokens, spec, k, args, result, warm)
-            entry["cells"].append(cell)
-            save()
+        cells = _cells(target, drafter, proposer, rows, plain.tokens, spec, args, result, warm)
+        entry["cells"] += cells
+        save()
+        for cell in cells:
             print(_cell_line(result, cell), flush=True)
 
 
@@ -222,15 +224,17 @@ def _baseline(target, rows, plain_tokens, args, entry: dict) -> None:
     )
 
 
-def _cell(target, drafter, proposer, rows, plain_tokens, spec, k, args, result, warm: set) -> dict:
-    """One acceptance spec and draft length at one batch: paired trials against batched plain.
-    `warm`: the (batch, k) already run (the first cell of each warms up: traces, kernels,
-    auto's costs; a fixed k's shapes at another acceptance need none)."""
-    name, k = k, parse_k(k)
+def _cells(target, drafter, proposer, rows, plain_tokens, spec, args, result, warm: set) -> list[dict]:
+    """Every draft length of `args.ks` at one acceptance spec and batch: paired trials against
+    batched plain, each trial running plain and every draft length in turn (the order turning
+    from trial to trial), so that a cell's ratio and the ratios between draft lengths all come
+    from the same minutes of the card. `warm`: the (batch, k) already run (the first cell of each
+    warms up: traces, kernels, auto's costs; a fixed k's shapes at another acceptance need none)."""
     B, n, vocab = len(rows), args.tokens, target.args.vocab_size
     chances = spec.chances(B)
+    ks = {name: parse_k(name) for name in args.ks}
 
-    def speculative(seed: int):
+    def speculative(k, seed: int):
         hits = draw_hits(chances, n, seed)
 
         def run(fed):
@@ -242,27 +246,33 @@ def _cell(target, drafter, proposer, rows, plain_tokens, spec, k, args, result, 
 
     # A policy drafts other lengths at another acceptance: it warms up at each (auto at alpha 0
     # drafts little, and its first run at 0.8 would compile its long verifies inside a trial).
-    key = (B, k, spec.name) if k in POLICIES else (B, k)
-    if key not in warm:
-        speculative(args.trials)  # on a seed no trial uses
-        warm.add(key)
-    plain, spec_runs, passes = [], [], []
+    for k in ks.values():
+        key = (B, k, spec.name) if k in POLICIES else (B, k)
+        if key not in warm:
+            speculative(k, args.trials)  # on a seed no trial uses
+            warm.add(key)
+    plain, runs, passes = [], {name: [] for name in ks}, {name: [] for name in ks}
+    sides = [None, *ks]  # None: plain
     for trial in range(args.trials):  # each trial draws its own hits (seed = trial, alike for every k)
-        if trial % 2 == 0:
-            plain.append(measure.engine_run(target, None, rows, n, 0))
-        run, settled_in = speculative(trial)
-        if trial % 2 == 1:
-            plain.append(measure.engine_run(target, None, rows, n, 0))
-        spec_runs.append(run)
-        passes.append(settled_in)
-    label = name if isinstance(k, tuple) else k  # a cycle by its --ks spelling
-    cell = {"batch": B} | _cell_stats(spec.name, label, plain, spec_runs, plain_tokens)
-    cell["replay_passes"] = max(passes)
-    costs = result["costs"].get(str(B))
-    if costs is not None:
-        cell |= _ideal(chances, k, costs, cell["speedup"], args.max_l)
-        cell |= _against_surface(cell, costs)
-    return cell
+        turn = trial % len(sides)
+        for side in sides[turn:] + sides[:turn]:
+            if side is None:
+                plain.append(measure.engine_run(target, None, rows, n, 0))
+                continue
+            run, settled_in = speculative(ks[side], trial)
+            runs[side].append(run)
+            passes[side].append(settled_in)
+    cells = []
+    for name, k in ks.items():
+        label = name if isinstance(k, tuple) else k  # a cycle by its --ks spelling
+        cell = {"batch": B} | _cell_stats(spec.name, label, plain, runs[name], plain_tokens)
+        cell["replay_passes"] = max(passes[name])
+        costs = result["costs"].get(str(B))
+        if costs is not None:
+            cell |= _ideal(chances, k, costs, cell["speedup"], args.max_l)
+            cell |= _against_surface(cell, costs)
+        cells.append(cell)
+    return cells
 
 
 def _rounds_ms(runs: list) -> float:

@@ -67,6 +67,27 @@ def test_batched_cells_replay_exactly_against_their_costs(tmp_path, known_costs)
     assert cells["ragged=0.9/0.2", 2]["ideal"] == pytest.approx(mix * verify["1"] / (verify["3"] + 2 * draft))
 
 
+def test_the_draft_lengths_of_a_spec_share_their_trials_in_turning_order(tmp_path, monkeypatch):
+    """Each trial runs plain and every draft length once, the order turning from trial to trial
+    (after each length's warm-up), and every cell pairs with the same plain runs."""
+    calls = []
+    engine_run = measure.engine_run
+
+    def logged(target, drafter, prompts, n, k, **kwargs):
+        calls.append(k.ks if isinstance(k, bench.Cycle) else k)
+        return engine_run(target, drafter, prompts, n, k, **kwargs)
+
+    monkeypatch.setattr(measure, "engine_run", logged)
+    out = tmp_path / "bench.json"
+    argv = TINY + ["--parts", "e2e", "--batches", "1", "--max-l", "4", "--alphas", "1", "--ks", "1", "1/3",
+                   "--trials", "3", "--out", str(out)]  # fmt: skip
+    assert bench.main(argv) == 0
+    assert calls[-9:] == [0, 1, (1, 3), 1, (1, 3), 0, (1, 3), 0, 1]  # after the warm-ups
+    cells = json.loads(out.read_text())["results"][0]["batches"]["1"]["cells"]
+    assert [c["k"] for c in cells] == [1, "1/3"]
+    assert cells[0]["plain_tokens_per_s"] == cells[1]["plain_tokens_per_s"]  # the same plain runs
+
+
 def test_a_cycle_of_draft_lengths_runs_a_round_of_each_and_is_held_to_the_surface(tmp_path):
     out = tmp_path / "bench.json"
     argv = TINY + ["--parts", "cost", "e2e", "--batches", "1", "--max-l", "4", "--alphas", "1", "--ks", "1/3",
