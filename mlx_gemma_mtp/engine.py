@@ -214,7 +214,7 @@ class Engine:
         self._pending: Queued | None = None
         self._firsts: list[_First] = []  # read with the next read-back
         self._read_at = time.perf_counter()
-        self.device_wait = 0.0  # seconds the last step's read-back waited for the device
+        self._device_wait = 0.0  # seconds the last step's read-back waited for the device
         self._next_rid = 0
 
     # ----------------------------------------------------------------------------------------
@@ -256,6 +256,13 @@ class Engine:
     @property
     def batch_size(self) -> int:
         return 0 if self._batch is None else len(self._batch.ids)
+
+    @property
+    def slack(self) -> float:
+        """Seconds the caller may wait before the next step without the device going idle:
+        what the last read-back waited for the device, while the round queued behind it runs
+        (0 when none is queued)."""
+        return self._device_wait if self._pending is not None else 0.0
 
     @property
     def free_rows(self) -> int:
@@ -310,10 +317,10 @@ class Engine:
         firsts, self._firsts = self._firsts, []
         now = time.perf_counter()
         events = []
-        self.device_wait = 0.0
+        self._device_wait = 0.0
         if done is not None:
             outcomes = done.read()
-            self.device_wait = time.perf_counter() - now
+            self._device_wait = time.perf_counter() - now
             self._observe(done, outcomes, now)
             events += self._round_events(done, outcomes)
             self._tighten(done, outcomes, queued)

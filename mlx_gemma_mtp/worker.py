@@ -166,8 +166,8 @@ class Worker:
         """One engine step, its events delivered. When rows left, how many new requests to wait
         for, and until when: a client whose answer just went out often sends its next request
         at once, and it joins a step sooner if that step waits for it. The wait is a share of
-        what the step's read-back waited for the device, which the round in flight keeps busy
-        meanwhile: waiting costs the other rows nothing."""
+        the engine's slack (what the step's read-back waited for the device, while a round
+        queued behind it runs): waiting costs the other rows nothing."""
         try:
             events = self._engine.step()
         except Exception as e:  # an engine bug: fail its rows, keep serving on a fresh engine
@@ -184,10 +184,10 @@ class Worker:
                 del self._jobs[event.rid]
                 left += 1
             job.deliver(event)
-        wanted = min(left, self._engine.free_rows)
-        if not wanted or self._draining or not self._engine.busy:
+        wanted, slack = min(left, self._engine.free_rows), self._engine.slack
+        if not wanted or not slack or self._draining:
             return None
-        return wanted, time.monotonic() + WAIT_SHARE * self._engine.device_wait
+        return wanted, time.monotonic() + WAIT_SHARE * slack
 
     def _fail_all(self, error: ServiceError, cancel: bool = True) -> None:
         for rid, job in list(self._jobs.items()):

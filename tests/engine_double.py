@@ -38,7 +38,7 @@ class ScriptedEngine:
         self.gate = gate  # a threading.Event: no row advances while it is clear
         self.prompts: list[list[int]] = []
         self.max_batch = 8
-        self.device_wait = 0.0  # what the engine reports its last read-back waited for the device
+        self.slack = 0.0  # seconds the engine says the device stays busy without a next step
         self._rows: dict[int, _Row] = {}
         self._cancelled: set[int] = set()
         self._ids = itertools.count()

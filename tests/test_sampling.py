@@ -345,6 +345,9 @@ def test_greedy_with_processors_is_exact(loaded):
     assert plain.tokens != decode(target, None, [PROMPT], 0, 40)[0].tokens, "no test"
     for k in (2, 5):
         assert decode(target, drafter, [PROMPT], k, 40, sampling=sampling)[0].tokens == plain.tokens
+    slack = []  # a drafting round is read before the next is queued: the device has no slack
+    decode(target, drafter, [PROMPT], 2, 8, sampling=sampling, on_step=lambda e, s, r: slack.append(e.slack))
+    assert len(slack) > 2 and max(slack) == 0
     plain = plain.tokens
     model = Model(target.args)
     model.model = target.model

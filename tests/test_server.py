@@ -469,16 +469,17 @@ class _Logged(ScriptedEngine):
         return events
 
 
-@pytest.mark.parametrize("device_wait", [1.0, 0.0])
+@pytest.mark.parametrize("slack", [1.0, 0.0])
 def test_a_request_sent_when_an_answer_ends_joins_the_next_step_if_the_device_is_busy(
-    plain_tokenizer, pair, device_wait
+    plain_tokenizer, pair, slack
 ):
     """A row ends; its client's next request comes 20 ms later. The worker waits for it before
-    the next step (up to half of what the last read-back waited for the device): it joins a
-    step sooner than one arriving during that step would. With no such wait to spare (0 s),
-    the other rows' next step goes first."""
+    the next step (up to half of the engine's slack: what the last read-back waited for the
+    device, with a round queued behind it): it joins a step sooner than one arriving during that
+    step would. With no slack (nothing in flight, or a host slower than the device), the other
+    rows' next step goes first."""
     engine = _Logged(pair[0], _script(plain_tokenizer, 300), stop_ids=[106], chunks=(1,), delay=0.05)
-    engine.device_wait = device_wait
+    engine.slack = slack
     worker = Worker(lambda: (None, plain_tokenizer, None), lambda m, d: engine)
     worker.start()
     prompt = plain_tokenizer.encode("hi", add_special_tokens=False)
@@ -503,7 +504,7 @@ def test_a_request_sent_when_an_answer_ends_joins_the_next_step_if_the_device_is
     ended = next(i for i, (what, arg) in enumerate(engine.log) if what == "step" and arg == {1})
     joined = engine.log.index(("add", 2))
     steps_before = [what for what, _ in engine.log[ended + 1 : joined]].count("step")
-    assert steps_before == 0 if device_wait else steps_before >= 1, engine.log
+    assert steps_before == 0 if slack else steps_before >= 1, engine.log
 
 
 def test_sigterm_finishes_or_errors_what_is_in_flight(plain_tokenizer, pair):
