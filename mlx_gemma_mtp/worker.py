@@ -22,8 +22,9 @@ from .threads import clear_streams_at_thread_exit
 
 log = logging.getLogger(__name__)
 
-# Of what a step's read-back waited for the device, the share the worker may then wait for new
-# requests (after rows left) before queueing the next round: the device stays busy meanwhile.
+# Of the engine's slack after a step in which rows left, the share the worker may wait for new
+# requests before queueing the next round (the device stays busy meanwhile; half: a margin for
+# the host's own work, which varies from step to step).
 WAIT_SHARE = 0.5
 
 
