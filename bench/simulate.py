@@ -80,7 +80,7 @@ COMPUTE_BOUND = "compute-bound"  # synthetic: a step costs 8 ms + 2 ms per row-t
 # A batch benchmark's own costs: B -> ms of a forward of B rows x L = 1, 2, ... tokens after a
 # 1024-token context, and B -> ms of a drafter step. r42 (bench/results/batch-e2b-bf16-r42.json,
 # H100, the run whose auto reached 66-73% of Leviathan's ideal); r46 (bench-e2b-bf16-256-b4-r46.json
-# and bench-e2b-bf16-256-b1-b8-r46.json, 256 tokens a row: auto 87 / 91 / 80% at B = 1 / 4 / 8).
+# and bench-e2b-bf16-256-b1-b8-r46.json; docs/auto.md compares them).
 BENCH = {
     "E2B bf16 r42": {
         1: (7.6, 11.9, 11.8, 12.0, 11.8, 11.8, 11.5, 11.2, 11.2),
