@@ -318,6 +318,10 @@ def _cell_stats(name: str, k, plain: list, runs: list, plain_tokens) -> dict:
         "row_rounds_by_k": {str(i): count for i, count in enumerate(lengths) if count},
         "ms_per_round": _rounds_ms(runs),
         "plain_ms_per_round": _rounds_ms(plain),
+        # Of a run's time, the share its read-backs waited for the device: near 1 the device
+        # bounds the rounds, lower the host's own work per round does.
+        "device_share": statistics.median(r.waited / r.seconds for r in runs),
+        "plain_device_share": statistics.median(p.waited / p.seconds for p in plain),
         "peak_gb": max(r.peak_gb for r in runs),
         "plain_peak_gb": max(p.peak_gb for p in plain),
         "same_as_plain": min(
@@ -354,18 +358,19 @@ def _baseline_line(result: dict, entry: dict) -> str:
 
 
 def _cell_line(result: dict, cell: dict) -> str:
-    ideal = (
+    detail = (
         f" ideal {cell['ideal']:.2f}x (k={cell['ideal_k']}, {cell['of_ideal']:.0%})"
         if "ideal" in cell
         else ""
     )
     if "beyond_plain" in cell:
-        ideal += (
+        detail += (
             f", rounds {cell['ms_per_round']:.1f} ms ({cell['beyond_plain']:.2f}x the surface's, as plain)"
         )
+    detail += f", waiting for the device {cell['device_share']:.0%} (plain {cell['plain_device_share']:.0%})"
     return (
         f"{result['shape']} {result['bits']} B={cell['batch']} {cell['acceptance']} k={cell['k']}: "
-        f"{cell['speedup']:.2f}x{ideal}, {cell['speedup_to_last']:.2f}x to the last token, "
+        f"{cell['speedup']:.2f}x{detail}, {cell['speedup_to_last']:.2f}x to the last token, "
         f"{cell['tokens_per_s']:.1f} tok/s, {cell['accepted_per_round']:.2f} accepted/round, "
         f"peak {cell['peak_gb']:.2f} / {cell['plain_peak_gb']:.2f} GB"
     )

@@ -197,6 +197,7 @@ class Run:
     rounds: int = 0  # row-rounds that drafted (a row's share of a drafting round)
     draft_lengths: list[int] = field(default_factory=lambda: [0] * (MAX_DRAFT + 1))  # row-rounds per k
     steps: int = 0  # steps read back in `seconds` (an engine's: one round of the batch each)
+    waited: float = 0.0  # of `seconds`, what the engine's read-backs waited for the device
 
     @property
     def tokens_per_s(self) -> float:
@@ -238,7 +239,11 @@ def engine_run(
             usage[event.rid] = event.usage
         kept = sum(sum(e.from_draft) for e in events)
         clock.tick(
-            all(tokens), sum(len(e.tokens) for e in events), kept, any(e.finish_reason for e in events)
+            all(tokens),
+            sum(len(e.tokens) for e in events),
+            kept,
+            any(e.finish_reason for e in events),
+            engine.device_wait,
         )
     return _run(tokens, clock, list(usage.values()))
 
@@ -246,19 +251,22 @@ def engine_run(
 class _Clock:
     """A run's clock: it starts once every row has its first token (prefill over) and then
     counts the tokens of every step, timing each into `steps` (ms, tokens, kept drafts); `full`:
-    (seconds, tokens) up to the step in which the first row finished."""
+    (seconds, tokens) up to the step in which the first row finished; `waited`: of the time, what
+    the steps waited for the device (`Engine.device_wait`)."""
 
     def __init__(self, steps: list | None):
         self.steps, self.start, self.last, self.generated, self.ticks = steps, None, None, 0, 0
         self.full: tuple[float, int] | None = None
+        self.waited = 0.0
 
-    def tick(self, started: bool, tokens: int, kept: int, finished: bool) -> None:
+    def tick(self, started: bool, tokens: int, kept: int, finished: bool, waited: float = 0.0) -> None:
         now = time.perf_counter()
         if self.start is None:
             self.start = self.last = now if started else None
             return
         self.generated += tokens
         self.ticks += 1
+        self.waited += waited
         if self.steps is not None:
             self.steps.append(((now - self.last) * 1e3, tokens, kept))
         self.last = now
@@ -273,7 +281,7 @@ def _run(tokens, clock: _Clock, usages) -> Run:
         drafted=sum(u.drafted for u in usages), accepted=sum(u.accepted for u in usages),
         rounds=sum(u.rounds for u in usages),
         draft_lengths=[sum(column) for column in zip(*(u.draft_lengths for u in usages))] or [0] * (MAX_DRAFT + 1),
-        steps=clock.ticks,
+        steps=clock.ticks, waited=clock.waited,
     )  # fmt: skip
 
 

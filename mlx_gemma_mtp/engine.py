@@ -258,6 +258,11 @@ class Engine:
         return 0 if self._batch is None else len(self._batch.ids)
 
     @property
+    def device_wait(self) -> float:
+        """Seconds the last step's read-back waited for the device (its host sync)."""
+        return self._device_wait
+
+    @property
     def slack(self) -> float:
         """Seconds the caller may wait before the next step without the device going idle:
         what the last read-back waited for the device, while the round queued behind it runs

@@ -99,6 +99,7 @@ def test_a_cycle_of_draft_lengths_runs_a_round_of_each_and_is_held_to_the_surfac
     assert rounds["1"] >= 3 and rounds["3"] >= 3 and rounds["1"] - rounds["3"] in (-1, 0, 1)
     assert set(rounds) <= {"0", "1", "2", "3"}  # fewer only where fewer tokens remain
     assert cell["ms_per_round"] > 0 and cell["plain_ms_per_round"] > 0
+    assert 0 < cell["device_share"] <= 1 and 0 < cell["plain_device_share"] <= 1  # read-backs waited
     assert math.isfinite(cell["surface_ms_per_round"]) and math.isfinite(cell["beyond_plain"])
 
 
