@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import astuple
 from pathlib import Path
 
 import httpx
@@ -53,6 +54,7 @@ from mlx_gemma_mtp import load_pair
 from mlx_gemma_mtp.engine import Engine, Request
 from mlx_gemma_mtp.generate import draft_length
 from mlx_gemma_mtp.sample import make_sampling
+from mlx_gemma_mtp.worker import Stats
 
 from . import environment, measure
 from .models import SHAPES, build
@@ -143,16 +145,37 @@ def drive(url: str, texts: list[str], clients: int, tokens: int, seeds: bool = F
                     }
                 )
 
+    before = _worker_stats(url)
     began = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         for future in [pool.submit(client) for _ in range(clients)]:
             future.result()
-    return _totals(records, time.perf_counter() - began)
+    wall = time.perf_counter() - began
+    after = _worker_stats(url)
+    stats = (
+        None
+        if before is None or after is None
+        else Stats(*(a - b for a, b in zip(astuple(after), astuple(before))))
+    )
+    return _totals(records, wall, stats)
 
 
-def _totals(records: list[dict], wall: float) -> dict:
+def _worker_stats(url: str) -> Stats | None:
+    """Our server's worker totals so far (`/health`); None from a server without them (mlx_lm)."""
+    engine = httpx.get(f"{url}/health", timeout=60).json().get("engine")
+    return None if engine is None else Stats(**engine)
+
+
+def _totals(records: list[dict], wall: float, stats: Stats | None = None) -> dict:
+    """A trial's totals; `stats`: what the engine's steps did in it (where the time went)."""
     tokens = sum(r["tokens"] for r in records)
     out = {"requests": len(records), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
+    if stats is not None and stats.steps:
+        out["steps"] = stats.steps
+        out["rows_per_step"] = stats.rows / stats.steps  # how full the batch ran
+        out["ms_per_step"] = stats.step_seconds / stats.steps * 1e3
+        out["device_share"] = stats.device_wait_seconds / wall  # near 1: the device was the limit
+        out["join_wait_share"] = stats.join_wait_seconds / wall
     if records:
         out["median_request_s"] = statistics.median(r["end"] - r["start"] for r in records)
         out["steady_tokens_per_s"] = _steady(records)
@@ -245,7 +268,7 @@ def open_server(side: str, pair: Path, texts: list[str], args, port: int, replay
 
 def engine_run(engine, ids: list[list[int]], clients: int, tokens: int, seeds: bool = False) -> dict:
     """Keep `clients` rows in flight over `ids`, as the server's clients do (seeds: as `drive`)."""
-    pending, in_flight, records, added = list(enumerate(ids)), 0, [], {}
+    pending, in_flight, records, added, stats = list(enumerate(ids)), 0, [], {}, Stats()
     start = time.perf_counter()
     while pending or engine.busy:
         while pending and in_flight < clients:
@@ -255,7 +278,10 @@ def engine_run(engine, ids: list[list[int]], clients: int, tokens: int, seeds: b
                 time.perf_counter()
             )
             in_flight += 1
-        for event in engine.step():
+        began = time.perf_counter()
+        events = engine.step()
+        stats.count_step(engine, time.perf_counter() - began)
+        for event in events:
             if event.finish_reason is not None:
                 in_flight -= 1
                 u = event.usage
@@ -268,7 +294,7 @@ def engine_run(engine, ids: list[list[int]], clients: int, tokens: int, seeds: b
                         "drafting": drafting,
                     }
                 )
-    return _totals(records, time.perf_counter() - start)
+    return _totals(records, time.perf_counter() - start, stats)
 
 
 @contextlib.contextmanager
@@ -423,9 +449,15 @@ def _line(side: str, clients: int, run: dict) -> str:
     steady = (
         f", {run['steady_tokens_per_s']:.1f} until the last was sent" if "steady_tokens_per_s" in run else ""
     )
+    steps = (
+        f"; {run['rows_per_step']:.1f} rows a step of {run['ms_per_step']:.1f} ms, waiting for the device "
+        f"{run['device_share']:.0%}, for requests {run['join_wait_share']:.0%}"
+        if "rows_per_step" in run
+        else ""
+    )
     return (
         f"{side:7} {clients:3} clients: {run['tokens_per_s']:8.1f} tok/s ({run['requests']} requests"
-        f"{steady}{latency}{drafting})"
+        f"{steady}{latency}{drafting}{steps})"
     )
 
 

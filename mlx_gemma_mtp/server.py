@@ -17,7 +17,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import uvicorn
 from fastapi import FastAPI
@@ -321,6 +321,7 @@ def create_app(worker: Worker, tokenizer, config: ServeConfig) -> FastAPI:
         state = {"model": config.model, "drafter": worker.drafter_source, "rows": worker.rows}
         state["pending"] = service.pending
         state.update(service.counts)
+        state["engine"] = asdict(worker.stats)
         if service.draining:
             return JSONResponse({"status": "shutting down", **state}, status_code=503)
         return {"status": "ok", **state}

@@ -49,6 +49,27 @@ class Job:
     rid: int | None = field(default=None, init=False)
 
 
+@dataclass
+class Stats:
+    """What the worker's engine did since start-up, totals (`/health` shows them): the rounds'
+    rows (their mean: how full the batch ran), and where the steps' time went (their read-backs'
+    wait for the device; the rest is the host's, this thread's and whatever it shared the
+    interpreter with)."""
+
+    steps: int = 0  # engine steps (while it held requests)
+    rows: int = 0  # the rows of the batch after each step (decoding, their round queued), summed
+    step_seconds: float = 0.0  # in the steps, their events delivered
+    device_wait_seconds: float = 0.0  # of step_seconds, the read-backs' wait for the device
+    join_wait_seconds: float = 0.0  # waiting for new requests between steps (`WAIT_SHARE`)
+
+    def count_step(self, engine, seconds: float) -> None:
+        """`engine` just stepped, in `seconds`."""
+        self.steps += 1
+        self.rows += engine.batch_size
+        self.step_seconds += seconds
+        self.device_wait_seconds += engine.device_wait
+
+
 class Worker:
     """Runs `load()` -> (model, tokenizer, drafter or None), as `load_pair` returns them, and
     `make_engine(model, drafter)` on its own thread, then serves jobs until `stop()`.
@@ -66,6 +87,7 @@ class Worker:
         self._thread = threading.Thread(target=self._run, name="mlx-worker", daemon=True)
         self._ready: concurrent.futures.Future = concurrent.futures.Future()
         self.drafter_source: str | None = None  # the drafter's directory, once loaded
+        self.stats = Stats()  # written by the worker thread only
 
     def start(self):
         """Start the thread and wait until the model is loaded and the engine built; returns the
@@ -130,10 +152,14 @@ class Worker:
             else:
                 timeout = until - time.monotonic()
                 block = wanted > 0 and timeout > 0
+            began = time.perf_counter()
             try:
                 name, arg = self._commands.get(block=block, timeout=timeout if block else None)
             except queue.Empty:
                 return True
+            finally:
+                if block and not idle:
+                    self.stats.join_wait_seconds += time.perf_counter() - began
             if not self._apply(name, arg):
                 return False
             idle = False  # then only what is queued already, or the requests waited for
@@ -169,6 +195,7 @@ class Worker:
         at once, and it joins a step sooner if that step waits for it. The wait is a share of
         the engine's slack (what the step's read-back waited for the device, while a round
         queued behind it runs): waiting costs the other rows nothing."""
+        began = time.perf_counter()
         try:
             events = self._engine.step()
         except Exception as e:  # an engine bug: fail its rows, keep serving on a fresh engine
@@ -185,6 +212,7 @@ class Worker:
                 del self._jobs[event.rid]
                 left += 1
             job.deliver(event)
+        self.stats.count_step(self._engine, time.perf_counter() - began)
         wanted, slack = min(left, self._engine.free_rows), self._engine.slack
         if not wanted or not slack or self._draining:
             return None

@@ -39,6 +39,7 @@ class ScriptedEngine:
         self.prompts: list[list[int]] = []
         self.max_batch = 8
         self.slack = 0.0  # seconds the engine says the device stays busy without a next step
+        self.device_wait = 0.0  # what the last step says it waited for the device
         self._rows: dict[int, _Row] = {}
         self._cancelled: set[int] = set()
         self._ids = itertools.count()
@@ -60,6 +61,10 @@ class ScriptedEngine:
     @property
     def busy(self) -> bool:
         return bool(self._rows)
+
+    @property
+    def batch_size(self) -> int:
+        return min(len(self._rows), self.max_batch)
 
     @property
     def free_rows(self) -> int:

@@ -229,6 +229,9 @@ def test_usage_and_drafting_statistics(served, pair):
     _, chunks = _streamed(client, text, stream_options={"include_usage": True})
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(tokens)
     assert chunks[-1].usage.prompt_tokens == len(prompt)
+    engine = _health(served)["engine"]  # the worker's totals: how full the batch ran, where time went
+    assert engine["steps"] >= rounds and 1 <= engine["rows"]
+    assert 0 < engine["device_wait_seconds"] < engine["step_seconds"]
 
 
 def test_the_next_turn_reuses_the_cache(served, pair):
@@ -505,6 +508,11 @@ def test_a_request_sent_when_an_answer_ends_joins_the_next_step_if_the_device_is
     joined = engine.log.index(("add", 2))
     steps_before = [what for what, _ in engine.log[ended + 1 : joined]].count("step")
     assert steps_before == 0 if slack else steps_before >= 1, engine.log
+    # the worker's totals say so too: it waited for the request (~20 ms), or not at all
+    stats = worker.stats
+    assert stats.join_wait_seconds > 0.01 if slack else stats.join_wait_seconds == 0, stats
+    assert stats.steps == [what for what, _ in engine.log].count("step") and stats.rows >= stats.steps - 2
+    assert stats.step_seconds >= 0.05 * stats.steps
 
 
 def test_sigterm_finishes_or_errors_what_is_in_flight(plain_tokenizer, pair):
