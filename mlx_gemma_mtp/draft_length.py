@@ -339,6 +339,12 @@ class Probes:
         self._fresh = True  # no choice made yet
         self._kept_at: int | None = None  # kept rounds when the stretch last chose; None: drafting
 
+    def waiting(self, kept_rounds: int) -> bool:
+        """In a plain stretch that `choose` would go on with whatever the rates say: no draft
+        kept since it began, and plain rounds left before its probe (the caller may then skip
+        the rates and call `choose` with best = 0)."""
+        return self.rules.kept_ends_stretch and self._kept_at == kept_rounds and self.left > 0
+
     def choose(self, best: int, probe: int, kept_rounds: int, stretch: int, thin: bool = False) -> int:
         """The next round's k. best: the k of the best rate (0: plain pays); probe: the k to
         probe with; kept_rounds: rounds seen that kept a draft; stretch: plain rounds between
@@ -381,6 +387,10 @@ class Auto:
         if limit <= 0 or not rows or self._blind:  # blind: a second guess would only repeat the first
             return 0
         horizon = MAX_DRAFT if self.rules.room_no_verdict else limit
+        if limit >= horizon and self.probes.waiting(self.acceptance.kept_rounds):
+            # A plain stretch goes on whatever the rates say: not computed (a useless drafter's
+            # every round is one of these, and at B = 8 the rates cost ~0.1 ms of host time).
+            return self.probes.choose(0, 0, self.acceptance.kept_rounds, 0)
         seconds = [self.cost.seconds(k, len(rows)) for k in range(horizon + 1)]
         rates = [n / s for n, s in zip(self.acceptance.expected(horizon, rows), seconds)]
         best = max(range(limit + 1), key=rates.__getitem__)

@@ -558,3 +558,31 @@ def test_the_simulation_holds_auto_to_its_targets(case, least):
     row = simulate.summary(case, simulate.simulate(case, 12, {}))
     against, bar = least
     assert row["auto"] / (1.0 if against == "plain" else row["best_fixed"]) >= bar, row
+
+
+def test_a_plain_stretch_skips_the_rates_and_chooses_as_it_would_with_them(monkeypatch):
+    """In a plain stretch no kept draft has ended, auto goes on plainly without computing the
+    rates (host time every round of a useless drafter: ~0.1 ms at B = 8), and every choice is the
+    one it makes computing them: the simulated loops take the same seconds with the shortcut off."""
+    taken = []
+    waiting = Probes.waiting
+    monkeypatch.setattr(Probes, "waiting", lambda self, kept: taken.append(waiting(self, kept)) or taken[-1])
+
+    def seconds(case: simulate.Case) -> list[float]:
+        true, out = simulate.truth(case.shape), []
+        for g in range(3):
+            policy = Auto(simulate.measured(true, simulate.Noise(), seed=10**6 + g))
+            out.append(simulate.Loop(case, true, simulate.Card(simulate.Noise(), seed=g), seed=g).run(policy))
+        return out
+
+    for case in (
+        simulate.Case("E2B bf16 r46", 4, "α 0"),
+        simulate.Case("E2B bf16 r46", 4, "switching"),
+        simulate.Case("E2B bf16", 16, "α 0", served=1),
+    ):
+        taken.clear()
+        with_shortcut = seconds(case)
+        assert sum(taken) > 10, case.name  # the shortcut was taken
+        with monkeypatch.context() as off:
+            off.setattr(Probes, "waiting", lambda self, kept: False)
+            assert seconds(case) == with_shortcut, case.name

@@ -230,7 +230,7 @@ def test_usage_and_drafting_statistics(served, pair):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(tokens)
     assert chunks[-1].usage.prompt_tokens == len(prompt)
     engine = _health(served)["engine"]  # the worker's totals: how full the batch ran, where time went
-    assert engine["steps"] >= rounds and 1 <= engine["rows"]
+    assert engine["steps"] >= rounds and engine["rows"] >= 1
     assert 0 < engine["device_wait_seconds"] < engine["step_seconds"]
 
 
