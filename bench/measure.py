@@ -225,7 +225,7 @@ def engine_run(
 ) -> Run:
     """Every prompt through one engine (one batch) to n tokens each, no stop ids. k: drafts per
     round (0: our plain decoding), "auto" / "heuristic" (a fresh policy). steps: gets each
-    timed step's (ms, tokens, kept drafts), all rows together."""
+    timed step's (ms, tokens, kept drafts, rows), all rows together."""
     policy = draft_length(k, target, drafter, len(prompts)) if isinstance(k, str) else k
     engine = Engine(target, drafter, num_draft_tokens=policy, max_batch=len(prompts), propose=propose)
     for prompt in prompts:
@@ -244,13 +244,15 @@ def engine_run(
             kept,
             any(e.finish_reason for e in events),
             engine.device_wait,
+            rows=sum(bool(e.tokens) for e in events),
         )
     return _run(tokens, clock, list(usage.values()))
 
 
 class _Clock:
     """A run's clock: it starts once every row has its first token (prefill over) and then
-    counts the tokens of every step, timing each into `steps` (ms, tokens, kept drafts); `full`:
+    counts the tokens of every step, timing each into `steps` (ms, tokens, kept drafts, rows that
+    got tokens); `full`:
     (seconds, tokens) up to the step in which the first row finished; `waited`: of the time, what
     the steps waited for the device (`Engine.device_wait`)."""
 
@@ -259,7 +261,9 @@ class _Clock:
         self.full: tuple[float, int] | None = None
         self.waited = 0.0
 
-    def tick(self, started: bool, tokens: int, kept: int, finished: bool, waited: float = 0.0) -> None:
+    def tick(
+        self, started: bool, tokens: int, kept: int, finished: bool, waited: float = 0.0, rows: int = 0
+    ) -> None:
         now = time.perf_counter()
         if self.start is None:
             self.start = self.last = now if started else None
@@ -268,7 +272,7 @@ class _Clock:
         self.ticks += 1
         self.waited += waited
         if self.steps is not None:
-            self.steps.append(((now - self.last) * 1e3, tokens, kept))
+            self.steps.append(((now - self.last) * 1e3, tokens, kept, rows))
         self.last = now
         if finished and self.full is None:
             self.full = (now - self.start, self.generated)
@@ -310,7 +314,8 @@ def mlx_lm_run(model, prompts: list[list[int]], n: int, steps: list | None = Non
         while responses := gen.next_generated():
             for r in responses:
                 tokens[r.uid].append(r.token)
-            clock.tick(all(tokens.values()), len(responses), 0, any(r.finish_reason for r in responses))
+            finished = any(r.finish_reason for r in responses)
+            clock.tick(all(tokens.values()), len(responses), 0, finished, rows=len(responses))
     finally:
         gen.close()
     return _run([tokens[uid] for uid in uids], clock, [])

@@ -1,13 +1,17 @@
 """When each step's tokens came out: our batched plain decoding, mlx-lm's batched generation and
-the engine with auto (replayed acceptance alpha) on one model and batch, run after run in turn
-(the order reversed every other turn), every step timestamped. Where auto loses to plain at
-alpha = 0, the slow steps say which rounds cost it.
+the engine with auto (and fixed `--ks`) at a replayed acceptance (`--alpha`, or any
+`--acceptance` spec such as ragged=0.9/0.2) on one model and batch, run after run in turn (the
+order reversed every other turn), every step timestamped. Where auto loses to plain at alpha = 0,
+the slow steps say which rounds cost it; where a batch's rows end apart, the steps by rows say
+what its tail of fewer rows cost.
 
     python -m bench.timeline --shape 31B --bits 4 --batch 4 --alpha 0 --runs 5 --out timeline.json
+    python -m bench.timeline --shape E2B --batch 4 --acceptance ragged=0.9/0.2 --ks 8 --tokens 256
 
 Prints per variant the median ms per row-token, the median over turns of plain's time over its
-own, and, of its median run, the steps that took over 1.5x that run's median (index, ms). The
-JSON holds every run's per-step ms, tokens and kept drafts (all rows together).
+own (to the last token), and, of its median run, the median step by the rows it served and the
+steps that took over 1.5x that run's median (index, ms). The JSON holds every run's per-step ms,
+tokens, kept drafts and rows (all rows together).
 """
 
 from __future__ import annotations
@@ -18,29 +22,33 @@ import statistics
 
 import mlx.core as mx
 
-from mlx_gemma_mtp.speculative import MAX_DRAFT, drafter_proposer
+from mlx_gemma_mtp.speculative import drafter_proposer
 
 from . import measure
 from .models import build
-from .replay import draw_hits, replay_proposer, replay_table
+from .replay import draw_hits, parse_acceptance, replay_proposer, replay_table
 
 SLOW = 1.5  # a step over this times its run's median is listed
 
 
-def variants(target, drafter, prompts, continuations, alpha: float) -> dict:
-    """name -> run(steps) -> measure.Run, each appending its steps' (ms, tokens, kept)."""
+def variants(target, drafter, prompts, continuations, acceptance: str, ks=()) -> dict:
+    """name -> run(steps) -> measure.Run, each appending its steps' (ms, tokens, kept, rows):
+    plain, mlx-lm, auto and each fixed k of `ks`, drafting at `acceptance` (`parse_acceptance`)."""
     n, vocab = len(continuations[0]), target.args.vocab_size
     real = drafter_proposer(drafter, target)
-    hits = draw_hits([[alpha] * MAX_DRAFT] * len(prompts), n, seed=0)
+    hits = draw_hits(parse_acceptance(acceptance).chances(len(prompts)), n, seed=0)
     propose = replay_proposer(real, replay_table(continuations, hits, vocab), [len(p) for p in prompts])
     model = measure.mlx_lm_model(target)
-    return {
+
+    def drafting(k):
+        return lambda steps: measure.engine_run(target, drafter, prompts, n, k, propose=propose, steps=steps)
+
+    out = {
         "plain": lambda steps: measure.engine_run(target, None, prompts, n, 0, steps=steps),
         "mlx-lm": lambda steps: measure.mlx_lm_run(model, prompts, n, steps=steps),
-        "auto": lambda steps: measure.engine_run(
-            target, drafter, prompts, n, "auto", propose=propose, steps=steps
-        ),
+        "auto": drafting("auto"),
     }
+    return out | {f"k={k}": drafting(k) for k in ks}
 
 
 def turns(makers: dict, continuations, runs: int) -> tuple[dict, list]:
@@ -65,18 +73,28 @@ def turns(makers: dict, continuations, runs: int) -> tuple[dict, list]:
 
 
 def report_lines(steps: dict) -> list[str]:
+    """Per variant: ms per row-token and its speed over plain's in the same turn (to the last
+    token), then of its median run the median step by the rows it served (a batch whose rows end
+    apart runs a tail of fewer rows) and the slow steps."""
     lines = []
     for name, runs in steps.items():
-        totals = [sum(ms for ms, _, _ in run) for run in runs]
-        tokens = [sum(t for _, t, _ in run) for run in runs]
+        totals = [sum(step[0] for step in run) for run in runs]
+        tokens = [sum(step[1] for step in run) for run in runs]
         median_run = runs[sorted(range(len(totals)), key=totals.__getitem__)[len(totals) // 2]]
-        typical = statistics.median(ms for ms, _, _ in median_run)
-        slow = [(i, round(ms, 1)) for i, (ms, _, _) in enumerate(median_run) if ms > SLOW * typical]
-        plain = [sum(ms for ms, _, _ in run) for run in steps["plain"]]
+        typical = statistics.median(step[0] for step in median_run)
+        slow = [(i, round(step[0], 1)) for i, step in enumerate(median_run) if step[0] > SLOW * typical]
+        by_rows: dict[int, list[float]] = {}
+        for ms, _, _, rows in median_run:
+            by_rows.setdefault(rows, []).append(ms)
+        rows = ", ".join(
+            f"{r}: {statistics.median(v):.1f} ms x{len(v)}" for r, v in sorted(by_rows.items(), reverse=True)
+        )
+        plain = [sum(step[0] for step in run) for run in steps["plain"]]
         ratio = statistics.median(p / total for p, total in zip(plain, totals))  # per turn
         per_token = statistics.median(total / t for total, t in zip(totals, tokens))
         lines.append(
-            f"{name:7s} {per_token:6.2f} ms/row-token ({ratio:.3f}x plain in its turn)  slow steps: {slow}"
+            f"{name:7s} {per_token:6.2f} ms/row-token ({ratio:.3f}x plain in its turn); "
+            f"steps by rows {rows}; slow steps: {slow}"
         )
     return lines
 
@@ -88,6 +106,10 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", type=int, default=256, help="prompt tokens per row")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--alpha", type=float, default=0.0)
+    p.add_argument(
+        "--acceptance", help="a replayed acceptance spec in place of --alpha (e.g. ragged=0.9/0.2)"
+    )
+    p.add_argument("--ks", type=int, nargs="*", default=[], help="fixed draft lengths to run beside auto")
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--out", help="also write every run's steps to this JSON file")
@@ -95,13 +117,14 @@ def main(argv=None) -> int:
     target, drafter = build(args.shape, bits=args.bits)
     prompts = measure.random_prompts(args.batch, args.prompt, target.args.vocab_size, seed=3)
     continuations = measure.engine_run(target, None, prompts, args.tokens, 0).tokens
+    acceptance = args.acceptance or f"alpha={args.alpha}"
     steps, orders = turns(
-        variants(target, drafter, prompts, continuations, args.alpha), continuations, args.runs
+        variants(target, drafter, prompts, continuations, acceptance, args.ks), continuations, args.runs
     )
     for line in report_lines(steps):
         print(line, flush=True)
     if args.out:
-        report = {"shape": args.shape, "bits": args.bits, "batch": args.batch, "alpha": args.alpha}
+        report = {"shape": args.shape, "bits": args.bits, "batch": args.batch, "acceptance": acceptance}
         with open(args.out, "w") as f:
             json.dump(report | {"steps": steps, "order": orders}, f)
     return 0

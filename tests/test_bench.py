@@ -198,36 +198,32 @@ def test_profile_splits_a_verify_into_its_parts(tmp_path):
         profile.main(["--shape", "tiny", "--lengths", "18"])
 
 
-def test_timeline_times_every_step_of_every_variant(tmp_path, known_costs):
+def test_timeline_times_every_step_of_every_variant(tmp_path, known_costs, capsys):
     from bench import timeline
 
     out = tmp_path / "timeline.json"
-    argv = [
-        "--shape",
-        "tiny",
-        "--batch",
-        "2",
-        "--prompt",
-        "16",
-        "--alpha",
-        "1",
-        "--tokens",
-        "8",
-        "--runs",
-        "2",
-    ]
-    assert timeline.main(argv + ["--out", str(out)]) == 0
+    argv = ["--shape", "tiny", "--batch", "2", "--prompt", "16", "--tokens", "8", "--runs", "2"]
+    assert timeline.main(argv + ["--alpha", "1", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     steps = report["steps"]
     assert set(steps) == {"plain", "mlx-lm", "auto"} and all(len(runs) == 2 for runs in steps.values())
     # Every token after each row's first, in steps: plain and mlx-lm one per row and step.
     for runs in steps.values():
-        assert all(
-            sum(tokens for _, tokens, _ in run) == 2 * 7 and all(ms > 0 for ms, _, _ in run) for run in runs
-        )
-    assert all(len(run) == 7 for run in steps["plain"] + steps["mlx-lm"])
-    assert all(sum(kept for _, _, kept in run) > 0 for run in steps["auto"])  # alpha = 1: auto keeps drafts
+        assert all(sum(step[1] for step in run) == 2 * 7 and all(step[0] > 0 for step in run) for run in runs)
+    assert all(len(run) == 7 and {step[3] for step in run} == {2} for run in steps["plain"] + steps["mlx-lm"])
+    assert all(sum(step[2] for step in run) > 0 for run in steps["auto"])  # alpha = 1: auto keeps drafts
     assert report["order"] == [["plain", "mlx-lm", "auto"], ["auto", "mlx-lm", "plain"]]
+    capsys.readouterr()
+    # A ragged batch with a fixed k: the row keeping every draft ends first, the other goes on alone.
+    argv += ["--acceptance", "ragged=1/0", "--ks", "3", "--out", str(out)]
+    assert timeline.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["acceptance"] == "ragged=1/0" and set(report["steps"]) == {"plain", "mlx-lm", "auto", "k=3"}
+    for run in report["steps"]["k=3"]:
+        rows = [step[3] for step in run]
+        assert rows == sorted(rows, reverse=True) and rows[0] == 2 and rows[-1] == 1, rows
+    printed = capsys.readouterr().out
+    assert "k=3" in printed and "steps by rows 2: " in printed and ", 1: " in printed
 
 
 def test_the_server_bench_replays_acceptance_through_the_server(tmp_path):
