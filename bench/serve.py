@@ -176,6 +176,8 @@ def _totals(records: list[dict], wall: float, stats: Stats | None = None) -> dic
         out["ms_per_step"] = stats.step_seconds / stats.steps * 1e3
         out["device_share"] = stats.device_wait_seconds / wall  # near 1: the device was the limit
         out["join_wait_share"] = stats.join_wait_seconds / wall
+        if stats.refills:  # how long a row that ended stayed empty until a request followed
+            out["refill_ms"] = stats.refill_seconds / stats.refills * 1e3
     if records:
         out["median_request_s"] = statistics.median(r["end"] - r["start"] for r in records)
         out["steady_tokens_per_s"] = _steady(records)
@@ -277,6 +279,7 @@ def engine_run(engine, ids: list[list[int]], clients: int, tokens: int, seeds: b
             added[engine.add(Request(prompt=prompt, max_tokens=tokens, sampling=sampling))] = (
                 time.perf_counter()
             )
+            stats.row_added()
             in_flight += 1
         began = time.perf_counter()
         events = engine.step()
@@ -284,6 +287,7 @@ def engine_run(engine, ids: list[list[int]], clients: int, tokens: int, seeds: b
         for event in events:
             if event.finish_reason is not None:
                 in_flight -= 1
+                stats.row_ended()
                 u = event.usage
                 drafting = {"drafted": u.drafted, "accepted": u.accepted, "rounds": u.rounds}
                 records.append(  # timed as a client times its request
@@ -452,6 +456,7 @@ def _line(side: str, clients: int, run: dict) -> str:
     steps = (
         f"; {run['rows_per_step']:.1f} rows a step of {run['ms_per_step']:.1f} ms, waiting for the device "
         f"{run['device_share']:.0%}, for requests {run['join_wait_share']:.0%}"
+        + (f", a row refilled {run['refill_ms']:.1f} ms after it ended" if "refill_ms" in run else "")
         if "rows_per_step" in run
         else ""
     )

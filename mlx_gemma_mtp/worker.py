@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,15 +53,21 @@ class Job:
 @dataclass
 class Stats:
     """What the worker's engine did since start-up, totals (`/health` shows them): the rounds'
-    rows (their mean: how full the batch ran), and where the steps' time went (their read-backs'
+    rows (their mean: how full the batch ran), where the steps' time went (their read-backs'
     wait for the device; the rest is the host's, this thread's and whatever it shared the
-    interpreter with)."""
+    interpreter with), and how soon a request followed a row that ended (a client's next
+    request, over HTTP)."""
 
     steps: int = 0  # engine steps (while it held requests)
     rows: int = 0  # the rows of the batch after each step (decoding, their round queued), summed
     step_seconds: float = 0.0  # in the steps, their events delivered
     device_wait_seconds: float = 0.0  # of step_seconds, the read-backs' wait for the device
     join_wait_seconds: float = 0.0  # waiting for new requests between steps (`WAIT_SHARE`)
+    refills: int = 0  # requests that reached the engine after a row had ended (one each)
+    refill_seconds: float = 0.0  # ... from that row's end to the request's arrival, summed
+
+    def __post_init__(self):
+        self._ended: deque[float] = deque()  # when rows ended that no request has followed yet
 
     def count_step(self, engine, seconds: float) -> None:
         """`engine` just stepped, in `seconds`."""
@@ -68,6 +75,19 @@ class Stats:
         self.rows += engine.batch_size
         self.step_seconds += seconds
         self.device_wait_seconds += engine.device_wait
+
+    def row_ended(self) -> None:
+        self._ended.append(time.perf_counter())
+
+    def row_added(self) -> None:
+        """A request reached the engine: it follows the earliest row end not yet followed."""
+        if self._ended:
+            self.refills += 1
+            self.refill_seconds += time.perf_counter() - self._ended.popleft()
+
+    def idle(self) -> None:
+        """The engine holds nothing: a later request follows no end (its client was away)."""
+        self._ended.clear()
 
 
 class Worker:
@@ -187,6 +207,7 @@ class Worker:
             job.deliver(RequestError(str(e)))
             return
         self._jobs[job.rid] = job
+        self.stats.row_added()
         job.deliver(job.rid)
 
     def _step(self) -> tuple[int, float] | None:
@@ -211,8 +232,11 @@ class Worker:
             if event.finish_reason is not None:
                 del self._jobs[event.rid]
                 left += 1
+                self.stats.row_ended()
             job.deliver(event)
         self.stats.count_step(self._engine, time.perf_counter() - began)
+        if not self._engine.busy:
+            self.stats.idle()
         wanted, slack = min(left, self._engine.free_rows), self._engine.slack
         if not wanted or not slack or self._draining:
             return None

@@ -238,15 +238,24 @@ def test_the_server_bench_replays_acceptance_through_the_server(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "serve.json"
-    argv = ["--shape", "tiny", "--bits", "bf16", "--clients", "2", "--requests", "1", "--prompt", "16"]
+    argv = ["--shape", "tiny", "--bits", "bf16", "--clients", "2", "--requests", "2", "--prompt", "16"]
     argv += ["--tokens", "12", "--trials", "1", "-k", "3", "--alphas", "1.0", "--sides", "serve", "engine"]
     assert serve.main([*argv, "--port", str(port), "--out", str(out)]) == 0
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"serve", "engine", "serve alpha=1.0", "engine alpha=1.0"}
     for label in ("serve alpha=1.0", "engine alpha=1.0"):
         run = results[label]["2"]
-        assert run["requests"] == 2 and run["drafted"] > 0 and run["accepted"] == run["drafted"], (label, run)
+        assert run["requests"] == 4 and run["drafted"] > 0 and run["accepted"] == run["drafted"], (label, run)
         assert 0 < run["median_request_s"] < run["wall_s"]  # each side times its requests as a client does
+    for label, by in results.items():  # each side's steps: the server's worker totals, the engine's own
+        run = by["2"]
+        assert run["steps"] > 0 and 0 < run["rows_per_step"] <= 2 and run["ms_per_step"] > 0, (label, run)
+        assert 0 <= run["device_share"] < 1, (label, run)
+    # In process a client's second request follows its first at once (the server's rows here end
+    # in the same step, the engine idles, and what follows is no refill: tests/test_server.py).
+    assert (
+        0 < results["engine alpha=1.0"]["2"]["refill_ms"] < results["engine alpha=1.0"]["2"]["wall_s"] * 1e3
+    )
     ratios = json.loads(out.read_text())["ratios"]
     assert "serve alpha=1.0/engine alpha=1.0" in ratios
     added = json.loads(out.read_text())["added_seconds"]["serve alpha=1.0 - engine alpha=1.0"]["2"]

@@ -513,6 +513,8 @@ def test_a_request_sent_when_an_answer_ends_joins_the_next_step_if_the_device_is
     assert stats.join_wait_seconds > 0.01 if slack else stats.join_wait_seconds == 0, stats
     assert stats.steps == [what for what, _ in engine.log].count("step") and stats.rows >= stats.steps - 2
     assert stats.step_seconds >= 0.05 * stats.steps
+    # one request followed a row's end, 20 ms later (its client's timer) and then some
+    assert stats.refills == 1 and 0.02 <= stats.refill_seconds < 1.0, stats
 
 
 def test_sigterm_finishes_or_errors_what_is_in_flight(plain_tokenizer, pair):
