@@ -497,19 +497,25 @@ class Engine:
             if rid in self._waiting:
                 self._waiting.remove(rid)
                 self._keep(row, row.cache, row.done, row.prompt[: row.done])
-            elif batch is not None and rid in batch.ids:
+            elif batch is not None and rid in batch.ids and self._keeps(row):
                 b = batch.ids.index(rid)
                 held = row.prompt + row.emitted[:-1] if row.emitted else row.prompt
-                cache = batch.cache if len(batch.ids) == 1 else None
-                self._keep(row, cache or batch.cache.take([b]), len(held), held)
+                cache = batch.cache if len(batch.ids) == 1 else batch.cache.take([b])
+                self._keep(row, cache, len(held), held)
         if batch is not None:
             keep = [b for b, rid in enumerate(batch.ids) if rid not in gone]
             if len(keep) < len(batch.ids):
                 self._batch = batch.take(keep) if keep else None
 
+    def _keeps(self, row: _Row) -> bool:
+        """Whether a row that leaves leaves its cache somewhere: its prompt cache or the store."""
+        return row.request.cache is not None or self.prefix_cache_size > 0
+
     def _keep(self, row: _Row, cache: Cache | None, position: int, held: list[int]) -> None:
-        """Leave the row's cache, at `position`, holding `held`, in its prompt cache or the store."""
-        if cache is None or not position or (row.request.cache is None and not self.prefix_cache_size):
+        """Leave the row's cache, at `position`, holding `held`, in its prompt cache or the store.
+        A copy taken from the batch is made now: unevaluated it would hold the whole batch's
+        buffers of that moment for as long as it is kept."""
+        if cache is None or not position or not self._keeps(row):
             return
         target = row.request.cache
         if target is None:
@@ -520,6 +526,7 @@ class Engine:
             while len(self._prefixes) > self.prefix_cache_size:
                 self._prefixes.popitem(last=False)
         cache.seek([position])
+        mx.async_eval(cache.state)
         target.cache, target.tokens = cache, held
 
 

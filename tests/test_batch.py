@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mlx_gemma_mtp import batch_generate, load, stream_batch_generate
-from mlx_gemma_mtp.engine import Engine, Request
+from mlx_gemma_mtp.engine import Engine, PromptCache, Request
 from mlx_gemma_mtp.generate import draft_length
 from mlx_gemma_mtp.sample import GREEDY, make_sampling
 from tests.fixtures import KINDS, SLIDING_WINDOW, VOCAB_SIZE
@@ -151,6 +151,28 @@ def test_prefix_cache_skips_what_a_finished_row_held(loaded):
     assert events[-1].usage.cached_tokens == len(first) + len(answer) - 1
     assert [t for e in events for t in e.tokens] == decode(target, None, [follow], 0, 10)[0].tokens
     assert rid == 1
+
+
+def test_a_kept_cache_holds_its_own_row_only(loaded):
+    """Rows leaving a batch at different steps leave their caches in their prompt caches: each
+    is that row's own copy, not a view holding the whole batch's buffers of its moment."""
+    import gc
+
+    import mlx.core as mx
+
+    target, drafter = loaded["dense"]
+    gc.collect()
+    before = mx.get_active_memory()
+    engine = Engine(target, drafter, num_draft_tokens=3, max_batch=4)
+    kept = [PromptCache() for _ in range(4)]
+    for i, prompt in enumerate(prompts(15, [60] * 4)):
+        engine.add(Request(prompt=prompt, max_tokens=5 + 9 * i, stop_ids=frozenset(), cache=kept[i]))
+    while engine.busy:
+        engine.step()
+    del engine
+    gc.collect()
+    rows = sum(a.nbytes for c in kept for a in c.cache.state)
+    assert mx.get_active_memory() - before <= 1.25 * rows, (mx.get_active_memory() - before, rows)
 
 
 def test_batch_generate_api(loaded, checkpoints):
