@@ -294,6 +294,17 @@ def _against_surface(cell: dict, costs: dict) -> dict:
     return {"surface_ms_per_round": surface, "round_vs_surface": ratio, "beyond_plain": ratio / plain}
 
 
+def _tail(runs: list) -> dict:
+    """The median over runs with a tail (rows ending apart) of its steps' median ms and count."""
+    tails = [r for r in runs if r.tail_step_ms is not None]
+    if not tails:
+        return {}
+    return {
+        "tail_step_ms": statistics.median(r.tail_step_ms for r in tails),
+        "tail_steps": statistics.median(r.tail_steps for r in tails),
+    }
+
+
 def _cell_stats(name: str, k, plain: list, runs: list, plain_tokens) -> dict:
     """Speedups while the batch is full (what the ideal models; plain's rows all finish at its
     last step) and to the last token (a fixed-length batch's tail of slow rows included)."""
@@ -318,6 +329,9 @@ def _cell_stats(name: str, k, plain: list, runs: list, plain_tokens) -> dict:
         "row_rounds_by_k": {str(i): count for i, count in enumerate(lengths) if count},
         "ms_per_round": _rounds_ms(runs),
         "plain_ms_per_round": _rounds_ms(plain),
+        # A step's ms while every row decoded, and after the first row ended (fewer rows)
+        "full_step_ms": statistics.median(r.full_step_ms for r in runs),
+        **_tail(runs),
         # Of a run's time, the share its read-backs waited for the device: near 1 the device
         # bounds the rounds, lower the host's own work per round does.
         "device_share": statistics.median(r.waited / r.seconds for r in runs),
@@ -368,6 +382,11 @@ def _cell_line(result: dict, cell: dict) -> str:
             f", rounds {cell['ms_per_round']:.1f} ms ({cell['beyond_plain']:.2f}x the surface's, as plain)"
         )
     detail += f", waiting for the device {cell['device_share']:.0%} (plain {cell['plain_device_share']:.0%})"
+    if "tail_step_ms" in cell:
+        detail += (
+            f", steps {cell['full_step_ms']:.1f} ms with every row, {cell['tail_step_ms']:.1f} ms "
+            f"after the first ended (x{cell['tail_steps']:.0f})"
+        )
     return (
         f"{result['shape']} {result['bits']} B={cell['batch']} {cell['acceptance']} k={cell['k']}: "
         f"{cell['speedup']:.2f}x{detail}, {cell['speedup_to_last']:.2f}x to the last token, "

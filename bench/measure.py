@@ -198,6 +198,9 @@ class Run:
     draft_lengths: list[int] = field(default_factory=lambda: [0] * (MAX_DRAFT + 1))  # row-rounds per k
     steps: int = 0  # steps read back in `seconds` (an engine's: one round of the batch each)
     waited: float = 0.0  # of `seconds`, what the engine's read-backs waited for the device
+    full_step_ms: float = 0.0  # the median step while every row decoded (to the first row's end)
+    tail_step_ms: float | None = None  # ... and after it, with fewer rows (None: rows ended together)
+    tail_steps: int = 0  # steps after it
 
     @property
     def tokens_per_s(self) -> float:
@@ -260,6 +263,7 @@ class _Clock:
         self.steps, self.start, self.last, self.generated, self.ticks = steps, None, None, 0, 0
         self.full: tuple[float, int] | None = None
         self.waited = 0.0
+        self.phases: tuple[list[float], list[float]] = ([], [])  # step ms: to the first end, after
 
     def tick(
         self, started: bool, tokens: int, kept: int, finished: bool, waited: float = 0.0, rows: int = 0
@@ -273,6 +277,7 @@ class _Clock:
         self.waited += waited
         if self.steps is not None:
             self.steps.append(((now - self.last) * 1e3, tokens, kept, rows))
+        self.phases[self.full is not None].append((now - self.last) * 1e3)
         self.last = now
         if finished and self.full is None:
             self.full = (now - self.start, self.generated)
@@ -286,6 +291,9 @@ def _run(tokens, clock: _Clock, usages) -> Run:
         rounds=sum(u.rounds for u in usages),
         draft_lengths=[sum(column) for column in zip(*(u.draft_lengths for u in usages))] or [0] * (MAX_DRAFT + 1),
         steps=clock.ticks, waited=clock.waited,
+        full_step_ms=statistics.median(clock.phases[0]) if clock.phases[0] else 0.0,
+        tail_step_ms=statistics.median(clock.phases[1]) if clock.phases[1] else None,
+        tail_steps=len(clock.phases[1]),
     )  # fmt: skip
 
 

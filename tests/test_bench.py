@@ -65,6 +65,11 @@ def test_batched_cells_replay_exactly_against_their_costs(tmp_path, known_costs)
     # ... and a ragged mix the mean of its rows' expected tokens (no clamping to either).
     mix = (1 + 0.9 + 0.81 + 1 + 0.2 + 0.04) / 2
     assert cells["ragged=0.9/0.2", 2]["ideal"] == pytest.approx(mix * verify["1"] / (verify["3"] + 2 * draft))
+    # Steps while every row decodes, and after the first row ended (the slow row alone); rows
+    # keeping every draft end together: no tail.
+    ragged = cells["ragged=0.9/0.2", 2]
+    assert ragged["full_step_ms"] > 0 and ragged["tail_step_ms"] > 0 and ragged["tail_steps"] >= 1, ragged
+    assert cells["alpha=1.0", 2]["full_step_ms"] > 0 and "tail_step_ms" not in cells["alpha=1.0", 2]
 
 
 def test_the_draft_lengths_of_a_spec_share_their_trials_in_turning_order(tmp_path, monkeypatch):
