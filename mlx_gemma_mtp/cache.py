@@ -51,6 +51,10 @@ class Positions:
         self.offset = mx.array(offsets, dtype=mx.int32)
         self.low, self.high, self.written = list(offsets), list(offsets), list(offsets)
         self.sliding_keys = 0  # sliding-ring slots the coming forward reads (`Cache.begin` sets it)
+        # Where the coming forward's L tokens go, [B, 1, L, 1], in a full layer's buffer and in a
+        # sliding ring (`Cache.begin` sets them: built once a forward, not once a layer)
+        self.write_slots: mx.array | None = None
+        self.ring_slots: mx.array | None = None
 
     @property
     def rows(self) -> int:
@@ -103,9 +107,8 @@ class FullLayer:
             self.keys[..., at : at + L, :] = keys
             self.values[..., at : at + L, :] = values
         else:
-            slots = p.queries(L)[:, None, :, None]  # [B, 1, L, 1]
-            self.keys = mx.put_along_axis(self.keys, slots, keys, axis=2)
-            self.values = mx.put_along_axis(self.values, slots, values, axis=2)
+            self.keys = mx.put_along_axis(self.keys, p.write_slots, keys, axis=2)
+            self.values = mx.put_along_axis(self.values, p.write_slots, values, axis=2)
         return self.keys[..., :end, :], self.values[..., :end, :]
 
 
@@ -142,9 +145,8 @@ class SlidingLayer:
             self.keys[..., start : start + L, :] = keys
             self.values[..., start : start + L, :] = values
         else:
-            slots = (p.queries(L) % self.capacity)[:, None, :, None]  # [B, 1, L, 1]
-            self.keys = mx.put_along_axis(self.keys, slots, keys, axis=2)
-            self.values = mx.put_along_axis(self.values, slots, values, axis=2)
+            self.keys = mx.put_along_axis(self.keys, p.ring_slots, keys, axis=2)
+            self.values = mx.put_along_axis(self.values, p.ring_slots, values, axis=2)
         return self.keys[..., : p.sliding_keys, :], self.values[..., : p.sliding_keys, :]
 
 
@@ -203,7 +205,8 @@ class Cache:
         if L > MAX_WRITE:
             raise ValueError(f"a forward appends at most {MAX_WRITE} positions, got {L}")
         p = self.positions
-        queries = p.queries(L)[:, None, :, None]  # [B, 1, L, 1]
+        queries = p.write_slots = p.queries(L)[:, None, :, None]  # [B, 1, L, 1]
+        p.ring_slots = queries % self.capacity if "sliding_attention" in self.kinds else None
         masks = {}
         if "full_attention" in self.kinds:
             if p.shared is not None:  # keys are exactly 0 .. position + L - 1
