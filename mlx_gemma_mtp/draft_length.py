@@ -297,7 +297,8 @@ class CostModel:
         self.costs, self.rules = costs, rules
         self._timings: dict[tuple[int, int], deque[float]] = {}  # (batch, k) -> its last timings
         self._median: dict[tuple[int, int], float] = {}  # ... their median
-        self._best_ratio = 1.0  # the least median / measured cost over the timed (batch, k)
+        self._ratio: dict[tuple[int, int], float] = {}  # ... over its measured cost
+        self._best_ratio = 1.0  # the least of those ratios
         self._compiled: set[tuple[int, int]] = set()  # first timings passed over as compiles
 
     def observe(self, k: int, batch: int, seconds: float) -> None:
@@ -310,7 +311,8 @@ class CostModel:
         window.append(seconds)
         self._median[key] = statistics.median(window)
         if self.rules.scale_untimed:
-            self._best_ratio = min(m / self.costs.round(k, b) for (b, k), m in self._median.items())
+            self._ratio[key] = self._median[key] / self.costs.round(k, batch)
+            self._best_ratio = min(self._ratio.values())
 
     def seconds(self, k: int, batch: int) -> float:
         """The estimate; a drafting round's at least `floor(k, batch)`."""
