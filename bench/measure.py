@@ -255,9 +255,9 @@ def engine_run(
 class _Clock:
     """A run's clock: it starts once every row has its first token (prefill over) and then
     counts the tokens of every step, timing each into `steps` (ms, tokens, kept drafts, rows that
-    got tokens); `full`:
-    (seconds, tokens) up to the step in which the first row finished; `waited`: of the time, what
-    the steps waited for the device (`Engine.device_wait`)."""
+    got tokens); `full`: (seconds, tokens) up to the step in which the first row finished;
+    `phases`: the steps' ms up to that step and after it; `waited`: of the time, what the steps
+    waited for the device (`Engine.device_wait`)."""
 
     def __init__(self, steps: list | None):
         self.steps, self.start, self.last, self.generated, self.ticks = steps, None, None, 0, 0
