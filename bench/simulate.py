@@ -212,6 +212,11 @@ class Case:
     # client's next request over HTTP), the round it joins in also runs its prompt's prefill and
     # is not timed, as the engine's (0: replaced at once, in a round timed as any).
     served: int = 0
+    # The device's share of a round's cost. 1: the device bounds the rounds (the host builds the
+    # next while it runs). Below 1 the host does: it builds each round in the round's cost, the
+    # device then runs it in this share of it, and the loop's clock (read-back to read-back)
+    # times the host building the round queued after the one it reads (E2B on an H100, r47).
+    device: float = 1.0
 
     @property
     def conversations(self) -> int:
@@ -227,6 +232,7 @@ class Case:
         tail += " together" if not self.queue and self.batch > 1 else ""
         tail += f" {self.turns} in turn" if self.turns > 1 else ""
         tail += f" served (+{self.served} rounds)" if self.served else ""
+        tail += f" host-bound (device {self.device:g})" if self.device < 1 else ""
         return f"{self.shape} B={self.batch} {self.acceptance}{tail}"
 
 
@@ -239,6 +245,9 @@ PROFILES = {
     "switching": lambda slot, pos: uniform(0.9 if (pos + 17 * slot) // SWITCH_EVERY % 2 == 0 else 0.1),
 }
 COLD_FACTOR = 5.0
+HOST_BOUND_DEVICE = (
+    0.5  # a host-bound case's device share of a round (a guess: r47's read-backs never waited)
+)
 PREFILL_FACTOR = 2.0  # a joining row's prompt prefill: this many one-row verifies of MAX_DRAFT drafts
 
 
@@ -415,7 +424,11 @@ class Loop:
         if self.case.cold and (batch, k) not in self.compiled:
             seconds *= COLD_FACTOR
         self.compiled.add((batch, k))
-        start = max(self.device_free, self.now + (self.card.noise.host if pending is None else 0.0))
+        idle = self.card.noise.host if pending is None else 0.0  # building into an idle pipeline
+        if self.case.device < 1:  # the host builds every round, in its cost; the device is quicker
+            self.now += seconds
+            seconds, idle = seconds * self.case.device, 0.0
+        start = max(self.device_free, self.now + idle)
         self.device_free = start + seconds
         self.rounds += 1
         exact = pending is None or pending.k == 0
@@ -523,8 +536,8 @@ def summary(case: Case, seconds: dict[str, list[float]]) -> dict:
 def cases(batches=(1, 4, 16)) -> list[Case]:
     """Every shape x batch size x acceptance (the ragged mix only in batches), α 0.8 served at
     each B > 1, then at B = 1 longer generations (where probes back off) and cold kernels
-    (compiles); for a `BENCH` shape
-    its benchmark's generations too (64 tokens, the batch starting and ending together)."""
+    (compiles); for a `BENCH` shape its benchmark's generations too (64 and 256 tokens, the
+    batch starting and ending together; at 256 also on a host-bound card, as r47 measured)."""
     out = []
     for shape in (*SURFACE, COMPUTE_BOUND, *BENCH):
         measured_sizes = truth(shape).batches
@@ -544,6 +557,13 @@ def cases(batches=(1, 4, 16)) -> list[Case]:
             ]
             out += [
                 Case(shape, b, "α 0.8", tokens=256, queue=False) for b in batches if b <= measured_sizes[-1]
+            ]
+            out += [  # as measured there: the host bounds E2B's rounds (r47)
+                Case(shape, b, a, tokens=256, queue=False, device=HOST_BOUND_DEVICE)
+                for b in batches
+                if b <= measured_sizes[-1]
+                for a in ("α 0", "α 0.8", "ragged")
+                if b > 1 or a != "ragged"
             ]
     return out
 

@@ -511,6 +511,25 @@ def test_the_simulated_loop_chooses_one_round_ahead_and_times_as_the_loop_does()
     assert all(s == pytest.approx(true.round(k)) for k, s in policy.timed)
 
 
+def test_a_host_bound_loop_times_the_host_building_the_next_round():
+    """Where the host bounds the rounds (device share < 1), the clock reads, between two
+    read-backs, the host building the round queued between them: a round is timed at the cost of
+    the round after it, as the engine's clock is where its read-backs never wait (E2B, r47); the
+    run takes the host's time, every round's cost one after another."""
+    case = simulate.Case("E2B bf16", 1, "α 0.8", device=0.4)
+    true = simulate.truth(case.shape)
+    moves = [1, 0, 0, 2, 0]
+    assert all(0.4 * true.round(k) < true.round(j) for k in moves for j in moves)  # the device keeps up
+    policy = Recording(moves)
+    seconds = simulate.Loop(case, true, simulate.Card(simulate.QUIET, 0), seed=0).run(policy)
+    chosen = policy.chosen
+    timed = [(k, chosen[r + 1]) for r, k in enumerate(chosen[:-1]) if r and (k or not chosen[r - 1])]
+    assert [k for k, _ in policy.timed[:20]] == [k for k, _ in timed[:20]]
+    assert all(s == pytest.approx(true.round(after)) for (_, s), (_, after) in zip(policy.timed[:20], timed))
+    assert seconds == pytest.approx(sum(true.round(k) for k in chosen), rel=0.02)
+    assert "host-bound" in case.name and "host-bound" not in simulate.Case("E2B bf16", 1, "α 0.8").name
+
+
 def test_served_rows_join_later_and_their_rounds_go_untimed():
     """The server's regime: a row that ends is replaced `served` rounds later, and a round that
     runs a joining row's prefill costs that much more and is not timed; every timed round is a
