@@ -176,7 +176,7 @@ def _totals(records: list[dict], wall: float, stats: Stats | None = None) -> dic
         out["ms_per_step"] = stats.step_seconds / stats.steps * 1e3
         out["device_share"] = stats.device_wait_seconds / wall  # near 1: the device was the limit
         out["join_wait_share"] = stats.join_wait_seconds / wall
-        if stats.refills:  # how long a row that ended stayed empty until a request followed
+        if stats.refills:  # from a row's end until a request followed (its client's next, over HTTP)
             out["refill_ms"] = stats.refill_seconds / stats.refills * 1e3
     if records:
         out["median_request_s"] = statistics.median(r["end"] - r["start"] for r in records)
@@ -279,7 +279,7 @@ def engine_run(engine, ids: list[list[int]], clients: int, tokens: int, seeds: b
             added[engine.add(Request(prompt=prompt, max_tokens=tokens, sampling=sampling))] = (
                 time.perf_counter()
             )
-            stats.row_added()
+            stats.row_added(time.perf_counter())
             in_flight += 1
         began = time.perf_counter()
         events = engine.step()
@@ -456,7 +456,7 @@ def _line(side: str, clients: int, run: dict) -> str:
     steps = (
         f"; {run['rows_per_step']:.1f} rows a step of {run['ms_per_step']:.1f} ms, waiting for the device "
         f"{run['device_share']:.0%}, for requests {run['join_wait_share']:.0%}"
-        + (f", a row refilled {run['refill_ms']:.1f} ms after it ended" if "refill_ms" in run else "")
+        + (f", the next request {run['refill_ms']:.1f} ms after a row ended" if "refill_ms" in run else "")
         if "rows_per_step" in run
         else ""
     )

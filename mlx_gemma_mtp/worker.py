@@ -48,6 +48,7 @@ class Job:
     request: Any  # engine.Request
     deliver: Callable[[object], None]
     rid: int | None = field(default=None, init=False)
+    submitted: float = field(default=0.0, init=False)  # perf_counter() when it reached the worker's queue
 
 
 @dataclass
@@ -63,8 +64,8 @@ class Stats:
     step_seconds: float = 0.0  # in the steps, their events delivered
     device_wait_seconds: float = 0.0  # of step_seconds, the read-backs' wait for the device
     join_wait_seconds: float = 0.0  # waiting for new requests between steps (`WAIT_SHARE`)
-    refills: int = 0  # requests that reached the engine after a row had ended (one each)
-    refill_seconds: float = 0.0  # ... from that row's end to the request's arrival, summed
+    refills: int = 0  # requests that came after a row had ended (one each)
+    refill_seconds: float = 0.0  # ... from that row's end to the request's arrival in the queue, summed
 
     def __post_init__(self):
         self._ended: deque[float] = deque()  # when rows ended that no request has followed yet
@@ -79,11 +80,12 @@ class Stats:
     def row_ended(self) -> None:
         self._ended.append(time.perf_counter())
 
-    def row_added(self) -> None:
-        """A request reached the engine: it follows the earliest row end not yet followed."""
+    def row_added(self, arrived: float) -> None:
+        """A request that arrived at `arrived` (perf_counter) joined the engine: it follows the
+        earliest row end not yet followed."""
         if self._ended:
             self.refills += 1
-            self.refill_seconds += time.perf_counter() - self._ended.popleft()
+            self.refill_seconds += max(arrived - self._ended.popleft(), 0.0)
 
     def idle(self) -> None:
         """The engine holds nothing: a later request follows no end (its client was away)."""
@@ -121,6 +123,7 @@ class Worker:
         return len(self._jobs)
 
     def submit(self, job: Job) -> None:
+        job.submitted = time.perf_counter()
         self._commands.put(("add", job))
 
     def cancel(self, job: Job, keep: int | None = None) -> None:
@@ -207,7 +210,7 @@ class Worker:
             job.deliver(RequestError(str(e)))
             return
         self._jobs[job.rid] = job
-        self.stats.row_added()
+        self.stats.row_added(job.submitted)
         job.deliver(job.rid)
 
     def _step(self) -> tuple[int, float] | None:
