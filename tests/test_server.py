@@ -472,64 +472,19 @@ class _Logged(ScriptedEngine):
         return events
 
 
-@pytest.mark.parametrize("slack", [1.0, 0.0])
-def test_a_request_sent_when_an_answer_ends_joins_the_next_step_if_the_device_is_busy(
-    plain_tokenizer, pair, slack
-):
-    """A row ends; its client's next request comes 20 ms later. The worker waits for it before
-    the next step (up to half of the engine's slack: what the last read-back waited for the
-    device, with a round queued behind it): it joins a step sooner than one arriving during that
-    step would. With no slack (nothing in flight, or a host slower than the device), the other
-    rows' next step goes first."""
-    engine = _Logged(pair[0], _script(plain_tokenizer, 300), stop_ids=[106], chunks=(1,), delay=0.05)
+def _client_behind_a_long_row(tokenizer, pair, gap: float, requests: int, slack: float = 0.0):
+    """One long row decodes (50 ms steps, a token each) while a client sends `requests`
+    two-token requests, each `gap` s after its last answer ended, the engine saying `slack`.
+    The engine's log of adds and steps, for each follow-up request the steps between the end
+    before it and its add, and the worker's totals."""
+    engine = _Logged(pair[0], _script(tokenizer, 400), stop_ids=[106], chunks=(1,), delay=0.05)
     engine.slack = slack
-    worker = Worker(lambda: (None, plain_tokenizer, None), lambda m, d: engine)
+    worker = Worker(lambda: (None, tokenizer, None), lambda m, d: engine)
     worker.start()
-    prompt = plain_tokenizer.encode("hi", add_special_tokens=False)
-    done = threading.Event()
+    prompt = tokenizer.encode("hi", add_special_tokens=False)
+    done, left = threading.Event(), [requests]
 
-    def next_request(item):  # the second row's client: its next request once its answer ended
-        if getattr(item, "finish_reason", None):
-            threading.Timer(0.02, worker.submit, [Job(Request(prompt=prompt, max_tokens=1), on_last)]).start()
-
-    def on_last(item):
-        if getattr(item, "finish_reason", None):
-            done.set()
-
-    long = Job(Request(prompt=prompt, max_tokens=200), lambda item: None)
-    worker.submit(long)
-    worker.submit(Job(Request(prompt=prompt, max_tokens=2), next_request))
-    try:
-        assert done.wait(10), "the third request did not finish"
-    finally:
-        worker.cancel(long)
-        worker.stop(10)
-    ended = next(i for i, (what, arg) in enumerate(engine.log) if what == "step" and arg == {1})
-    joined = engine.log.index(("add", 2))
-    steps_before = [what for what, _ in engine.log[ended + 1 : joined]].count("step")
-    assert steps_before == 0 if slack else steps_before >= 1, engine.log
-    # the worker's totals say so too: it waited for the request (~20 ms)
-    stats = worker.stats
-    assert stats.join_wait_seconds > 0.01 or not slack, stats
-    assert stats.steps == [what for what, _ in engine.log].count("step") and stats.rows >= stats.steps - 2
-    assert stats.step_seconds >= 0.05 * stats.steps
-    # one request followed a row's end, 20 ms later (its client's timer) and then some
-    assert stats.refills == 1 and 0.02 <= stats.refill_seconds < 1.0, stats
-
-
-@pytest.mark.parametrize("gap, waits", [(0.005, True), (0.04, False)])
-def test_a_host_bound_worker_waits_for_requests_that_come_quickly(plain_tokenizer, pair, gap, waits):
-    """No slack (the host bounds the steps, 50 ms each here), one row staying: a request that
-    follows an ended row within half a step (the wait's budget: half of a step x 1 awaited / 1
-    staying) joins the next step once the worker has seen requests come that quickly; one that
-    comes later is never waited for (a wait there would only delay the staying row)."""
-    engine = _Logged(pair[0], _script(plain_tokenizer, 400), stop_ids=[106], chunks=(1,), delay=0.05)
-    worker = Worker(lambda: (None, plain_tokenizer, None), lambda m, d: engine)
-    worker.start()
-    prompt = plain_tokenizer.encode("hi", add_special_tokens=False)
-    done, left = threading.Event(), [6]
-
-    def again(item):  # a client: its next request `gap` s after each answer, six in all
+    def again(item):  # the client: its next request `gap` s after each answer
         if getattr(item, "finish_reason", None):
             left[0] -= 1
             if not left[0]:
@@ -548,7 +503,35 @@ def test_a_host_bound_worker_waits_for_requests_that_come_quickly(plain_tokenize
     log = engine.log
     ends = [i for i, (what, arg) in enumerate(log) if what == "step" and arg - {0}]
     adds = [i for i, (what, rid) in enumerate(log) if what == "add" and rid >= 2]
-    steps_between = [[w for w, _ in log[e + 1 : a]].count("step") for e, a in zip(ends, adds)]
+    return log, [[w for w, _ in log[e + 1 : a]].count("step") for e, a in zip(ends, adds)], worker.stats
+
+
+@pytest.mark.parametrize("slack", [1.0, 0.0])
+def test_a_request_sent_when_an_answer_ends_joins_the_next_step_if_the_device_is_busy(
+    plain_tokenizer, pair, slack
+):
+    """A row ends; its client's next request comes 20 ms later. The worker waits for it before
+    the next step (up to half of the engine's slack: what the last read-back waited for the
+    device, with a round queued behind it): it joins a step sooner than one arriving during that
+    step would. With no slack (nothing in flight, or a host slower than the device), the other
+    rows' next step goes first."""
+    log, (steps_before,), stats = _client_behind_a_long_row(plain_tokenizer, pair, 0.02, 2, slack)
+    assert steps_before == 0 if slack else steps_before >= 1, log
+    # the worker's totals say so too: it waited for the request (~20 ms)
+    assert stats.join_wait_seconds > 0.01 or not slack, stats
+    assert stats.steps == [what for what, _ in log].count("step") and stats.rows >= stats.steps - 2
+    assert stats.step_seconds >= 0.05 * stats.steps
+    # one request followed a row's end, 20 ms later (its client's timer) and then some
+    assert stats.refills == 1 and 0.02 <= stats.refill_seconds < 1.0, stats
+
+
+@pytest.mark.parametrize("gap, waits", [(0.005, True), (0.04, False)])
+def test_a_host_bound_worker_waits_for_requests_that_come_quickly(plain_tokenizer, pair, gap, waits):
+    """No slack (the host bounds the steps, 50 ms each here), one row staying: a request that
+    follows an ended row within half a step (the wait's budget: half of a step x 1 awaited / 1
+    staying) joins the next step once the worker has seen requests come that quickly; one that
+    comes later is never waited for (a wait there would only delay the staying row)."""
+    log, steps_between, _ = _client_behind_a_long_row(plain_tokenizer, pair, gap, 6)
     assert len(steps_between) == 5 and steps_between[0] >= 1, log  # the first: nothing known yet
     assert all(n == 0 for n in steps_between[1:]) if waits else all(n >= 1 for n in steps_between), log
 
