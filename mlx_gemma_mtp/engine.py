@@ -6,7 +6,8 @@ long prompt never stalls the batch for more than a chunk. Rounds are pipelined: 
 round r+1 and then reads round r back (the one host sync of a step), so the device works while
 the host turns outcomes into events. Rows join and leave between rounds without draining the
 pipeline: a joining row's first token is read with the round it rides along, and a leaving
-row's share of the round in flight is dropped.
+row's share of the round in flight is dropped. A row that ends holds its slot for the next
+request to join (`HOLD_STEPS`), so the batch does not change size with every row that ends.
 
 Each row keeps exactly what it accepted: its own position and cache extent (`cache.py`), its
 own sampling settings and seed. One k per round for every row (the verify forward has one
@@ -43,6 +44,10 @@ from .speculative import (
 from .target import Target
 
 MAX_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's limit)
+# A finished row's slot stays in the batch, decoding for nobody, for up to this many steps or
+# until a joining request takes it, so that the rounds keep their shape (docs/engine.md, "Held
+# slots": what a new batch size costs); held slots go all at once (`Engine._release`).
+HOLD_STEPS = 8
 
 
 @dataclass
@@ -184,6 +189,7 @@ class Engine:
     plainly). max_batch: rows decoded together; more requests wait. prefix_cache_size: finished
     rows' caches kept for reuse by a request that continues them (0: none). propose: drafts
     from elsewhere than `drafter` (a benchmark's replayed continuation, a test's script).
+    hold_steps: how long a finished row's slot waits for a request (`HOLD_STEPS`; 0: none).
     """
 
     def __init__(
@@ -195,9 +201,13 @@ class Engine:
         max_batch: int = 8,
         prefix_cache_size: int = 0,
         propose: Proposer | None = None,
+        hold_steps: int = HOLD_STEPS,
     ):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
+        if not isinstance(hold_steps, int) or hold_steps < 0:
+            raise ValueError(f"hold_steps must be an int >= 0, got {hold_steps!r}")
+        self.hold_steps = hold_steps
         self.model = model
         self.policy = Fixed(num_draft_tokens) if isinstance(num_draft_tokens, int) else num_draft_tokens
         if propose is None and drafter is not None:
@@ -213,6 +223,8 @@ class Engine:
         self._batch: Rows | None = None  # the decoding rows
         self._pending: Queued | None = None
         self._firsts: list[_First] = []  # read with the next read-back
+        self._held: dict[int, int] = {}  # finished rows still in the batch (held slots) -> step they ended
+        self._steps = 0
         self._read_at = time.perf_counter()
         self._device_wait = 0.0  # seconds the last step's read-back waited for the device
         self._next_rid = 0
@@ -255,6 +267,12 @@ class Engine:
 
     @property
     def batch_size(self) -> int:
+        """Rows decoding (not counting held slots)."""
+        return 0 if self._batch is None else len(self._batch.ids) - len(self._held)
+
+    @property
+    def slots(self) -> int:
+        """Rows a round runs: the decoding ones and the slots held for joining requests."""
         return 0 if self._batch is None else len(self._batch.ids)
 
     @property
@@ -276,7 +294,7 @@ class Engine:
 
     def _occupied(self) -> int:
         """Rows decoding, and rows whose only token is being read."""
-        decoding = set() if self._batch is None else set(self._batch.ids)
+        decoding = set() if self._batch is None else set(self._batch.ids) - set(self._held)
         return len(decoding) + sum(f.rid not in decoding for f in self._firsts)
 
     # ----------------------------------------------------------------------------------------
@@ -285,7 +303,9 @@ class Engine:
     def step(self) -> list[Event]:
         """One round for every decoding row, and prefill for rows waiting to join; the events
         read back. [] when idle."""
+        self._steps += 1
         events = self._cancelled()
+        self._release(expired_only=True)
         admitted = self._admit()
         queued = self._queue(timed=not admitted)
         return events + self._read_back(queued)
@@ -306,11 +326,12 @@ class Engine:
             return None
         ahead = {rid: pending.k + 1 for rid in pending.ids} if pending else {}
         unread = {f.rid for f in self._firsts}
-        limit = max(self._rows[r].remaining - ahead.get(r, 0) - (r in unread) for r in rows.ids) - 1
+        live = [r for r in rows.ids if r not in self._held]
+        limit = max(self._rows[r].remaining - ahead.get(r, 0) - (r in unread) for r in live) - 1
         if limit < 0 or (pending is not None and pending.k and rows.processors):
             return None
-        k = min(self.policy.choose(min(limit, MAX_DRAFT), list(rows.ids)), limit, MAX_DRAFT)
-        asked = [self._rows[r].request.logprobs for r in rows.ids]
+        k = min(self.policy.choose(min(limit, MAX_DRAFT), live), limit, MAX_DRAFT)
+        asked = [self._rows[r].request.logprobs for r in live]
         top = max((n for n in asked if n is not None), default=None)
         return queue_round(self.model, self.propose, rows, k, behind=timed and pending is not None, top=top)
 
@@ -405,7 +426,12 @@ class Engine:
             return  # it ends with its first token
         alone.token = token[:, None]
         alone.histories = [None if history is None else mx.concatenate([history, token])]
-        self._batch = alone if self._batch is None else Rows.join([self._batch, alone])
+        batch = self._batch
+        if batch is not None and self._held:  # it takes a held slot: the batch keeps its size
+            slot = batch.ids.index(min(self._held, key=self._held.__getitem__))
+            del self._held[batch.ids[slot]]
+            batch = batch.take([b for b in range(len(batch.ids)) if b != slot])
+        self._batch = alone if batch is None else Rows.join([batch, alone])
         row.cache = None  # the batch holds it now
 
     # ----------------------------------------------------------------------------------------
@@ -432,7 +458,7 @@ class Engine:
         # Timed only in a full pipeline: queued behind the round read at `_read_at`, with the
         # next one queued behind it; the interval is then this round's own device time.
         if done.behind and self._pending is not None:
-            self.policy.observe_time(done.k, len(done.ids), now - self._read_at)
+            self.policy.observe_time(done.k, sum(rid in self._rows for rid in done.ids), now - self._read_at)
 
     def _emit(self, row: _Row, tokens: list[int], from_draft: list[bool], logprobs, b: int) -> Event:
         """The event of `tokens` for `row`, cut at a stop id (kept) or at its limit (max_tokens,
@@ -491,21 +517,40 @@ class Engine:
         gone = set(rids)
         self._firsts = [f for f in self._firsts if f.rid not in gone]
         batch = self._batch
+        row_of = {}
         for rid in rids:
-            row = self._rows.pop(rid)
+            row = row_of[rid] = self._rows.pop(rid)
             self.policy.forget(rid)
             if rid in self._waiting:
                 self._waiting.remove(rid)
                 self._keep(row, row.cache, row.done, row.prompt[: row.done])
             elif batch is not None and rid in batch.ids and self._keeps(row):
                 b = batch.ids.index(rid)
-                held = row.prompt + row.emitted[:-1] if row.emitted else row.prompt
+                tokens = row.prompt + row.emitted[:-1] if row.emitted else row.prompt
                 cache = batch.cache if len(batch.ids) == 1 else batch.cache.take([b])
-                self._keep(row, cache, len(held), held)
+                self._keep(row, cache, len(tokens), tokens)
         if batch is not None:
-            keep = [b for b, rid in enumerate(batch.ids) if rid not in gone]
-            if len(keep) < len(batch.ids):
-                self._batch = batch.take(keep) if keep else None
+            ended = gone.intersection(batch.ids)
+            self._held.update(dict.fromkeys(ended, self._steps))
+            # A held slot moves on past its row's end: not where the model's context is near.
+            room = self.model.args.max_position_embeddings - self.hold_steps * (MAX_DRAFT + 1)
+            near_end = any(len(row_of[r].prompt) + len(row_of[r].emitted) >= room for r in ended)
+            self._release(now=near_end)
+
+    def _release(self, *, now: bool = False, expired_only: bool = False) -> None:
+        """Drop the held slots, all at once (the batch then shrinks once), when `now`, when one
+        of them was held `hold_steps` steps, or (unless `expired_only`) when they are as many as
+        the rows decoding; keep them otherwise. A held slot decodes for nobody: its outcome is
+        dropped, its cache (its own copy) moves on past where its row ended, at most
+        `hold_steps` rounds."""
+        batch = self._batch
+        if batch is None or not self._held:
+            return
+        live = [b for b, rid in enumerate(batch.ids) if rid not in self._held]
+        expired = self._steps - min(self._held.values()) >= self.hold_steps
+        if now or expired or (not expired_only and len(live) <= len(self._held)):
+            self._batch = batch.take(live) if live else None
+            self._held.clear()
 
     def _keeps(self, row: _Row) -> bool:
         """Whether a row that leaves leaves its cache somewhere: its prompt cache or the store."""

@@ -175,6 +175,65 @@ def test_a_kept_cache_holds_its_own_row_only(loaded):
     assert mx.get_active_memory() - before <= 1.25 * rows, (mx.get_active_memory() - before, rows)
 
 
+def _run_tracing_slots(engine: Engine, on_event=None) -> tuple[dict, list[tuple[int, int]]]:
+    """Step `engine` until idle: each row's tokens, and (slots, rows decoding) after each step."""
+    tokens, trace = {}, []
+    while engine.busy:
+        for event in engine.step():
+            tokens.setdefault(event.rid, []).extend(event.tokens)
+            if on_event is not None:
+                on_event(event)
+        trace.append((engine.slots, engine.batch_size))
+    return tokens, trace
+
+
+def test_a_finished_rows_slot_is_held_until_a_request_takes_it(loaded):
+    """A row that ends keeps its slot in the batch (the rounds keep their shape) and the next
+    request takes it: the batch never runs a round at another size meanwhile, where without
+    held slots (hold_steps=0) it runs one of three rows; every row exact either way."""
+    target, drafter = loaded["e2b"]
+    batch = prompts(16, [12, 20, 9, 15, 11])
+    limits = [6, 40, 40, 40, 20]
+    alone = [decode(target, None, [p], 0, n)[0].tokens for p, n in zip(batch, limits)]
+    for hold in (8, 0):
+        engine = Engine(target, drafter, num_draft_tokens=3, max_batch=4, hold_steps=hold)
+        rids = [
+            engine.add(Request(prompt=p, max_tokens=n, stop_ids=frozenset()))
+            for p, n in zip(batch, limits[:4])
+        ]
+
+        def on_event(event, engine=engine, rids=rids):
+            if event.rid == rids[0] and event.finish_reason:  # the next request comes a step later
+                rids.append(engine.add(Request(prompt=batch[4], max_tokens=limits[4], stop_ids=frozenset())))
+
+        tokens, trace = _run_tracing_slots(engine, on_event)
+        assert [tokens[r] for r in rids] == alone
+        ended = next(i for i, (_, rows) in enumerate(trace) if rows == 3)  # the first row's end
+        joined = next(i for i, (_, rows) in enumerate(trace) if i > ended and rows == 4)
+        assert all(slots == 4 for slots, _ in trace[: joined + 1]) == bool(hold), trace
+
+
+def test_held_slots_go_together_or_after_a_while(loaded):
+    """Held slots go all at once when they are as many as the rows decoding (four rows, two
+    ending close together: 4 -> 2, never 3), or after `HOLD_STEPS` steps with no request."""
+    from mlx_gemma_mtp.engine import HOLD_STEPS
+
+    target, drafter = loaded["e2b"]
+    batch = prompts(17, [12, 20, 9, 15])
+    for limits, sizes in (([6, 16, 60, 60], [4, 2]), ([6, 80, 80, 80], [4, 3])):
+        alone = [decode(target, None, [p], 0, n)[0].tokens for p, n in zip(batch, limits)]
+        engine = Engine(target, drafter, num_draft_tokens=3, max_batch=4)
+        rids = [
+            engine.add(Request(prompt=p, max_tokens=n, stop_ids=frozenset())) for p, n in zip(batch, limits)
+        ]
+        tokens, trace = _run_tracing_slots(engine)
+        assert [tokens[r] for r in rids] == alone
+        seen = [s for i, (s, _) in enumerate(trace) if s and (i == 0 or s != trace[i - 1][0])]
+        assert seen[:2] == sizes, trace
+        if sizes == [4, 3]:  # held its full while, then let go
+            assert sum(slots == 4 and rows == 3 for slots, rows in trace) == HOLD_STEPS, trace
+
+
 def test_batch_generate_api(loaded, checkpoints):
     target, drafter = loaded["e2b"]
     _, tokenizer = load(checkpoints["e2b"][0])
