@@ -231,6 +231,30 @@ def test_timeline_times_every_step_of_every_variant(tmp_path, known_costs, capsy
     assert "k=3" in printed and "steps by rows 2: " in printed and ", 1: " in printed
 
 
+def test_churn_times_the_steps_after_rows_leave_and_join(tmp_path, capsys):
+    from bench import churn
+
+    out = tmp_path / "churn.json"
+    argv = ["--shape", "tiny", "--batch", "4", "--ks", "2", "--events", "2", "--gap", "3", "--prompt", "16"]
+    assert churn.main(argv + ["--out", str(out)]) == 0
+    cases = {(c["event"], c["hold_steps"]): c for c in json.loads(out.read_text())["cases"]}
+    assert set(cases) == {(event, hold) for event in churn.EVENTS for hold in (8, 0)}
+    assert all(len(c["after_ms"]) == 3 and min(c["after_ms"]) > 0 for c in cases.values())
+    # Without held slots each leave shrinks the batch; with them it keeps its size until half
+    # its rows are held; a request taking a held slot (or a freed row) keeps it whole.
+    assert cases["leave", 0]["slots_after_each_event"] == [3, 2]
+    assert cases["leave", 8]["slots_after_each_event"] == [4, 2]
+    assert all(
+        cases[event, hold]["slots_after_each_event"] == [4, 4]
+        for event in churn.EVENTS[1:]
+        for hold in (8, 0)
+    )
+    assert "late join" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # every event takes a row: fewer events than rows
+        churn.main(argv + ["--events", "4"])
+    assert "--events 4 must be below --batch 4" in capsys.readouterr().err
+
+
 def test_the_server_bench_replays_acceptance_through_the_server(tmp_path):
     """`bench.serve --alphas 1.0`: the server (a subprocess running `bench.serve_replay`) and the
     engine in process keep every replayed draft, looked up by each request's seed; the random

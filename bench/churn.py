@@ -1,0 +1,129 @@
+"""What rows leaving and joining cost the engine's next steps, with held slots and without.
+
+One engine of `--batch` rows (random `--prompt`-token prompts, greedy, a fixed k of `--ks`, the
+model's own random drafter: the steps' work, not their acceptance, is what is timed) is stepped
+until warm; then each event below happens `--events` times, `--gap` steps apart, and the steps
+after it are timed against the steady steps before the first (medians, ms):
+
+- "leave": a row is cancelled and no request comes (a fixed batch's rows ending one by one);
+- "leave and join": a row is cancelled and a request added before the next step (a caller that
+  refills in process);
+- "late join": a row is cancelled and a request added a step later (a server's client whose
+  next request comes back over HTTP after the worker queued the next round).
+
+Every case runs with each `--holds` (the engine's `hold_steps`: 0 lets a finished row's slot go
+at once, the batch shrinking; 8 is the default), on a fresh engine each. A "leave" shrinks the
+batch by one per event without held slots; with them, the slots go together once half the rows
+are held (or after `hold_steps` steps).
+
+    python -m bench.churn --shape E2B --batch 8 --ks 8 0 --holds 8 0 --out churn.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+
+import mlx.core as mx
+
+from mlx_gemma_mtp.engine import Engine, Request
+from mlx_gemma_mtp.sample import GREEDY
+
+from .models import build
+
+WARM = 30  # steps before anything is timed (kernels, traces)
+STEADY = 10  # steps timed before the first event
+EVENTS = ("leave", "leave and join", "late join")
+
+
+def churn(
+    target, drafter, *, batch: int, k: int, hold: int, event: str, events: int, gap: int, prompt: int
+) -> dict:
+    """One case on a fresh engine: steady step ms, and per step after an event its median over
+    the events (ms), with the batch's slots and rows after each of those steps."""
+    rng = random.Random(0)
+    vocab = target.args.vocab_size
+
+    def request() -> Request:
+        tokens = [rng.randrange(4, vocab) for _ in range(prompt)]
+        return Request(prompt=tokens, max_tokens=1 << 20, sampling=GREEDY, stop_ids=frozenset())
+
+    engine = Engine(target, drafter, num_draft_tokens=k, max_batch=batch, hold_steps=hold)
+    rows = [engine.add(request()) for _ in range(batch)]  # oldest first; none ends by itself
+
+    def step() -> float:
+        start = time.perf_counter()
+        engine.step()
+        return (time.perf_counter() - start) * 1e3
+
+    for _ in range(WARM):
+        step()
+    steady = [step() for _ in range(STEADY)]
+    after, shapes = [], []
+    for _ in range(events):
+        engine.cancel(rows.pop(0))
+        if event == "leave and join":
+            rows.append(engine.add(request()))
+        times = [step()]
+        if event == "late join":
+            rows.append(engine.add(request()))
+        times += [step() for _ in range(gap - 1)]
+        after.append(times)
+        shapes.append(engine.slots)
+    return {
+        "batch": batch,
+        "k": k,
+        "hold_steps": hold,
+        "event": event,
+        "steady_ms": statistics.median(steady),
+        "after_ms": [statistics.median(column) for column in zip(*after)],
+        "slots_after_each_event": shapes,
+    }
+
+
+def line(case: dict) -> str:
+    after = " ".join(f"{ms:6.1f}" for ms in case["after_ms"])
+    return (
+        f"k={case['k']:<2} hold {case['hold_steps']}: {case['event']:15s} steady {case['steady_ms']:6.1f} ms,"
+        f" steps after it {after} (slots {case['slots_after_each_event']})"
+    )
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="E2B")
+    p.add_argument("--bits", type=int)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--ks", type=int, nargs="+", default=[8, 0], help="fixed draft lengths (0: plain)")
+    p.add_argument("--holds", type=int, nargs="+", default=[8, 0], help="the engine's hold_steps")
+    p.add_argument("--events", type=int, default=3, help="of each kind, per case")
+    p.add_argument("--gap", type=int, default=6, help="steps timed after each event")
+    p.add_argument("--prompt", type=int, default=256, help="prompt tokens per row")
+    p.add_argument("--out", help="also write the cases to this JSON file")
+    args = p.parse_args(argv)
+    if args.events >= args.batch:
+        p.error(f"--events {args.events} must be below --batch {args.batch}: each leave takes a row")
+    target, drafter = build(args.shape, bits=args.bits)
+    cases = []
+    for k in args.ks:
+        for event in EVENTS:
+            for hold in args.holds:
+                case = churn(
+                    target, drafter, batch=args.batch, k=k, hold=hold, event=event,
+                    events=args.events, gap=args.gap, prompt=args.prompt,
+                )  # fmt: skip
+                cases.append(case)
+                print(line(case), flush=True)
+                mx.clear_cache()
+    if args.out:
+        report = {"shape": args.shape, "bits": args.bits, "prompt": args.prompt, "cases": cases}
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
