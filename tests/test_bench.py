@@ -236,23 +236,27 @@ def test_churn_times_the_steps_after_rows_leave_and_join(tmp_path, capsys):
 
     out = tmp_path / "churn.json"
     argv = ["--shape", "tiny", "--batch", "4", "--ks", "2", "--events", "2", "--gap", "3", "--prompt", "16"]
-    assert churn.main(argv + ["--out", str(out)]) == 0
+    assert churn.main(argv + ["--switch", "5", "--out", str(out)]) == 0
     cases = {(c["event"], c["hold_steps"]): c for c in json.loads(out.read_text())["cases"]}
-    assert set(cases) == {(event, hold) for event in churn.EVENTS for hold in (8, 0)}
+    joins = ("leave and join", "late join")
+    assert set(cases) == {(e, h) for e in ("leave", *joins) for h in (8, 0)} | {("switch k to 5", 8)}
     assert all(len(c["after_ms"]) == 3 and min(c["after_ms"]) > 0 for c in cases.values())
     # Without held slots each leave shrinks the batch; with them it keeps its size until half
     # its rows are held; a request taking a held slot (or a freed row) keeps it whole.
     assert cases["leave", 0]["slots_after_each_event"] == [3, 2]
     assert cases["leave", 8]["slots_after_each_event"] == [4, 2]
-    assert all(
-        cases[event, hold]["slots_after_each_event"] == [4, 4]
-        for event in churn.EVENTS[1:]
-        for hold in (8, 0)
-    )
+    assert all(cases[event, hold]["slots_after_each_event"] == [4, 4] for event in joins for hold in (8, 0))
+    assert cases["switch k to 5", 8]["slots_after_each_event"] == [4, 4]
+    by_k = cases["switch k to 5", 8]["row_rounds_by_k"]  # 4 rows, 2 events: 8 row-rounds at k = 5
+    assert by_k[5] == 8 and by_k[2] > 0 and sum(by_k) == by_k[2] + 8, by_k
     assert "late join" in capsys.readouterr().out
-    with pytest.raises(SystemExit):  # every event takes a row: fewer events than rows
-        churn.main(argv + ["--events", "4"])
-    assert "--events 4 must be below --batch 4" in capsys.readouterr().err
+    for bad, says in (
+        (["--events", "4"], "--events 4 must be below --batch 4"),
+        (["--switch", "17"], "0..16"),
+    ):
+        with pytest.raises(SystemExit):
+            churn.main(argv + bad)
+        assert says in capsys.readouterr().err
 
 
 def test_the_server_bench_replays_acceptance_through_the_server(tmp_path):
