@@ -225,6 +225,8 @@ class Engine:
         self._firsts: list[_First] = []  # read with the next read-back
         self._held: dict[int, int] = {}  # finished rows still in the batch (held slots) -> step they ended
         self._steps = 0
+        self._slots_queued = 0  # rows of the last round queued
+        self._settling = 0  # steps left whose read-back is not timed: the batch changed size
         self._read_at = time.perf_counter()
         self._device_wait = 0.0  # seconds the last step's read-back waited for the device
         self._next_rid = 0
@@ -308,7 +310,13 @@ class Engine:
         self._release(expired_only=True)
         admitted = self._admit()
         queued = self._queue(timed=not admitted)
-        return events + self._read_back(queued)
+        if queued is not None:
+            if len(queued.ids) != self._slots_queued:
+                self._settling = 2  # this step and the next are not timed (`_observe`)
+            self._slots_queued = len(queued.ids)
+        events += self._read_back(queued)
+        self._settling = max(self._settling - 1, 0)
+        return events
 
     def close(self) -> None:
         """End every request now, without events; rows with a prompt cache leave it holding
@@ -456,8 +464,10 @@ class Engine:
             alive = {rid: kept for rid, (_, kept) in zip(done.ids, outcomes) if rid in self._rows}
             self.policy.observe(done.k, alive)
         # Timed only in a full pipeline: queued behind the round read at `_read_at`, with the
-        # next one queued behind it; the interval is then this round's own device time.
-        if done.behind and self._pending is not None:
+        # next one queued behind it; the interval is then this round's own device time. Not in
+        # the step that queued the first round at a new batch size nor the next: on MLX CUDA
+        # those ran ~+40 and ~+20 ms (docs/engine.md, "Held slots"), not what such rounds cost.
+        if done.behind and self._pending is not None and not self._settling:
             self.policy.observe_time(done.k, sum(rid in self._rows for rid in done.ids), now - self._read_at)
 
     def _emit(self, row: _Row, tokens: list[int], from_draft: list[bool], logprobs, b: int) -> Event:

@@ -234,6 +234,32 @@ def test_held_slots_go_together_or_after_a_while(loaded):
             assert sum(slots == 4 and rows == 3 for slots, rows in trace) == HOLD_STEPS, trace
 
 
+def test_rounds_are_not_timed_while_the_batch_settles_at_a_new_size(loaded):
+    """The policy is told no round's time in the step that queues the first round at a new batch
+    size nor in the next (their host time ran +40 / +20 ms on MLX CUDA), and is told again after."""
+    from mlx_gemma_mtp.draft_length import Fixed
+
+    class Timed(Fixed):
+        def observe_time(self, k, batch, seconds):
+            told.append(step)
+
+    target, drafter = loaded["e2b"]
+    engine = Engine(target, drafter, num_draft_tokens=Timed(2), max_batch=4, hold_steps=0)
+    for prompt, n in zip(prompts(18, [12, 20, 9, 15]), [12, 40, 70, 70]):
+        engine.add(Request(prompt=prompt, max_tokens=n, stop_ids=frozenset()))
+    told, slots, step = [], [], 0
+    while engine.busy:
+        engine.step()
+        slots.append(engine.slots)
+        step += 1
+    # The batch shrank in step s (its read-back): s + 1 queues the first round at the new size.
+    resized = [s + 1 for s in range(1, len(slots)) if slots[s] != slots[s - 1] and slots[s]]
+    assert len(resized) >= 2, slots
+    for first in resized:
+        assert first not in told and first + 1 not in told, (first, told, slots)
+    assert any(s > resized[0] + 1 for s in told) and told[0] < resized[0]  # timed before and after
+
+
 def test_batch_generate_api(loaded, checkpoints):
     target, drafter = loaded["e2b"]
     _, tokenizer = load(checkpoints["e2b"][0])
