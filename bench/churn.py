@@ -68,8 +68,8 @@ def churn(
     prompt: int,
     switch: int = 1,
 ) -> dict:
-    """One case on a fresh engine: steady step ms, and per step after an event its median over
-    the events (ms), with the batch's slots and rows after each of those steps."""
+    """One case on a fresh engine: steady step ms, per step after an event its median over the
+    events (ms), and the batch's slots once each event's steps ran."""
     rng = random.Random(0)
     vocab = target.args.vocab_size
 
@@ -141,10 +141,17 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", type=int, default=256, help="prompt tokens per row")
     p.add_argument("--out", help="also write the cases to this JSON file")
     args = p.parse_args(argv)
-    if args.events >= args.batch:
-        p.error(f"--events {args.events} must be below --batch {args.batch}: each leave takes a row")
-    if not 0 <= args.switch <= MAX_DRAFT:
-        p.error(f"--switch {args.switch} must be a draft length in 0..{MAX_DRAFT}")
+    if not 1 <= args.events < args.batch:
+        p.error(
+            f"--events {args.events} must be 1 or more and below --batch {args.batch}: each leave takes a row"
+        )
+    if args.gap < 1:
+        p.error(f"--gap {args.gap} must be 1 or more steps")
+    for k in [*args.ks, args.switch]:
+        if not 0 <= k <= MAX_DRAFT:
+            p.error(f"draft length {k} (--ks, --switch) must be in 0..{MAX_DRAFT}")
+    if min(args.holds) < 0:
+        p.error(f"--holds {args.holds}: hold_steps must be 0 or more")
     target, drafter = build(args.shape, bits=args.bits)
     cases = []
     for k in args.ks:

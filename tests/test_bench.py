@@ -251,8 +251,10 @@ def test_churn_times_the_steps_after_rows_leave_and_join(tmp_path, capsys):
     assert by_k[5] == 8 and by_k[2] > 0 and sum(by_k) == by_k[2] + 8, by_k
     assert "late join" in capsys.readouterr().out
     for bad, says in (
-        (["--events", "4"], "--events 4 must be below --batch 4"),
-        (["--switch", "17"], "0..16"),
+        (["--events", "4"], "--events 4 must be 1 or more and below --batch 4"),
+        (["--switch", "17"], "draft length 17 (--ks, --switch) must be in 0..16"),
+        (["--holds", "-1"], "hold_steps must be 0 or more"),
+        (["--gap", "0"], "--gap 0 must be 1 or more"),
     ):
         with pytest.raises(SystemExit):
             churn.main(argv + bad)
