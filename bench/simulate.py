@@ -81,6 +81,7 @@ COMPUTE_BOUND = "compute-bound"  # synthetic: a step costs 8 ms + 2 ms per row-t
 # 1024-token context, and B -> ms of a drafter step. r42 (bench/results/batch-e2b-bf16-r42.json,
 # H100, the run whose auto reached 66-73% of Leviathan's ideal); r46 (bench-e2b-bf16-256-b4-r46.json
 # and bench-e2b-bf16-256-b1-b8-r46.json; docs/auto.md compares them).
+# fmt: off
 BENCH = {
     "E2B bf16 r42": {
         1: (7.6, 11.9, 11.8, 12.0, 11.8, 11.8, 11.5, 11.2, 11.2),
@@ -88,65 +89,12 @@ BENCH = {
         8: (10.6, 12.9, 12.1, 12.9, 12.5, 12.4, 12.2, 12.0, 11.8),
     },
     "E2B bf16 r46": {
-        1: (
-            10.9,
-            17.8,
-            18.5,
-            17.9,
-            18.4,
-            18.1,
-            16.5,
-            19.0,
-            17.7,
-            17.3,
-            17.2,
-            17.2,
-            20.1,
-            16.9,
-            18.8,
-            17.1,
-            19.5,
-        ),
-        4: (
-            13.3,
-            15.4,
-            17.1,
-            16.6,
-            16.2,
-            16.0,
-            17.0,
-            16.9,
-            16.4,
-            17.1,
-            16.7,
-            16.4,
-            15.7,
-            16.1,
-            14.7,
-            14.5,
-            15.7,
-        ),
-        8: (
-            22.8,
-            29.9,
-            27.6,
-            30.5,
-            27.7,
-            29.3,
-            26.5,
-            26.6,
-            26.8,
-            26.7,
-            28.8,
-            28.2,
-            28.4,
-            26.8,
-            28.0,
-            28.4,
-            28.3,
-        ),
+        1: (10.9, 17.8, 18.5, 17.9, 18.4, 18.1, 16.5, 19.0, 17.7, 17.3, 17.2, 17.2, 20.1, 16.9, 18.8, 17.1, 19.5),
+        4: (13.3, 15.4, 17.1, 16.6, 16.2, 16.0, 17.0, 16.9, 16.4, 17.1, 16.7, 16.4, 15.7, 16.1, 14.7, 14.5, 15.7),
+        8: (22.8, 29.9, 27.6, 30.5, 27.7, 29.3, 26.5, 26.6, 26.8, 26.7, 28.8, 28.2, 28.4, 26.8, 28.0, 28.4, 28.3),
     },
 }
+# fmt: on
 BENCH_DRAFT = {"E2B bf16 r42": {1: 0.54, 4: 0.75, 8: 0.74}, "E2B bf16 r46": {1: 1.14, 4: 0.81, 8: 1.51}}
 
 
@@ -245,9 +193,8 @@ PROFILES = {
     "switching": lambda slot, pos: uniform(0.9 if (pos + 17 * slot) // SWITCH_EVERY % 2 == 0 else 0.1),
 }
 COLD_FACTOR = 5.0
-HOST_BOUND_DEVICE = (
-    0.5  # a host-bound case's device share of a round (a guess: r47's read-backs never waited)
-)
+# A host-bound case's device share of a round (a guess: r47's read-backs never waited).
+HOST_BOUND_DEVICE = 0.5
 PREFILL_FACTOR = 2.0  # a joining row's prompt prefill: this many one-row verifies of MAX_DRAFT drafts
 
 

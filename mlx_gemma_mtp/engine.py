@@ -527,10 +527,13 @@ class Engine:
         gone = set(rids)
         self._firsts = [f for f in self._firsts if f.rid not in gone]
         batch = self._batch
-        row_of = {}
+        # A held slot moves on past its row's end: not where the model's context is near.
+        room = self.model.args.max_position_embeddings - self.hold_steps * (MAX_DRAFT + 1)
+        near_end = False
         for rid in rids:
-            row = row_of[rid] = self._rows.pop(rid)
+            row = self._rows.pop(rid)
             self.policy.forget(rid)
+            near_end |= len(row.prompt) + len(row.emitted) >= room
             if rid in self._waiting:
                 self._waiting.remove(rid)
                 self._keep(row, row.cache, row.done, row.prompt[: row.done])
@@ -540,11 +543,7 @@ class Engine:
                 cache = batch.cache if len(batch.ids) == 1 else batch.cache.take([b])
                 self._keep(row, cache, len(tokens), tokens)
         if batch is not None:
-            ended = gone.intersection(batch.ids)
-            self._held.update(dict.fromkeys(ended, self._steps))
-            # A held slot moves on past its row's end: not where the model's context is near.
-            room = self.model.args.max_position_embeddings - self.hold_steps * (MAX_DRAFT + 1)
-            near_end = any(len(row_of[r].prompt) + len(row_of[r].emitted) >= room for r in ended)
+            self._held.update(dict.fromkeys(gone.intersection(batch.ids), self._steps))
             self._release(now=near_end)
 
     def _release(self, *, now: bool = False, expired_only: bool = False) -> None:
