@@ -533,15 +533,15 @@ class Engine:
         for rid in rids:
             row = self._rows.pop(rid)
             self.policy.forget(rid)
-            near_end |= len(row.prompt) + len(row.emitted) >= room
             if rid in self._waiting:
                 self._waiting.remove(rid)
                 self._keep(row, row.cache, row.done, row.prompt[: row.done])
-            elif batch is not None and rid in batch.ids and self._keeps(row):
-                b = batch.ids.index(rid)
-                tokens = row.prompt + row.emitted[:-1] if row.emitted else row.prompt
-                cache = batch.cache if len(batch.ids) == 1 else batch.cache.take([b])
-                self._keep(row, cache, len(tokens), tokens)
+            elif batch is not None and rid in batch.ids:
+                near_end |= len(row.prompt) + len(row.emitted) >= room
+                if self._keeps(row):
+                    tokens = row.prompt + row.emitted[:-1] if row.emitted else row.prompt
+                    cache = batch.cache if len(batch.ids) == 1 else batch.cache.take([batch.ids.index(rid)])
+                    self._keep(row, cache, len(tokens), tokens)
         if batch is not None:
             self._held.update(dict.fromkeys(gone.intersection(batch.ids), self._steps))
             self._release(now=near_end)
