@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -38,6 +39,13 @@ from .replay import (
     replay_settled,
     replay_table,
 )
+
+# MLX CUDA captures each new shape of work into a CUDA graph: a batch that changes size or
+# draft length paid ~+40 and ~+20 ms over its next two steps with graphs, ~+20 ms over one
+# without (r49, `bench.churn`). Macs, which these benchmarks stand in for, have no CUDA graphs:
+# every bench tool runs without them unless the environment says otherwise (MLX reads the
+# setting at its first kernel, so before any tool computes). The JSONs record it.
+os.environ.setdefault("MLX_USE_CUDA_GRAPHS", "0")
 
 PARTS = ("cost", "baseline", "e2e")
 POLICIES = ("auto", "heuristic")
@@ -100,6 +108,12 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", type=int, default=256, help=f"end-to-end prompt per row (at most {MAX_WRITE})")
     p.add_argument("--tokens", type=int, default=64, help="end-to-end tokens generated per row")
     p.add_argument("--trials", type=int, default=5)
+    p.add_argument(
+        "--cost-trials",
+        type=int,
+        default=11,
+        help="forwards timed per cost-surface cell (its median): the ideal rests on these",
+    )
     p.add_argument("--out", type=Path, default=Path("bench/results/latest.json"))
     p.add_argument("--quick", action="store_true", help="tiny model, few cells: a CPU check")
     return p
@@ -108,7 +122,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 def _quick(args) -> None:
     args.shapes, args.bits, args.batches, args.context, args.max_l = ["tiny"], ["bf16"], [1, 2], 64, 4
     args.alphas, args.profile, args.ragged, args.ks = [0.0, 0.8], ["26b-vllm"], True, ["2", "auto"]
-    args.prompt, args.tokens, args.trials = 32, 16, 2
+    args.prompt, args.tokens, args.trials, args.cost_trials = 32, 16, 2, 2
 
 
 def _check(p: argparse.ArgumentParser, args) -> None:
@@ -121,8 +135,8 @@ def _check(p: argparse.ArgumentParser, args) -> None:
         p.error(f"--max-l must lie in 2..{MAX_DRAFT + 1} (a verify of up to MAX_DRAFT drafts)")
     if not 0 < args.prompt <= MAX_WRITE:
         p.error(f"--prompt must lie in 1..{MAX_WRITE}: longer prompts join the batch over several steps")
-    if min(args.batches) < 1 or args.tokens < 2 or args.trials < 1:
-        p.error("--batches, --tokens (at least 2) and --trials must be positive")
+    if min(args.batches) < 1 or args.tokens < 2 or args.trials < 1 or args.cost_trials < 1:
+        p.error("--batches, --tokens (at least 2), --trials and --cost-trials must be positive")
 
 
 def specs(args) -> list:
@@ -141,6 +155,7 @@ def environment() -> dict:
         "mlx_lm": version("mlx-lm"),
         "python": platform.python_version(),
         "machine": platform.machine(),
+        "MLX_USE_CUDA_GRAPHS": os.environ.get("MLX_USE_CUDA_GRAPHS", ""),
     }
 
 
@@ -191,8 +206,8 @@ def _batch(target, drafter, proposer, rows, args, result: dict, entry: dict, war
 
 
 def _costs(target, proposer, B: int, args) -> dict:
-    verify = measure.verify_costs(target, args.context, B, range(1, args.max_l + 1), args.trials)
-    draft = measure.drafter_costs(target, proposer, args.context, B, args.trials)
+    verify = measure.verify_costs(target, args.context, B, range(1, args.max_l + 1), args.cost_trials)
+    draft = measure.drafter_costs(target, proposer, args.context, B, args.cost_trials)
     return {"verify_ms": verify, "drafter_ms": draft}
 
 

@@ -5,16 +5,15 @@ MLX CUDA 0.32.4 failed a 26B-A4B forward at B = 16 (`cuGraphAddKernelNode(...) f
 argument`), which ends `python -m bench` there. This runs each (B, L) on its own after a
 `--context`-token prefill per row, as the cost surface does (`measure.forward_ms`: host-known
 positions at L = 1, device positions and masks above), records its time or its error, and goes
-on. `MLX_USE_CUDA_GRAPHS=0` in the environment runs MLX CUDA without graphs (each kernel
-launched directly): a failure that stays names its kernel's launch, one that goes is the
-graph's. The JSON records that setting.
+on. Like every bench tool it runs MLX CUDA without graphs (each kernel launched directly)
+unless `MLX_USE_CUDA_GRAPHS=1` is in the environment: a failure that stays without graphs names
+its kernel's launch, one that goes is the graph's. The JSON records that setting.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -63,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--lengths must lie in 1..{MAX_WRITE} and --batches be at least 1")
     target, _ = build(args.shape, bits=None if args.bits == "bf16" else int(args.bits))
     report = {
-        "environment": environment() | {"MLX_USE_CUDA_GRAPHS": os.environ.get("MLX_USE_CUDA_GRAPHS", "")},
+        "environment": environment(),
         "arguments": {k: str(v) for k, v in vars(args).items()},
         "forwards": {},
     }

@@ -8,7 +8,9 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,7 +19,8 @@ import bench
 from bench import compare_loops, measure, replay
 from mlx_gemma_mtp.draft_length import MAX_DRAFT, Costs
 
-TINY = ["--shapes", "tiny", "--bits", "bf16", "--context", "32", "--prompt", "16", "--tokens", "8"]
+TINY = ["--shapes", "tiny", "--bits", "bf16", "--context", "32", "--prompt", "16", "--tokens", "8",
+        "--cost-trials", "2"]  # fmt: skip
 
 
 @pytest.fixture
@@ -115,6 +118,17 @@ def test_draft_lengths_parse_or_name_the_bad_one():
             bench.parse_k(bad)
     with pytest.raises(SystemExit):
         bench.main(TINY + ["--ks", "5/99"])
+    with pytest.raises(SystemExit):
+        bench.main(TINY + ["--cost-trials", "0"])
+
+
+def test_the_bench_tools_run_mlx_cuda_without_graphs_unless_told():
+    """A Mac has no CUDA graphs, and on MLX CUDA they cost every new batch size a capture."""
+    env = {k: v for k, v in os.environ.items() if k != "MLX_USE_CUDA_GRAPHS"}
+    show = [sys.executable, "-c", "import os, bench.churn; print(os.environ['MLX_USE_CUDA_GRAPHS'])"]
+    assert subprocess.run(show, env=env, capture_output=True, text=True, check=True).stdout.strip() == "0"
+    env["MLX_USE_CUDA_GRAPHS"] = "1"
+    assert subprocess.run(show, env=env, capture_output=True, text=True, check=True).stdout.strip() == "1"
 
 
 def test_paired_trials_alternate_which_run_goes_first(tmp_path, monkeypatch):
