@@ -178,6 +178,10 @@ def _totals(records: list[dict], wall: float, stats: Stats | None = None) -> dic
         out["join_wait_share"] = stats.join_wait_seconds / wall
         if stats.refills:  # from a row's end until a request followed (its client's next, over HTTP)
             out["refill_ms"] = stats.refill_seconds / stats.refills * 1e3
+        if stats.drafting_rows:  # the drafting rounds' k (a row-round each): its mean and spread
+            mean = stats.drafted / stats.drafting_rows
+            out["k_mean"] = mean
+            out["k_sd"] = max(stats.drafted_squares / stats.drafting_rows - mean * mean, 0.0) ** 0.5
     if records:
         out["median_request_s"] = statistics.median(r["end"] - r["start"] for r in records)
         out["steady_tokens_per_s"] = _steady(records)
@@ -449,6 +453,8 @@ def _added_seconds(results: dict) -> dict:
 
 def _line(side: str, clients: int, run: dict) -> str:
     drafting = f", mean accepted {run['mean_accepted']:.2f}" if "mean_accepted" in run else ""
+    if "k_mean" in run:
+        drafting += f" of k {run['k_mean']:.1f} ± {run['k_sd']:.1f}"
     latency = f", median request {run['median_request_s']:.2f} s" if "median_request_s" in run else ""
     steady = (
         f", {run['steady_tokens_per_s']:.1f} until the last was sent" if "steady_tokens_per_s" in run else ""

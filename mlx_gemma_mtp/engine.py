@@ -229,6 +229,7 @@ class Engine:
         self._settling = 0  # steps left whose read-back is not timed: the batch changed size
         self._read_at = time.perf_counter()
         self._device_wait = 0.0  # seconds the last step's read-back waited for the device
+        self._last_round = (0, 0)  # (k, rows it ran for requests) of the round read back last step
         self._next_rid = 0
 
     # ----------------------------------------------------------------------------------------
@@ -281,6 +282,12 @@ class Engine:
     def device_wait(self) -> float:
         """Seconds the last step's read-back waited for the device (its host sync)."""
         return self._device_wait
+
+    @property
+    def last_round(self) -> tuple[int, int]:
+        """The draft length of the round the last step read back, and the requests' rows it
+        ran (held slots not counted); (0, 0) when it read none."""
+        return self._last_round
 
     @property
     def slack(self) -> float:
@@ -351,8 +358,9 @@ class Engine:
         firsts, self._firsts = self._firsts, []
         now = time.perf_counter()
         events = []
-        self._device_wait = 0.0
+        self._device_wait, self._last_round = 0.0, (0, 0)
         if done is not None:
+            self._last_round = (done.k, sum(rid in self._rows for rid in done.ids))
             outcomes = done.read()
             self._device_wait = time.perf_counter() - now
             self._observe(done, outcomes, now)
@@ -468,7 +476,7 @@ class Engine:
         # the step that queued the first round at a new batch size nor the next: on MLX CUDA
         # those ran ~+40 and ~+20 ms (docs/engine.md, "Held slots"), not what such rounds cost.
         if done.behind and self._pending is not None and not self._settling:
-            self.policy.observe_time(done.k, sum(rid in self._rows for rid in done.ids), now - self._read_at)
+            self.policy.observe_time(done.k, self._last_round[1], now - self._read_at)
 
     def _emit(self, row: _Row, tokens: list[int], from_draft: list[bool], logprobs, b: int) -> Event:
         """The event of `tokens` for `row`, cut at a stop id (kept) or at its limit (max_tokens,

@@ -68,6 +68,9 @@ class Stats:
     join_wait_seconds: float = 0.0  # waiting for new requests between steps (`WAIT_SHARE`)
     refills: int = 0  # requests that came after a row had ended (one each)
     refill_seconds: float = 0.0  # ... from that row's end to the request's arrival in the queue, summed
+    drafting_rows: int = 0  # rows of the drafting rounds read back, summed (a row's share: a row-round)
+    drafted: int = 0  # drafts of those row-rounds (k each), summed: their mean k
+    drafted_squares: int = 0  # k * k of those row-rounds, summed: how widely k spread
 
     def __post_init__(self):
         self._ended: deque[float] = deque()  # when rows ended that no request has followed yet
@@ -78,6 +81,11 @@ class Stats:
         self.rows += engine.batch_size
         self.step_seconds += seconds
         self.device_wait_seconds += engine.device_wait
+        k, rows = engine.last_round
+        if k:
+            self.drafting_rows += rows
+            self.drafted += k * rows
+            self.drafted_squares += k * k * rows
 
     def row_ended(self) -> None:
         self._ended.append(time.perf_counter())

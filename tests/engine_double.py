@@ -40,6 +40,7 @@ class ScriptedEngine:
         self.max_batch = 8
         self.slack = 0.0  # seconds the engine says the device stays busy without a next step
         self.device_wait = 0.0  # what the last step says it waited for the device
+        self.last_round = (0, 0)  # it drafts nothing
         self._rows: dict[int, _Row] = {}
         self._cancelled: set[int] = set()
         self._ids = itertools.count()

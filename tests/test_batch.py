@@ -176,13 +176,17 @@ def test_a_kept_cache_holds_its_own_row_only(loaded):
 
 
 def _run_tracing_slots(engine: Engine, on_event=None) -> tuple[dict, list[tuple[int, int]]]:
-    """Step `engine` until idle: each row's tokens, and (slots, rows decoding) after each step."""
+    """Step `engine` until idle: each row's tokens, and (slots, rows decoding) after each step.
+    Each step's round read back ran the rows that decoded after the step before (held slots
+    not counted: `Engine.last_round`)."""
     tokens, trace = {}, []
     while engine.busy:
         for event in engine.step():
             tokens.setdefault(event.rid, []).extend(event.tokens)
             if on_event is not None:
                 on_event(event)
+        k, rows = engine.last_round
+        assert (k, rows) == (0, 0) or rows == trace[-1][1], (engine.last_round, trace)
         trace.append((engine.slots, engine.batch_size))
     return tokens, trace
 
@@ -211,6 +215,7 @@ def test_a_finished_rows_slot_is_held_until_a_request_takes_it(loaded):
         ended = next(i for i, (_, rows) in enumerate(trace) if rows == 3)  # the first row's end
         joined = next(i for i, (_, rows) in enumerate(trace) if i > ended and rows == 4)
         assert all(slots == 4 for slots, _ in trace[: joined + 1]) == bool(hold), trace
+        assert any(slots == 4 and rows == 3 for slots, rows in trace) == bool(hold), trace
 
 
 def test_held_slots_go_together_or_after_a_while(loaded):

@@ -296,6 +296,7 @@ def test_the_server_bench_replays_acceptance_through_the_server(tmp_path):
         run = results[label]["2"]
         assert run["requests"] == 4 and run["drafted"] > 0 and run["accepted"] == run["drafted"], (label, run)
         assert 0 < run["median_request_s"] < run["wall_s"]  # each side times its requests as a client does
+        assert 1 <= run["k_mean"] <= 3 and 0 <= run["k_sd"] < 1, (label, run)  # k = 3 but near the end
     for label, by in results.items():  # each side's steps: the server's worker totals, the engine's own
         run = by["2"]
         assert run["steps"] > 0 and 0 < run["rows_per_step"] <= 2 and run["ms_per_step"] > 0, (label, run)

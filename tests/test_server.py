@@ -232,6 +232,9 @@ def test_usage_and_drafting_statistics(served, pair):
     engine = _health(served)["engine"]  # the worker's totals: how full the batch ran, where time went
     assert engine["steps"] >= rounds and engine["rows"] >= 1
     assert 0 < engine["device_wait_seconds"] < engine["step_seconds"]
+    # ... and what its drafting rounds drafted: every row-round at least a draft
+    assert engine["drafting_rows"] >= rounds > 0
+    assert engine["drafted_squares"] >= engine["drafted"] >= engine["drafting_rows"]
 
 
 def test_the_next_turn_reuses_the_cache(served, pair):
