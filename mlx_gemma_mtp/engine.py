@@ -474,7 +474,7 @@ class Engine:
         # Timed only in a full pipeline: queued behind the round read at `_read_at`, with the
         # next one queued behind it; the interval is then this round's own device time. Not in
         # the step that queued the first round at a new batch size nor the next: on MLX CUDA
-        # those ran ~+40 and ~+20 ms (docs/engine.md, "Held slots"), not what such rounds cost.
+        # those ran up to ~+40 and ~+20 ms (docs/engine.md, "Held slots"), not what such rounds cost.
         if done.behind and self._pending is not None and not self._settling:
             self.policy.observe_time(done.k, self._last_round[1], now - self._read_at)
 
