@@ -25,6 +25,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_gemma_mtp.cache import MAX_WRITE
+from mlx_gemma_mtp.cuda import GRAPHS, without_graphs_unless_set
 from mlx_gemma_mtp.draft_length import Fixed
 from mlx_gemma_mtp.speculative import MAX_DRAFT, drafter_proposer
 
@@ -40,12 +41,9 @@ from .replay import (
     replay_table,
 )
 
-# MLX CUDA captures each new shape of work into a CUDA graph: a batch that changes size or
-# draft length paid ~+40 and ~+20 ms over its next two steps with graphs, ~+20 ms over one
-# without (r49, `bench.churn`). Macs, which these benchmarks stand in for, have no CUDA graphs:
-# every bench tool runs without them unless the environment says otherwise (MLX reads the
-# setting at its first kernel, so before any tool computes). The JSONs record it.
-os.environ.setdefault("MLX_USE_CUDA_GRAPHS", "0")
+# Every bench tool runs MLX CUDA as the commands do: without CUDA graphs unless the environment
+# says otherwise (`mlx_gemma_mtp.cuda`; before any tool computes). The JSONs record it.
+without_graphs_unless_set()
 
 PARTS = ("cost", "baseline", "e2e")
 POLICIES = ("auto", "heuristic")
@@ -155,7 +153,7 @@ def environment() -> dict:
         "mlx_lm": version("mlx-lm"),
         "python": platform.python_version(),
         "machine": platform.machine(),
-        "MLX_USE_CUDA_GRAPHS": os.environ.get("MLX_USE_CUDA_GRAPHS", ""),
+        GRAPHS: os.environ.get(GRAPHS, ""),
     }
 
 

@@ -20,6 +20,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .chat import ChatBusyError, ChatSession, drafter_warning, stats_line
 from .costs import batch_sizes, cost_path, load_costs, progress_bar
+from .cuda import without_graphs_unless_set
 from .drafter import Drafter
 from .generate import DEFAULT_MAX_TOKENS, check_arguments, stream_generate
 from .load import load, load_pair
@@ -539,6 +540,7 @@ USAGE = f"usage: {PROG} {{{','.join(COMMANDS)}}} [--help] ...\n\n" + "\n".join(
 
 
 def main(argv: list[str] | None = None) -> int:
+    without_graphs_unless_set()  # before any command computes (mlx_gemma_mtp/cuda.py says why)
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, file=sys.stdout if argv else sys.stderr)

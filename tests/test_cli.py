@@ -58,6 +58,22 @@ def _run(*args, stdin: str = "", env: dict | None = None) -> subprocess.Complete
     )
 
 
+def test_the_commands_run_mlx_cuda_without_graphs_unless_told():
+    """The commands' own process turns CUDA graphs off (mlx_gemma_mtp/cuda.py) unless the
+    environment chose; importing the package changes nothing."""
+    env = {k: v for k, v in os.environ.items() if k != "MLX_USE_CUDA_GRAPHS"}
+    show = "import os, sys, mlx_gemma_mtp.cli as c; {} print(os.environ.get('MLX_USE_CUDA_GRAPHS'))"
+    run = [sys.executable, "-c", show.format("c.main(['--help']);")]
+    assert subprocess.run(run, env=env, cwd=REPO, capture_output=True, text=True).stdout.split()[-1] == "0"
+    env["MLX_USE_CUDA_GRAPHS"] = "1"
+    assert subprocess.run(run, env=env, cwd=REPO, capture_output=True, text=True).stdout.split()[-1] == "1"
+    del env["MLX_USE_CUDA_GRAPHS"]
+    imported = [sys.executable, "-c", show.format("")]
+    assert subprocess.run(imported, env=env, cwd=REPO, capture_output=True, text=True).stdout.split() == [
+        "None"
+    ]
+
+
 def _templated(tokenizer, text: str) -> str:
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
