@@ -8,7 +8,8 @@ as subprocesses, as users start them:
 
 - every client sends `--requests` /v1/completions requests back to back, each a different
   random `--prompt`-token prompt, greedy, `--tokens` tokens at most; the in-process engine keeps
-  the same number of rows in flight over the same prompts;
+  the same number of rows in flight over the same prompts, and keeps finished rows' caches as
+  the server does (`--prefix-cache`'s default; from r50 on: before, it kept none);
 - tokens/s = completion tokens of all requests / wall time from the first request to the last
   answer; the median of `--trials` after one warm-up round at the largest client count. Also
   "until the last request was sent" (`_steady`): while every client still had requests to send,
@@ -51,6 +52,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_gemma_mtp import load_pair
+from mlx_gemma_mtp.cli import PREFIX_CACHE
 from mlx_gemma_mtp.engine import Engine, Request
 from mlx_gemma_mtp.generate import draft_length
 from mlx_gemma_mtp.sample import make_sampling
@@ -317,7 +319,14 @@ def open_engine(pair: Path, ids: list[list[int]], args, replay: Path | None = No
         else int(args.num_draft_tokens)
     )
     policy = draft_length(k, model, drafter, max(args.clients))
-    engine = Engine(model, drafter, num_draft_tokens=policy, max_batch=max(args.clients), propose=propose)
+    engine = Engine(
+        model,
+        drafter,
+        num_draft_tokens=policy,
+        max_batch=max(args.clients),
+        prefix_cache_size=PREFIX_CACHE,  # as the server's, so that the two sides keep alike
+        propose=propose,
+    )
     engine_run(engine, ids[: max(args.clients)], max(args.clients), args.tokens, seeds)  # warm-up
     yield lambda c: engine_run(engine, ids[: c * args.requests], c, args.tokens, seeds)
     # the engine and models go with this frame; main clears MLX's cache after

@@ -30,6 +30,7 @@ from .target import Target
 PROG = "mlx-gemma-mtp"
 DEFAULT_MODEL = "google/gemma-4-E2B-it"  # its drafter, google/gemma-4-E2B-it-assistant, is found beside it
 PROMPT = ">>> "
+PREFIX_CACHE = 8  # the server's kept caches of finished requests (--prefix-cache)
 CHAT_HELP = """\
 /reset   start a new conversation (the --system message is kept)
 /stats   speed and drafting statistics of the last answer
@@ -388,9 +389,9 @@ def setup_serve_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--prefix-cache",
         type=_non_negative_int,
-        default=8,
+        default=PREFIX_CACHE,
         help="finished requests' caches kept, so that a conversation's next turn prefills only what is new "
-        "(default 8; 0: none)",
+        f"(default {PREFIX_CACHE}; 0: none)",
     )
     parser.add_argument("--served-model-name", help="the model id clients see (default: MODEL as given)")
     parser.add_argument(

@@ -48,6 +48,11 @@ MAX_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's limi
 # until a joining request takes it, so that the rounds keep their shape (docs/engine.md, "Held
 # slots": what a new batch size costs); held slots go all at once (`Engine._release`).
 HOLD_STEPS = 8
+# A kept cache whose ids part from a new prompt's before its end serves that prompt only when
+# they share this many ids, and then as a copy: the entry stays for its own conversation's next
+# turn. Fewer (a chat template's first few ids, a BOS) save next to nothing of a prefill, whose
+# cost is its chunk's, not a few ids'.
+MIN_SHARED = 64
 
 
 @dataclass
@@ -419,10 +424,20 @@ class Engine:
         row.cached = row.done = common
 
     def _reusable(self, prompt: list[int]) -> PromptCache | None:
-        """The kept cache sharing the longest prefix with `prompt`, taken out of the store."""
+        """The kept cache sharing the longest prefix with `prompt`: taken out of the store when
+        `prompt` continues all it holds (a conversation's next turn); a copy of it when they part
+        earlier but share at least MIN_SHARED ids (a system prompt; the entry stays); else none."""
         lengths = {key: _common(entry.tokens, prompt) for key, entry in self._prefixes.items()}
         best = max(lengths, key=lengths.__getitem__, default=None)
-        return None if best is None or not lengths[best] else self._prefixes.pop(best)
+        if best is None or not lengths[best]:
+            return None
+        entry = self._prefixes[best]
+        if lengths[best] == len(entry.tokens):
+            return self._prefixes.pop(best)
+        if lengths[best] < MIN_SHARED:
+            return None
+        self._prefixes.move_to_end(best)  # recently useful
+        return PromptCache(entry.cache.take([0]), entry.tokens)
 
     def _join(self, row: _Row, hidden: mx.array) -> None:
         """The row's first token, picked on the device; the row joins the batch behind it."""

@@ -153,6 +153,32 @@ def test_prefix_cache_skips_what_a_finished_row_held(loaded):
     assert rid == 1
 
 
+def test_the_prefix_store_keeps_a_conversation_for_its_next_turn(loaded):
+    """A request that shares only a conversation's first few ids (a chat template's header)
+    starts fresh, and one that shares MIN_SHARED ids or more (a system prompt) starts from a
+    copy: neither takes the kept cache from the conversation, whose next turn then prefills only
+    what is new. Every answer is its prompt's alone."""
+    from mlx_gemma_mtp.engine import MIN_SHARED
+
+    target, drafter = loaded["dense"]
+    engine = Engine(target, drafter, num_draft_tokens=3, prefix_cache_size=4)
+
+    def run(prompt):
+        engine.add(Request(prompt=prompt, max_tokens=8, stop_ids=frozenset()))
+        events = [e for _ in iter(lambda: engine.busy, False) for e in engine.step()]
+        tokens = [t for e in events for t in e.tokens]
+        assert tokens == decode(target, None, [prompt], 0, 8)[0].tokens
+        return tokens, events[-1].usage.cached_tokens
+
+    first, other = prompts(19, [MIN_SHARED + 40, 60])
+    answer, _ = run(first)
+    assert run(first[:3] + other)[1] == 0  # a header's worth: not worth a copy
+    assert run(first[: MIN_SHARED + 10] + other)[1] == MIN_SHARED + 10  # from a copy
+    assert run(first[: MIN_SHARED - 1] + other)[1] == 0
+    follow = first + answer + [5, 6, 7]
+    assert run(follow)[1] == len(first) + len(answer) - 1  # the conversation's own cache, still kept
+
+
 def test_a_kept_cache_holds_its_own_row_only(loaded):
     """Rows leaving a batch at different steps leave their caches in their prompt caches: each
     is that row's own copy, not a view holding the whole batch's buffers of its moment."""
