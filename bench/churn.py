@@ -37,6 +37,7 @@ from mlx_gemma_mtp.draft_length import MAX_DRAFT, Fixed
 from mlx_gemma_mtp.engine import Engine, Request
 from mlx_gemma_mtp.sample import GREEDY
 
+from . import environment
 from .models import build
 
 WARM = 30  # steps before anything is timed (kernels, traces)
@@ -165,7 +166,8 @@ def main(argv=None) -> int:
                 print(line(case), flush=True)
                 mx.clear_cache()
     if args.out:
-        report = {"shape": args.shape, "bits": args.bits, "prompt": args.prompt, "cases": cases}
+        report = {"environment": environment(), "shape": args.shape, "bits": args.bits, "prompt": args.prompt}
+        report["cases"] = cases
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
     return 0

@@ -24,7 +24,7 @@ import mlx.core as mx
 
 from mlx_gemma_mtp.speculative import drafter_proposer
 
-from . import measure
+from . import environment, measure
 from .models import build
 from .replay import draw_hits, parse_acceptance, replay_proposer, replay_table
 
@@ -124,7 +124,8 @@ def main(argv=None) -> int:
     for line in report_lines(steps):
         print(line, flush=True)
     if args.out:
-        report = {"shape": args.shape, "bits": args.bits, "batch": args.batch, "acceptance": acceptance}
+        report = {"environment": environment(), "shape": args.shape, "bits": args.bits, "batch": args.batch}
+        report["acceptance"] = acceptance
         with open(args.out, "w") as f:
             json.dump(report | {"steps": steps, "order": orders}, f)
     return 0

@@ -232,6 +232,7 @@ def test_timeline_times_every_step_of_every_variant(tmp_path, known_costs, capsy
     assert all(len(run) == 7 and {step[3] for step in run} == {2} for run in steps["plain"] + steps["mlx-lm"])
     assert all(sum(step[2] for step in run) > 0 for run in steps["auto"])  # alpha = 1: auto keeps drafts
     assert report["order"] == [["plain", "mlx-lm", "auto"], ["auto", "mlx-lm", "plain"]]
+    assert report["environment"]["MLX_USE_CUDA_GRAPHS"] == os.environ["MLX_USE_CUDA_GRAPHS"]
     capsys.readouterr()
     # A ragged batch with a fixed k: the row keeping every draft ends first, the other goes on alone.
     argv += ["--acceptance", "ragged=1/0", "--ks", "3", "--out", str(out)]
@@ -251,7 +252,9 @@ def test_churn_times_the_steps_after_rows_leave_and_join(tmp_path, capsys):
     out = tmp_path / "churn.json"
     argv = ["--shape", "tiny", "--batch", "4", "--ks", "2", "--events", "2", "--gap", "3", "--prompt", "16"]
     assert churn.main(argv + ["--switch", "5", "--out", str(out)]) == 0
-    cases = {(c["event"], c["hold_steps"]): c for c in json.loads(out.read_text())["cases"]}
+    report = json.loads(out.read_text())
+    assert report["environment"]["MLX_USE_CUDA_GRAPHS"] == os.environ["MLX_USE_CUDA_GRAPHS"]
+    cases = {(c["event"], c["hold_steps"]): c for c in report["cases"]}
     joins = ("leave and join", "late join")
     assert set(cases) == {(e, h) for e in ("leave", *joins) for h in (8, 0)} | {("switch k to 5", 8)}
     assert all(len(c["after_ms"]) == 3 and min(c["after_ms"]) > 0 for c in cases.values())
