@@ -14,6 +14,7 @@ cut short keeps its cells), a line per cell on stdout, and PNG plots with matplo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -26,7 +27,8 @@ import mlx.core as mx
 
 from mlx_gemma_mtp.cache import MAX_WRITE
 from mlx_gemma_mtp.cuda import GRAPHS, without_graphs_unless_set
-from mlx_gemma_mtp.draft_length import Fixed
+from mlx_gemma_mtp.draft_length import Auto, Fixed, Rules
+from mlx_gemma_mtp.generate import draft_length
 from mlx_gemma_mtp.speculative import MAX_DRAFT, drafter_proposer
 
 from . import measure
@@ -64,10 +66,33 @@ class Cycle(Fixed):
         return min(k, limit)
 
 
+def auto_rules(k: str) -> Rules:
+    """The rules of an "auto:field=value,..." --ks spelling: auto with some of its `Rules`
+    changed, beside auto in the same trials (an A/B of a rule on the card). ValueError naming
+    a bad one."""
+    fields = {f.name: f.type for f in dataclasses.fields(Rules)}
+    changed = {}
+    for part in k.removeprefix("auto:").split(","):
+        name, _, value = part.partition("=")
+        if name not in fields or not value:
+            raise ValueError(
+                f"--ks: {part!r} in {k!r} is not field=value for a field of Rules ({', '.join(fields)})"
+            )
+        kind = {"bool": lambda v: bool(int(v)), "int": int, "float": float}[fields[name]]
+        try:
+            changed[name] = kind(value)
+        except ValueError:
+            raise ValueError(f"--ks: {part!r} in {k!r}: {value!r} is not a {fields[name]}") from None
+    return Rules(**changed)
+
+
 def parse_k(k: str) -> int | str | tuple[int, ...]:
-    """A --ks value: an int in 0..MAX_DRAFT, a policy name, or a cycle "7/8/9" (ValueError
-    naming a bad one)."""
+    """A --ks value: an int in 0..MAX_DRAFT, a policy name, auto with changed rules
+    ("auto:own_share=0", `auto_rules`) or a cycle "7/8/9" (ValueError naming a bad one)."""
     if k in POLICIES:
+        return k
+    if k.startswith("auto:"):
+        auto_rules(k)
         return k
     parts = k.split("/")
     if not all(p.isdigit() and int(p) <= MAX_DRAFT for p in parts):
@@ -97,10 +122,14 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "--ks",
         nargs="+",
         default=["auto", "3", "5"],
-        help="draft lengths: ints, 'auto', 'heuristic', or a cycle of ints a round each (7/8/9)",
+        help="draft lengths: ints, 'auto', 'heuristic', auto with changed rules (auto:own_share=0), "
+        "or a cycle of ints a round each (7/8/9)",
     )
     p.add_argument(
-        "--context", type=int, default=1024, help="positions per row before the cost surface's forward"
+        "--context",
+        type=int,
+        help="positions per row before the cost surface's forward (default: the end-to-end runs' "
+        "middle, --prompt + --tokens / 2, so that the ideal prices the rounds they run)",
     )
     p.add_argument("--max-l", type=int, default=9, help="cost surface up to this many new tokens per row")
     p.add_argument("--prompt", type=int, default=256, help=f"end-to-end prompt per row (at most {MAX_WRITE})")
@@ -253,6 +282,8 @@ def _cells(target, drafter, proposer, rows, plain_tokens, spec, args, result, wa
         def run(fed):
             propose = replay_proposer(proposer, replay_table(fed, hits, vocab), [len(r) for r in rows])
             policy = Cycle(k) if isinstance(k, tuple) else k
+            if isinstance(k, str) and k.startswith("auto:"):  # a fresh one each run, as "auto" is
+                policy = Auto(draft_length("auto", target, drafter, B).cost.costs, auto_rules(k))
             return measure.engine_run(target, drafter, rows, n, policy, propose=propose)
 
         return replay_settled(run, plain_tokens)
@@ -260,7 +291,7 @@ def _cells(target, drafter, proposer, rows, plain_tokens, spec, args, result, wa
     # A policy drafts other lengths at another acceptance: it warms up at each (auto at alpha 0
     # drafts little, and its first run at 0.8 would compile its long verifies inside a trial).
     for k in ks.values():
-        key = (B, k, spec.name) if k in POLICIES else (B, k)
+        key = (B, k, spec.name) if isinstance(k, str) else (B, k)  # a policy
         if key not in warm:
             speculative(k, args.trials)  # on a seed no trial uses
             warm.add(key)
@@ -414,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         _quick(args)
     _check(parser, args)
+    if args.context is None:
+        args.context = args.prompt + args.tokens // 2
     report = {
         "environment": environment(),
         "arguments": {k: str(v) for k, v in vars(args).items()},

@@ -297,6 +297,7 @@ class _Round:
     behind: bool  # queued behind an unread round
     exact: bool  # queued at positions the host knew (after a plain step, or into an idle pipeline)
     end: float  # device time at which it finishes
+    built: float  # host seconds spent building it
 
 
 class Loop:
@@ -371,24 +372,25 @@ class Loop:
         if self.case.cold and (batch, k) not in self.compiled:
             seconds *= COLD_FACTOR
         self.compiled.add((batch, k))
-        idle = self.card.noise.host if pending is None else 0.0  # building into an idle pipeline
+        idle, built = (self.card.noise.host if pending is None else 0.0), 0.0  # into an idle pipeline
         if self.case.device < 1:  # the host builds every round, in its cost; the device is quicker
             self.now += seconds
-            seconds, idle = seconds * self.case.device, 0.0
+            seconds, idle, built = seconds * self.case.device, 0.0, seconds
         start = max(self.device_free, self.now + idle)
         self.device_free = start + seconds
         self.rounds += 1
         exact = pending is None or pending.k == 0
         behind = pending is not None and not joined  # the engine times no round queued with a prefill
-        return _Round(k, kept, behind=behind, exact=exact, end=self.device_free)
+        return _Round(k, kept, behind=behind, exact=exact, end=self.device_free, built=built)
 
     def _read_back(self, done: _Round, pending: _Round | None, policy: DraftLength, since: float) -> None:
-        self.now = max(self.now, done.end)
+        waited = max(done.end - self.now, 0.0)
+        self.now += waited
         present = {r: m for r, m in done.kept.items() if r in self.rows}
         if done.k and present:
             policy.observe(done.k, present)
         if done.behind and pending is not None and (done.k or done.exact):
-            policy.observe_time(done.k, len(done.kept), self.now - since)
+            policy.observe_time(done.k, len(done.kept), self.now - since, own=done.built + waited)
         for r, m in present.items():
             row = self.rows[r]
             made = min(m + 1, self.tokens - row.generated)
@@ -421,6 +423,7 @@ RULES_OFF = {
     "a probe drafts the cheapest round": {"cheap_probe": False},
     "plain for want of room: no verdict": {"room_no_verdict": False},
     "a row that left still counts": {"remember_left": False},
+    "a round timed by its own share": {"own_share": False},
 }
 
 
@@ -430,7 +433,7 @@ class _Untimed:
     def __init__(self, policy: DraftLength):
         self.choose, self.observe, self.forget = policy.choose, policy.observe, policy.forget
 
-    def observe_time(self, k: int, batch: int, seconds: float) -> None:
+    def observe_time(self, k: int, batch: int, seconds: float, own: float | None = None) -> None:
         """Not told."""
 
 

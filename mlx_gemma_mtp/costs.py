@@ -209,7 +209,7 @@ class _Clocked(Fixed):
 
     seconds: list[float] = field(default_factory=list)
 
-    def observe_time(self, k: int, batch: int, seconds: float) -> None:
+    def observe_time(self, k: int, batch: int, seconds: float, own: float | None = None) -> None:
         if k == self.k:  # (near max_tokens a round drafts fewer)
             self.seconds.append(seconds)
 

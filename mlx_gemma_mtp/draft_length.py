@@ -3,8 +3,8 @@
 The loop asks `choose(limit, rows)` before every round: one k for every row (a verify forward
 has one shape, and a row's drafts past what it would have wanted cost it nothing), 0 for one
 plain step of the batch. It tells `observe(k, accepted)` each row's kept drafts after a drafting
-round, `observe_time(k, batch, seconds)` what a round took where its clock can tell (only a
-round run in a full pipeline, `speculative.py`), and `forget(row)` when a row leaves. It asks
+round, `observe_time(k, batch, seconds, own)` what a round took where its clock can tell (only a
+round run in a full pipeline, `engine.py`), and `forget(row)` when a row leaves. It asks
 one round ahead (round r+1 is queued before round r is read back), so a choice never sees the
 outcome of the round just before it. A batch of one is B = 1.
 
@@ -41,9 +41,12 @@ class DraftLength(Protocol):
         """A round drafted k >= 1 tokens for every row; row id -> how many of that row's drafts
         were kept (0..k)."""
 
-    def observe_time(self, k: int, batch: int, seconds: float) -> None:
+    def observe_time(self, k: int, batch: int, seconds: float, own: float | None = None) -> None:
         """A round of `batch` rows drafting k tokens each (k = 0: one plain step of the batch)
-        took `seconds`."""
+        took `seconds` between its read-back and the last one's (the device's time when the host
+        keeps ahead; when the host bounds the loop, its work on the round queued after this
+        one); `own`: the round's own share of the clock, the host's work on it and its wait
+        (None where the loop cannot tell)."""
 
     def forget(self, row: int) -> None:
         """A row left the batch (its own estimate goes; auto keeps its rounds among the others')."""
@@ -65,7 +68,7 @@ class Fixed:
     def observe(self, k: int, accepted: Mapping[int, int]) -> None:
         """A fixed k ignores acceptance ..."""
 
-    def observe_time(self, k: int, batch: int, seconds: float) -> None:
+    def observe_time(self, k: int, batch: int, seconds: float, own: float | None = None) -> None:
         """... and timing."""
 
     def forget(self, row: int) -> None:
@@ -92,7 +95,7 @@ class Heuristic:
             asked = self.asks.get(row, self.start)
             self.asks[row] = min(asked + 2, self.high) if kept >= min(asked, k) else max(asked - 1, self.low)
 
-    def observe_time(self, k: int, batch: int, seconds: float) -> None:
+    def observe_time(self, k: int, batch: int, seconds: float, own: float | None = None) -> None:
         """The schedule follows acceptance only, as transformers' does."""
 
     def forget(self, row: int) -> None:
@@ -193,6 +196,7 @@ class Rules:
     scale_untimed: bool = True  # an untimed one: its measurement x the least timed/measured ratio ...
     plain_down: bool = True  # ... a plain step's only if that is < 1: dear rounds say nothing of it
     floor: bool = True  # no round is believed cheaper than a plain step and its k drafter steps
+    own_share: bool = True  # a round costs its own share of the clock, not the interval before its read-back
     outlier: float = 3.0  # a (batch, k)'s first timing over 3x its estimate is a compile: passed over
     blind_plain: bool = True  # the choice behind the first drafting round, before it is seen, is plain
     cheap_probe: bool = True  # a probe drafts the cheapest round's k (False: the best rate's k >= 1)
@@ -414,8 +418,8 @@ class Auto:
         self._blind = False
         self.acceptance.observe(k, accepted)
 
-    def observe_time(self, k: int, batch: int, seconds: float) -> None:
-        self.cost.observe(k, batch, seconds)
+    def observe_time(self, k: int, batch: int, seconds: float, own: float | None = None) -> None:
+        self.cost.observe(k, batch, own if self.rules.own_share and own is not None else seconds)
 
     def forget(self, row: int) -> None:
         self.acceptance.forget(row)

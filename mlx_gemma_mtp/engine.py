@@ -232,7 +232,10 @@ class Engine:
         self._steps = 0
         self._slots_queued = 0  # rows of the last round queued
         self._settling = 0  # steps left whose read-back is not timed: the batch changed size
-        self._read_at = time.perf_counter()
+        self._read_at = self._ended = time.perf_counter()  # the last read-back began; step ended
+        self._timing: tuple[int, int, float, float] | None = (
+            None  # (k, rows, interval, build) of a round to time
+        )
         self._device_wait = 0.0  # seconds the last step's read-back waited for the device
         self._last_round = (0, 0)  # (k, rows it ran for requests) of the round read back last step
         self._next_rid = 0
@@ -328,7 +331,22 @@ class Engine:
             self._slots_queued = len(queued.ids)
         events += self._read_back(queued)
         self._settling = max(self._settling - 1, 0)
+        self._time(queued, admitted)
         return events
+
+    def _time(self, queued: Queued | None, admitted: bool) -> None:
+        """Tell the policy what the round read back this step took, where `_observe` found it
+        timeable and no prefill ran in the step: `seconds`, the interval between its read-back
+        and the last one's (the device's time in a full pipeline); `own`, its exact share of the
+        wall clock: the host's work building it, and the step that read it back (its wait and
+        events, the caller's time since the last step) less building the round queued in it.
+        A host-bound loop's intervals time the round queued after the one read; `own` does not."""
+        ended, timing, self._timing = time.perf_counter(), self._timing, None
+        if timing is not None and not admitted:
+            k, rows, seconds, built = timing
+            own = built + (ended - self._ended) - (queued.built if queued is not None else 0.0)
+            self.policy.observe_time(k, rows, seconds, own=own)
+        self._ended = ended
 
     def close(self) -> None:
         """End every request now, without events; rows with a prompt cache leave it holding
@@ -350,10 +368,13 @@ class Engine:
         limit = max(self._rows[r].remaining - ahead.get(r, 0) - (r in unread) for r in live) - 1
         if limit < 0 or (pending is not None and pending.k and rows.processors):
             return None
+        began = time.perf_counter()
         k = min(self.policy.choose(min(limit, MAX_DRAFT), live), limit, MAX_DRAFT)
         asked = [self._rows[r].request.logprobs for r in live]
         top = max((n for n in asked if n is not None), default=None)
-        return queue_round(self.model, self.propose, rows, k, behind=timed and pending is not None, top=top)
+        queued = queue_round(self.model, self.propose, rows, k, behind=timed and pending is not None, top=top)
+        queued.built = time.perf_counter() - began
+        return queued
 
     def _read_back(self, queued: Queued | None) -> list[Event]:
         """The step's host sync: read the pending round (and joining rows' first tokens) back
@@ -491,7 +512,7 @@ class Engine:
         # the step that queued the first round at a new batch size nor the next: on MLX CUDA
         # those ran up to ~+40 and ~+20 ms (docs/engine.md, "Held slots"), not what such rounds cost.
         if done.behind and self._pending is not None and not self._settling:
-            self.policy.observe_time(done.k, self._last_round[1], now - self._read_at)
+            self._timing = (done.k, self._last_round[1], now - self._read_at, done.built)  # `_time`
 
     def _emit(self, row: _Row, tokens: list[int], from_draft: list[bool], logprobs, b: int) -> Event:
         """The event of `tokens` for `row`, cut at a stop id (kept) or at its limit (max_tokens,

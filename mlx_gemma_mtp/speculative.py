@@ -199,6 +199,7 @@ class Queued:
     # Where logprobs were asked: the chosen tokens' [B, k+1], the top ids [B, k+1, n] and their
     # logprobs [B, k+1, n] (log-softmax of the processed logits, before temperature).
     logprobs: tuple[mx.array, mx.array, mx.array] | None = None
+    built: float = 0.0  # seconds the host took to choose and build it (set by the engine)
 
     def read(self) -> list[tuple[list[int], int]]:
         """The host sync: each row's (tokens, drafts kept): drafts[:m] + [follow]."""

@@ -271,7 +271,7 @@ def test_rounds_are_not_timed_while_the_batch_settles_at_a_new_size(loaded):
     from mlx_gemma_mtp.draft_length import Fixed
 
     class Timed(Fixed):
-        def observe_time(self, k, batch, seconds):
+        def observe_time(self, k, batch, seconds, own=None):
             told.append(step)
 
     target, drafter = loaded["e2b"]
@@ -289,6 +289,51 @@ def test_rounds_are_not_timed_while_the_batch_settles_at_a_new_size(loaded):
     for first in resized:
         assert first not in told and first + 1 not in told, (first, told, slots)
     assert any(s > resized[0] + 1 for s in told) and told[0] < resized[0]  # timed before and after
+
+
+def test_a_round_is_timed_by_its_own_share_of_the_clock(loaded):
+    """Where the host bounds the loop, the interval before a round's read-back is the host
+    building the round queued after it: a drafting round whose build is slow is timed cheap and
+    the plain step before it dear. `own` charges each round its own build."""
+    import time
+
+    from mlx_gemma_mtp.speculative import drafter_proposer
+
+    class EveryFourth:  # k = 2 every fourth round, plain otherwise
+        def __init__(self):
+            self.rounds, self.told = 0, []
+
+        def choose(self, limit, rows):
+            self.rounds += 1
+            return min(2 if self.rounds % 4 == 0 else 0, limit)
+
+        def observe(self, k, accepted):
+            pass
+
+        def observe_time(self, k, batch, seconds, own=None):
+            self.told.append((k, seconds, own))
+
+        def forget(self, row):
+            pass
+
+    target, drafter = loaded["e2b"]
+    drafts = drafter_proposer(drafter, target)
+
+    def slow(*args, **kwargs):  # the host takes 0.1 s to build a drafting round
+        time.sleep(0.1)
+        return drafts(*args, **kwargs)
+
+    policy = EveryFourth()
+    engine = Engine(target, drafter, num_draft_tokens=policy, max_batch=2, propose=slow)
+    for prompt in prompts(19, [12, 15]):
+        engine.add(Request(prompt=prompt, max_tokens=40, stop_ids=frozenset()))
+    while engine.busy:
+        engine.step()
+    drafting = [(s, own) for k, s, own in policy.told if k]
+    plain = [(s, own) for k, s, own in policy.told if not k]
+    assert len(drafting) >= 3 and len(plain) >= 6, policy.told
+    assert all(own >= 0.1 > s for s, own in drafting), drafting
+    assert all(own < 0.1 for _, own in plain) and any(s >= 0.1 for s, _ in plain), plain
 
 
 def test_batch_generate_api(loaded, checkpoints):

@@ -5,6 +5,7 @@ new one on the same weights."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import math
@@ -96,6 +97,29 @@ def test_the_draft_lengths_of_a_spec_share_their_trials_in_turning_order(tmp_pat
     assert cells[0]["plain_tokens_per_s"] == cells[1]["plain_tokens_per_s"]  # the same plain runs
 
 
+def test_an_auto_variant_runs_beside_auto_with_its_rules_changed(tmp_path, monkeypatch, known_costs):
+    """`--ks auto:field=value,...`: auto with those `Rules` changed, a fresh one each run, its
+    cell named by that spelling; the cost surface at the end-to-end runs' middle context."""
+    rules = []
+    engine_run = measure.engine_run
+
+    def logged(target, drafter, prompts, n, k, **kwargs):
+        rules.append(k.rules if isinstance(k, bench.Auto) else k)
+        return engine_run(target, drafter, prompts, n, k, **kwargs)
+
+    monkeypatch.setattr(measure, "engine_run", logged)
+    out, spelling = tmp_path / "bench.json", "auto:own_share=0,timings=3"
+    argv = [a for a in TINY if a not in ("--context", "32")]
+    argv += ["--parts", "cost", "e2e", "--batches", "1", "--max-l", "3", "--alphas", "1", "--ks", "auto", spelling,
+             "--trials", "1", "--out", str(out)]  # fmt: skip
+    assert bench.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["arguments"]["context"] == "20"  # --prompt 16 + --tokens 8 / 2
+    assert [c["k"] for c in report["results"][0]["batches"]["1"]["cells"]] == ["auto", spelling]
+    changed = dataclasses.replace(bench.Rules(), own_share=False, timings=3)
+    assert rules.count(changed) == 2 and "auto" in rules  # its warm-up and trial; auto's own runs
+
+
 def test_a_cycle_of_draft_lengths_runs_a_round_of_each_and_is_held_to_the_surface(tmp_path):
     out = tmp_path / "bench.json"
     argv = TINY + ["--parts", "cost", "e2e", "--batches", "1", "--max-l", "4", "--alphas", "1", "--ks", "1/3",
@@ -113,7 +137,11 @@ def test_a_cycle_of_draft_lengths_runs_a_round_of_each_and_is_held_to_the_surfac
 
 def test_draft_lengths_parse_or_name_the_bad_one():
     assert [bench.parse_k(k) for k in ("5", "auto", "7/8/9")] == [5, "auto", (7, 8, 9)]
-    for bad in ("17", "7/x", "", "3/", "auto/3"):
+    assert bench.parse_k("auto:own_share=0,timings=3") == "auto:own_share=0,timings=3"
+    assert bench.auto_rules("auto:own_share=0,timings=3,prior=0.6") == dataclasses.replace(
+        bench.Rules(), own_share=False, timings=3, prior=0.6
+    )
+    for bad in ("17", "7/x", "", "3/", "auto/3", "auto:", "auto:nope=1", "auto:timings", "auto:timings=x"):
         with pytest.raises(ValueError, match="--ks"):
             bench.parse_k(bad)
     with pytest.raises(SystemExit):

@@ -32,7 +32,7 @@ class Script:
     def observe(self, k, accepted):
         """A script does not adapt."""
 
-    def observe_time(self, k, batch, seconds):
+    def observe_time(self, k, batch, seconds, own=None):
         """... to acceptance or to timing."""
 
     def forget(self, row):
@@ -233,7 +233,7 @@ class Recorded:
     def observe(self, k, accepted):
         self.policy.observe(k, accepted)
 
-    def observe_time(self, k, batch, seconds):
+    def observe_time(self, k, batch, seconds, own=None):
         """Not told."""
 
     def forget(self, row):

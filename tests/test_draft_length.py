@@ -377,6 +377,27 @@ def test_no_round_is_believed_cheaper_than_a_plain_step_and_its_drafts():
     assert sum(k > 0 for k in chosen) <= 64 // 16, chosen  # its probes, no more
 
 
+def test_a_useless_drafters_probes_are_spaced_by_what_they_really_cost():
+    """A host-bound loop's interval before a probe's read-back is the host building the plain
+    step after it: the probe looks as cheap as a plain step, and probes come every ~20 rounds.
+    Timed by its own share (1.6 plain steps), a probe costs 0.6 of a plain step, and auto spaces
+    them so that they cost it `probe_share` (0.5%): every ~120 rounds."""
+    spacing = {}
+    for own_share in (True, False):
+        policy = Auto(GPU, dataclasses.replace(Rules(), own_share=own_share))
+        chosen = []
+        for _ in range(1200):
+            chosen.append(policy.choose(1000, [0]))
+            if chosen[-1]:
+                policy.observe(chosen[-1], {0: 0})
+            policy.observe_time(chosen[-1], 1, 1.0, own=1.6 if chosen[-1] else 1.0)
+        if own_share:
+            assert policy.cost.seconds(1, 1) == pytest.approx(1.6)
+        probes = [i for i, k in enumerate(chosen) if k][3:]  # after the opening's
+        spacing[own_share] = (probes[-1] - probes[0]) / (len(probes) - 1)
+    assert spacing[True] >= 100 and spacing[False] <= 30, spacing
+
+
 def test_rounds_timed_dear_say_nothing_of_an_untimed_plain_step():
     """A generation opens with rounds, and a plain step behind a drafting round is not timed.
     Rounds timed at twice their measurement must not make plain decoding look twice as dear
@@ -488,7 +509,7 @@ class Recording:
     def observe(self, k, accepted):
         self.observed += 1
 
-    def observe_time(self, k, batch, seconds):
+    def observe_time(self, k, batch, seconds, own=None):
         self.timed.append((k, seconds))
 
     def forget(self, row):
@@ -542,7 +563,7 @@ def test_served_rows_join_later_and_their_rounds_go_untimed():
             self.batches.append(len(rows))
             return super().choose(limit, rows)
 
-        def observe_time(self, k, batch, seconds):
+        def observe_time(self, k, batch, seconds, own=None):
             self.timed.append((k, batch, seconds))
 
     policy = Batches([3])  # rows keep different numbers of drafts: they end apart

@@ -178,7 +178,7 @@ class _Watching:
     def observe(self, k, accepted):
         """Watching only."""
 
-    def observe_time(self, k, batch, seconds):
+    def observe_time(self, k, batch, seconds, own=None):
         self.timed.append(k)
 
     def forget(self, row):
