@@ -385,6 +385,19 @@ def _cell_stats(name: str, k, plain: list, runs: list, plain_tokens) -> dict:
         "same_as_plain": min(
             measure.common_prefix(a, b) for r in runs for a, b in zip(r.tokens, plain_tokens)
         ),
+        **_beliefs(runs),
+    }
+
+
+def _beliefs(runs: list) -> dict:
+    """Auto's: what a round of the batch cost at k = 0..MAX_DRAFT by its cost model at the end
+    of its runs (the median over runs) and by the measured costs it started from, in ms: beside
+    the fixed-k cells' `ms_per_round`, whether it knew what rounds cost."""
+    if not runs or runs[0].believed_ms is None:
+        return {}
+    return {
+        "believed_ms_by_k": [statistics.median(ms) for ms in zip(*(r.believed_ms for r in runs))],
+        "calibrated_ms_by_k": runs[0].calibrated_ms,
     }
 
 

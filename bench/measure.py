@@ -21,7 +21,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_gemma_mtp.cache import MAX_WRITE, Cache
-from mlx_gemma_mtp.draft_length import MAX_DRAFT, DraftLength
+from mlx_gemma_mtp.draft_length import MAX_DRAFT, Auto, DraftLength
 from mlx_gemma_mtp.drafter import Drafter
 from mlx_gemma_mtp.engine import Engine, Request
 from mlx_gemma_mtp.generate import draft_length
@@ -201,6 +201,10 @@ class Run:
     full_step_ms: float = 0.0  # the median step while every row decoded (to the first row's end)
     tail_step_ms: float | None = None  # ... and after it, with fewer rows (None: rows ended together)
     tail_steps: int = 0  # steps after it
+    # Auto's: ms of a round of the batch at k = 0..MAX_DRAFT as its cost model had it at the run's
+    # end (`CostModel.seconds`), and as its measured costs said before any timing (`Costs.round`).
+    believed_ms: list[float] | None = None
+    calibrated_ms: list[float] | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -249,7 +253,7 @@ def engine_run(
             engine.device_wait,
             rows=sum(bool(e.tokens) for e in events),
         )
-    return _run(tokens, clock, list(usage.values()))
+    return _run(tokens, clock, list(usage.values()), engine.policy, len(prompts))
 
 
 class _Clock:
@@ -283,7 +287,13 @@ class _Clock:
             self.full = (now - self.start, self.generated)
 
 
-def _run(tokens, clock: _Clock, usages) -> Run:
+def _run(tokens, clock: _Clock, usages, policy=None, batch: int = 0) -> Run:
+    beliefs = {}
+    if isinstance(policy, Auto):  # what its choices rested on
+        beliefs = {
+            "believed_ms": [policy.cost.seconds(k, batch) * 1e3 for k in range(MAX_DRAFT + 1)],
+            "calibrated_ms": [policy.cost.costs.round(k, batch) * 1e3 for k in range(MAX_DRAFT + 1)],
+        }
     return Run(
         tokens=tokens, seconds=clock.last - clock.start, generated=clock.generated,
         full_seconds=clock.full[0], full_generated=clock.full[1], peak_gb=mx.get_peak_memory() / 1e9,
@@ -294,6 +304,7 @@ def _run(tokens, clock: _Clock, usages) -> Run:
         full_step_ms=statistics.median(clock.phases[0]) if clock.phases[0] else 0.0,
         tail_step_ms=statistics.median(clock.phases[1]) if clock.phases[1] else None,
         tail_steps=len(clock.phases[1]),
+        **beliefs,
     )  # fmt: skip
 
 

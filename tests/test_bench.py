@@ -66,6 +66,10 @@ def test_batched_cells_replay_exactly_against_their_costs(tmp_path, known_costs)
     # ... auto is held to the best fixed k's, and drafts where drafts are kept ...
     auto = cells["alpha=1.0", "auto"]
     assert auto["acceptance_rate"] == 1 and auto["ideal"] == pytest.approx(max(ideal.values()))
+    # ... with what it started from (the fixture's costs) and what it believed at the end.
+    assert auto["calibrated_ms_by_k"][:3] == pytest.approx([10.0, 14.0, 16.0])  # verify + k drafter steps
+    assert len(auto["believed_ms_by_k"]) == MAX_DRAFT + 1 and all(ms > 0 for ms in auto["believed_ms_by_k"])
+    assert "believed_ms_by_k" not in cells["alpha=1.0", 2]
     # ... and a ragged mix the mean of its rows' expected tokens (no clamping to either).
     mix = (1 + 0.9 + 0.81 + 1 + 0.2 + 0.04) / 2
     assert cells["ragged=0.9/0.2", 2]["ideal"] == pytest.approx(mix * verify["1"] / (verify["3"] + 2 * draft))
