@@ -165,6 +165,11 @@ class Case:
     # device then runs it in this share of it, and the loop's clock (read-back to read-back)
     # times the host building the round queued after the one it reads (E2B on an H100, r47).
     device: float = 1.0
+    # Turning between plain steps and drafting costs the host more than either round: (going in,
+    # coming out) in plain steps, on top of the round's cost. r49's churn (E2B bf16 B = 8, no
+    # graphs): auto's k = 1 probe from plain decoding +45% of a plain step where the surface
+    # says +15%, and the plain step after it +10%.
+    switch: tuple[float, float] = (0.0, 0.0)
 
     @property
     def conversations(self) -> int:
@@ -181,6 +186,7 @@ class Case:
         tail += f" {self.turns} in turn" if self.turns > 1 else ""
         tail += f" served (+{self.served} rounds)" if self.served else ""
         tail += f" host-bound (device {self.device:g})" if self.device < 1 else ""
+        tail += f" switch +{self.switch[0]:g}/+{self.switch[1]:g}" if any(self.switch) else ""
         return f"{self.shape} B={self.batch} {self.acceptance}{tail}"
 
 
@@ -195,6 +201,7 @@ PROFILES = {
 COLD_FACTOR = 5.0
 # A host-bound case's device share of a round (a guess: r47's read-backs never waited).
 HOST_BOUND_DEVICE = 0.5
+HOST_SWITCH = (0.3, 0.1)  # `Case.switch` as r49's churn measured it (E2B bf16, B = 8, no graphs)
 PREFILL_FACTOR = 2.0  # a joining row's prompt prefill: this many one-row verifies of MAX_DRAFT drafts
 
 
@@ -368,6 +375,8 @@ class Loop:
             self.rows[r].position += kept[r] + 1
         batch = len(active)
         seconds = self.true.round(k, batch) + joined * PREFILL_FACTOR * self.true.step(MAX_DRAFT)
+        if pending is not None and (k > 0) != (pending.k > 0):  # into drafting, or out of it
+            seconds += self.true.plain(batch) * self.case.switch[0 if k else 1]
         seconds *= self.card.factor(self.device_free, self.rounds, k > 0)
         if self.case.cold and (batch, k) not in self.compiled:
             seconds *= COLD_FACTOR
@@ -487,7 +496,8 @@ def cases(batches=(1, 4, 16)) -> list[Case]:
     """Every shape x batch size x acceptance (the ragged mix only in batches), α 0.8 served at
     each B > 1, then at B = 1 longer generations (where probes back off) and cold kernels
     (compiles); for a `BENCH` shape its benchmark's generations too (64 and 256 tokens, the
-    batch starting and ending together; at 256 also on a host-bound card, as r47 measured)."""
+    batch starting and ending together; at 256 also on a host-bound card, as r47 measured, and
+    on one where turning between plain steps and drafting costs more, as r49's churn did)."""
     out = []
     for shape in (*SURFACE, COMPUTE_BOUND, *BENCH):
         measured_sizes = truth(shape).batches
@@ -510,6 +520,13 @@ def cases(batches=(1, 4, 16)) -> list[Case]:
             ]
             out += [  # as measured there: the host bounds E2B's rounds (r47)
                 Case(shape, b, a, tokens=256, queue=False, device=HOST_BOUND_DEVICE)
+                for b in batches
+                if b <= measured_sizes[-1]
+                for a in ("α 0", "α 0.8", "ragged")
+                if b > 1 or a != "ragged"
+            ]
+            out += [  # ... and turning between plain steps and drafting costs its host more (r49)
+                Case(shape, b, a, tokens=256, queue=False, device=HOST_BOUND_DEVICE, switch=HOST_SWITCH)
                 for b in batches
                 if b <= measured_sizes[-1]
                 for a in ("α 0", "α 0.8", "ragged")

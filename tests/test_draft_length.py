@@ -500,6 +500,7 @@ class Recording:
 
     def __init__(self, moves):
         self.moves, self.chosen, self.seen, self.timed, self.observed = itertools.cycle(moves), [], [], [], 0
+        self.owns = []  # the own share told with each timing
 
     def choose(self, limit, rows):
         self.seen.append(self.observed)
@@ -511,6 +512,7 @@ class Recording:
 
     def observe_time(self, k, batch, seconds, own=None):
         self.timed.append((k, seconds))
+        self.owns.append(own)
 
     def forget(self, row):
         """Nothing kept per row."""
@@ -549,6 +551,33 @@ def test_a_host_bound_loop_times_the_host_building_the_next_round():
     assert all(s == pytest.approx(true.round(after)) for (_, s), (_, after) in zip(policy.timed[:20], timed))
     assert seconds == pytest.approx(sum(true.round(k) for k in chosen), rel=0.02)
     assert "host-bound" in case.name and "host-bound" not in simulate.Case("E2B bf16", 1, "α 0.8").name
+    # A round's own share is its own cost (the host building it; its read-back never waits).
+    assert all(own == pytest.approx(true.round(k)) for (k, _), own in zip(policy.timed, policy.owns))
+
+
+def test_turning_between_plain_steps_and_drafting_costs_the_host_more():
+    """`Case.switch` (r49's churn): a round drafting after a plain step costs 0.3 of a plain
+    step more, a plain step after a drafting round 0.1 more; its own share shows it where the
+    interval before its read-back does not."""
+    plain_case = simulate.Case("E2B bf16", 1, "α 0.8", device=0.4)
+    case = dataclasses.replace(plain_case, switch=(0.3, 0.1))
+    true = simulate.truth(case.shape)
+    moves = [1, 0, 0, 2, 2, 0]
+    policies = {c: Recording(moves) for c in (plain_case, case)}
+    seconds = {
+        c: simulate.Loop(c, true, simulate.Card(simulate.QUIET, 0), seed=0).run(p)
+        for c, p in policies.items()
+    }
+    policy, chosen = policies[case], policies[case].chosen
+    into = [k > 0 for r, k in enumerate(chosen) if r and (k > 0) != (chosen[r - 1] > 0)]
+    extra = sum(0.3 if drafting else 0.1 for drafting in into) * true.plain()
+    assert seconds[case] == pytest.approx(seconds[plain_case] + extra, rel=0.02)
+    timed_rounds = [r for r, k in enumerate(chosen[:-1]) if r and (k or not chosen[r - 1])]
+    for r, own in zip(timed_rounds[:20], policy.owns):
+        k, before = chosen[r], chosen[r - 1]
+        turn = 0.3 if k and not before else 0.1 if before and not k else 0.0
+        assert own == pytest.approx(true.round(k) + turn * true.plain())
+    assert "switch +0.3/+0.1" in case.name
 
 
 def test_served_rows_join_later_and_their_rounds_go_untimed():
