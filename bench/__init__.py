@@ -48,7 +48,10 @@ from .replay import (
 without_graphs_unless_set()
 
 PARTS = ("cost", "baseline", "e2e")
-POLICIES = ("auto", "heuristic")
+# Auto kept from run to run of a cell (taught by the cell's warm-up), as an engine serving request
+# after request keeps its policy; "auto" starts each run afresh, as `batch_generate` does.
+KEPT = "auto-kept"
+POLICIES = ("auto", "heuristic", KEPT)
 
 
 class Cycle(Fixed):
@@ -122,8 +125,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "--ks",
         nargs="+",
         default=["auto", "3", "5"],
-        help="draft lengths: ints, 'auto', 'heuristic', auto with changed rules (auto:own_share=0), "
-        "or a cycle of ints a round each (7/8/9)",
+        help="draft lengths: ints, 'auto' (afresh each run), 'auto-kept' (one policy through a cell's "
+        "runs), 'heuristic', auto with changed rules (auto:own_share=0), or a cycle of ints a round "
+        "each (7/8/9)",
     )
     p.add_argument(
         "--context",
@@ -275,16 +279,25 @@ def _cells(target, drafter, proposer, rows, plain_tokens, spec, args, result, wa
     B, n, vocab = len(rows), args.tokens, target.args.vocab_size
     chances = spec.chances(B)
     ks = {name: parse_k(name) for name in args.ks}
+    kept: list[Auto] = []  # KEPT's one policy in this cell
+
+    def policy(k):
+        if isinstance(k, tuple):
+            return Cycle(k)
+        if k == KEPT:
+            if not kept:
+                kept.append(Auto(draft_length("auto", target, drafter, B).cost.costs))
+            return kept[0]
+        if isinstance(k, str) and k.startswith("auto:"):  # a fresh one each run, as "auto" is
+            return Auto(draft_length("auto", target, drafter, B).cost.costs, auto_rules(k))
+        return k
 
     def speculative(k, seed: int):
         hits = draw_hits(chances, n, seed)
 
         def run(fed):
             propose = replay_proposer(proposer, replay_table(fed, hits, vocab), [len(r) for r in rows])
-            policy = Cycle(k) if isinstance(k, tuple) else k
-            if isinstance(k, str) and k.startswith("auto:"):  # a fresh one each run, as "auto" is
-                policy = Auto(draft_length("auto", target, drafter, B).cost.costs, auto_rules(k))
-            return measure.engine_run(target, drafter, rows, n, policy, propose=propose)
+            return measure.engine_run(target, drafter, rows, n, policy(k), propose=propose)
 
         return replay_settled(run, plain_tokens)
 

@@ -101,27 +101,36 @@ def test_the_draft_lengths_of_a_spec_share_their_trials_in_turning_order(tmp_pat
     assert cells[0]["plain_tokens_per_s"] == cells[1]["plain_tokens_per_s"]  # the same plain runs
 
 
-def test_an_auto_variant_runs_beside_auto_with_its_rules_changed(tmp_path, monkeypatch, known_costs):
+def test_auto_variants_run_beside_auto(tmp_path, monkeypatch, known_costs):
     """`--ks auto:field=value,...`: auto with those `Rules` changed, a fresh one each run, its
-    cell named by that spelling; the cost surface at the end-to-end runs' middle context."""
-    rules = []
+    cell named by that spelling; `auto-kept`: one auto through a cell's runs; the cost surface
+    at the end-to-end runs' middle context."""
+    rules, policies = [], []
     engine_run = measure.engine_run
 
     def logged(target, drafter, prompts, n, k, **kwargs):
         rules.append(k.rules if isinstance(k, bench.Auto) else k)
+        policies.append(k)
         return engine_run(target, drafter, prompts, n, k, **kwargs)
 
     monkeypatch.setattr(measure, "engine_run", logged)
     out, spelling = tmp_path / "bench.json", "auto:own_share=0,timings=3"
     argv = [a for a in TINY if a not in ("--context", "32")]
-    argv += ["--parts", "cost", "e2e", "--batches", "1", "--max-l", "3", "--alphas", "1", "--ks", "auto", spelling,
-             "--trials", "1", "--out", str(out)]  # fmt: skip
+    argv += ["--parts", "cost", "e2e", "--batches", "1", "--max-l", "3", "--alphas", "0", "1", "--ks", "auto",
+             spelling, "auto-kept", "--trials", "2", "--out", str(out)]  # fmt: skip
     assert bench.main(argv) == 0
     report = json.loads(out.read_text())
     assert report["arguments"]["context"] == "20"  # --prompt 16 + --tokens 8 / 2
-    assert [c["k"] for c in report["results"][0]["batches"]["1"]["cells"]] == ["auto", spelling]
+    cells = report["results"][0]["batches"]["1"]["cells"]
+    assert [c["k"] for c in cells] == ["auto", spelling, "auto-kept"] * 2
     changed = dataclasses.replace(bench.Rules(), own_share=False, timings=3)
-    assert rules.count(changed) == 2 and "auto" in rules  # its warm-up and trial; auto's own runs
+    assert rules.count(changed) == 6 and "auto" in rules  # a warm-up and 2 trials a cell; auto's own
+    variants = [p for p, r in zip(policies, rules) if r == changed]
+    assert len({id(p) for p in variants}) == 6  # afresh each run
+    # "auto-kept": one policy through a cell's runs (its warm-up's teaching kept), one per cell
+    kept = [p for p, r in zip(policies, rules) if isinstance(p, bench.Auto) and r == bench.Rules()]
+    assert len(kept) == 6 and len({id(p) for p in kept}) == 2
+    assert all(len(c["believed_ms_by_k"]) == MAX_DRAFT + 1 for c in cells)  # every one an auto
 
 
 def test_a_cycle_of_draft_lengths_runs_a_round_of_each_and_is_held_to_the_surface(tmp_path):
