@@ -233,9 +233,8 @@ class Engine:
         self._slots_queued = 0  # rows of the last round queued
         self._settling = 0  # steps left whose read-back is not timed: the batch changed size
         self._read_at = self._ended = time.perf_counter()  # the last read-back began; step ended
-        self._timing: tuple[int, int, float, float] | None = (
-            None  # (k, rows, interval, build) of a round to time
-        )
+        # (k, rows, interval, build) of the round read back this step, where it is to be timed
+        self._timing: tuple[int, int, float, float] | None = None
         self._device_wait = 0.0  # seconds the last step's read-back waited for the device
         self._last_round = (0, 0)  # (k, rows it ran for requests) of the round read back last step
         self._next_rid = 0
