@@ -552,6 +552,25 @@ def table(rows: list[dict], rules: bool) -> str:
     return "\n".join(lines)
 
 
+def rule_summary(rows: list[dict]) -> str:
+    """Markdown, a line per rule of a `--rules` run: the cases it gains over 1% (of them, over two
+    standard errors), its largest gain, the cases it loses over 1% (likewise) and its largest loss."""
+    lines = [
+        "| rule | cases over +1% (over 2 s.e.) | largest gain | cases under −1% (over 2 s.e.) | largest loss |",
+        "|---|---|---|---|---|",
+    ]
+    for name in rows[0]["gains"] if rows else []:
+        gains = [(r["gains"][name][0], r["gains"][name][1], r["case"]) for r in rows]
+        up = [g for g in gains if g[0] > 0.01]
+        down = [g for g in gains if g[0] < -0.01]
+        best, worst = max(gains), min(gains)
+        lines.append(
+            f"| {name} | {len(up)} ({sum(g > 2 * e for g, e, _ in up)}) | {100 * best[0]:+.1f}% ({best[2]}) "
+            f"| {len(down)} ({sum(-g > 2 * e for g, e, _ in down)}) | {100 * worst[0]:+.1f}% ({worst[2]}) |"
+        )
+    return "\n".join(lines)
+
+
 def _run(job) -> dict:
     case, generations, rules, noise = job
     return summary(case, simulate(case, generations, RULES_OFF if rules else {}, noise))
@@ -581,6 +600,8 @@ def main(argv=None) -> int:
             rows.append(row)
             print(table([row], args.rules).splitlines()[-1], file=sys.stderr, flush=True)
     print(table(rows, args.rules))
+    if args.rules:
+        print("\n" + rule_summary(rows))
     print(f"\n{len(rows)} cases, {args.generations} generations each, {time.perf_counter() - started:.0f} s")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1) + "\n")

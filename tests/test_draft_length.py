@@ -655,3 +655,14 @@ def test_a_plain_stretch_skips_the_rates_and_chooses_as_it_would_with_them(monke
         with monkeypatch.context() as off:
             off.setattr(Probes, "waiting", lambda self, kept: False)
             assert seconds(case) == with_shortcut, case.name
+
+
+def test_the_rules_summary_counts_gains_and_losses_per_rule():
+    rows = [
+        {"case": "a", "gains": {"x": (0.05, 0.01), "y": (-0.02, 0.02)}},
+        {"case": "b", "gains": {"x": (0.02, 0.02), "y": (0.003, 0.001)}},
+        {"case": "c", "gains": {"x": (-0.03, 0.01), "y": (-0.015, 0.005)}},
+    ]
+    lines = simulate.rule_summary(rows).splitlines()
+    assert lines[2] == "| x | 2 (1) | +5.0% (a) | 1 (1) | -3.0% (c) |"
+    assert lines[3] == "| y | 0 (0) | +0.3% (b) | 2 (1) | -2.0% (a) |"
