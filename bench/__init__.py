@@ -73,19 +73,19 @@ def auto_rules(k: str) -> Rules:
     """The rules of an "auto:field=value,..." --ks spelling: auto with some of its `Rules`
     changed, beside auto in the same trials (an A/B of a rule on the card). ValueError naming
     a bad one."""
-    fields = {f.name: f.type for f in dataclasses.fields(Rules)}
-    changed = {}
+    defaults, changed = Rules(), {}
+    names = [f.name for f in dataclasses.fields(Rules)]
     for part in k.removeprefix("auto:").split(","):
         name, _, value = part.partition("=")
-        if name not in fields or not value:
+        if name not in names or not value:
             raise ValueError(
-                f"--ks: {part!r} in {k!r} is not field=value for a field of Rules ({', '.join(fields)})"
+                f"--ks: {part!r} in {k!r} is not field=value for a field of Rules ({', '.join(names)})"
             )
-        kind = {"bool": lambda v: bool(int(v)), "int": int, "float": float}[fields[name]]
+        kind = type(getattr(defaults, name))  # bool (0 / 1), int or float, as its default
         try:
-            changed[name] = kind(value)
+            changed[name] = bool(int(value)) if kind is bool else kind(value)
         except ValueError:
-            raise ValueError(f"--ks: {part!r} in {k!r}: {value!r} is not a {fields[name]}") from None
+            raise ValueError(f"--ks: {part!r} in {k!r}: {value!r} is not a {kind.__name__}") from None
     return Rules(**changed)
 
 
@@ -281,15 +281,17 @@ def _cells(target, drafter, proposer, rows, plain_tokens, spec, args, result, wa
     ks = {name: parse_k(name) for name in args.ks}
     kept: list[Auto] = []  # KEPT's one policy in this cell
 
+    def auto(rules: Rules | None = None) -> Auto:  # on the costs "auto" reads
+        return Auto(draft_length("auto", target, drafter, B).cost.costs, rules)
+
     def policy(k):
         if isinstance(k, tuple):
             return Cycle(k)
         if k == KEPT:
-            if not kept:
-                kept.append(Auto(draft_length("auto", target, drafter, B).cost.costs))
+            kept[:] = kept or [auto()]
             return kept[0]
         if isinstance(k, str) and k.startswith("auto:"):  # a fresh one each run, as "auto" is
-            return Auto(draft_length("auto", target, drafter, B).cost.costs, auto_rules(k))
+            return auto(auto_rules(k))
         return k
 
     def speculative(k, seed: int):

@@ -297,24 +297,20 @@ def test_a_round_is_timed_by_its_own_share_of_the_clock(loaded):
     the plain step before it dear. `own` charges each round its own build."""
     import time
 
+    from mlx_gemma_mtp.draft_length import Fixed
     from mlx_gemma_mtp.speculative import drafter_proposer
 
-    class EveryFourth:  # k = 2 every fourth round, plain otherwise
+    class EveryFourth(Fixed):  # k = 2 every fourth round, plain otherwise; deaf to acceptance
         def __init__(self):
+            super().__init__(2)
             self.rounds, self.told = 0, []
 
         def choose(self, limit, rows):
             self.rounds += 1
-            return min(2 if self.rounds % 4 == 0 else 0, limit)
-
-        def observe(self, k, accepted):
-            pass
+            return min(self.k if self.rounds % 4 == 0 else 0, limit)
 
         def observe_time(self, k, batch, seconds, own=None):
             self.told.append((k, seconds, own))
-
-        def forget(self, row):
-            pass
 
     target, drafter = loaded["e2b"]
     drafts = drafter_proposer(drafter, target)
