@@ -29,6 +29,10 @@ with the same proposer, and every request carries its prompt's index as its seed
 the drafts are looked up. Where a backend's batched rounding drifts a row off its plain
 continuation (MLX CUDA), that row's acceptance falls below alpha: the measured mean accepted
 per round says so.
+
+The report's `seconds` times each step as it went (the checkpoint built and written, the
+replays, each side up, each case's trials): r51 spent ~6 of its 7 minutes before its first
+trial, which decides what fits a 10-minute device call.
 """
 
 from __future__ import annotations
@@ -364,14 +368,25 @@ def main(argv: list[str] | None = None) -> int:
         args.prompt, args.tokens, args.trials = 32, 16, 2
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-serve-"))
     try:
+        setup, clock = {}, time.perf_counter()  # seconds of each step before the trials: to plan a run
+
+        def lap(step: str) -> None:
+            nonlocal clock
+            setup[step] = time.perf_counter() - clock
+            clock += setup[step]
+            print(f"setup: {step} {setup[step]:.0f} s", flush=True)
+
         target, drafter = build(args.shape, bits=None if args.bits == "bf16" else int(args.bits))
         vocab = target.args.vocab_size
+        lap("built")
         write_pair(target, drafter, workdir)
         del target, drafter  # each side loads its own copy from the files
         mx.clear_cache()
+        lap("written")
         ids = prompts(max(args.clients) * args.requests, args.prompt, vocab)
         texts = [as_text(p) for p in ids]
         replays = write_replays(workdir, ids, args)
+        lap("replays")
         results: dict = {}
         for alpha in [*([] if args.replayed_only else [None]), *args.alphas]:
             replay, case = replays.get(alpha), "" if alpha is None else f" alpha={alpha}"
@@ -383,11 +398,13 @@ def main(argv: list[str] | None = None) -> int:
                         if side == "engine"
                         else open_server(side, workdir, texts, args, args.port + i, replay)
                     )
+                    lap(f"{side}{case} up")
                 for clients in args.clients:
                     for label, run in run_case(sides, clients, args.trials).items():
                         results.setdefault(label, {})[clients] = run
                         print(_line(label, clients, run), flush=True)
-                    report = save(results, args)  # after every step: a run cut short keeps it
+                    lap(f"{case.strip() or 'own drafter'}, {clients} clients")
+                    report = save(results, args, setup)  # after every step: a run cut short keeps it
             mx.clear_cache()
     finally:
         if args.workdir is None:
@@ -397,8 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def save(results: dict, args) -> dict:
+def save(results: dict, args, setup: dict) -> dict:
     report = {"environment": environment(), "arguments": {k: str(v) for k, v in vars(args).items()}}
+    report["seconds"] = dict(setup)  # each step of the run so far, its trials included
     report["results"] = {side: {str(c): run for c, run in runs.items()} for side, runs in results.items()}
     report["ratios"] = _ratios(results)
     report["steady_ratios"] = _ratios(results, "steady_tokens_per_s_trials")

@@ -360,6 +360,13 @@ def test_the_server_bench_replays_acceptance_through_the_server(tmp_path):
     assert added == pytest.approx(expected)
     steady = json.loads(out.read_text())["steady_ratios"]["serve alpha=1.0/engine alpha=1.0"]["2"]
     assert steady > 0 and all(r["2"]["steady_tokens_per_s"] > 0 for r in results.values())
+    # Each step of the run timed, in order, so a GPU run can be planned from the last one's.
+    seconds = json.loads(out.read_text())["seconds"]
+    assert list(seconds) == [
+        "built", "written", "replays", "serve up", "engine up", "own drafter, 2 clients",
+        "serve alpha=1.0 up", "engine alpha=1.0 up", "alpha=1.0, 2 clients",
+    ]  # fmt: skip
+    assert all(s >= 0 for s in seconds.values()) and seconds["engine up"] > 0
 
 
 def test_the_server_bench_leaves_the_last_requests_tail_out_of_its_steady_rate():
