@@ -26,9 +26,9 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_gemma_mtp.cache import MAX_WRITE
+from mlx_gemma_mtp.costs import batch_sizes, load_costs
 from mlx_gemma_mtp.cuda import GRAPHS, without_graphs_unless_set
 from mlx_gemma_mtp.draft_length import Auto, Fixed, Rules
-from mlx_gemma_mtp.generate import draft_length
 from mlx_gemma_mtp.speculative import MAX_DRAFT, drafter_proposer
 
 from . import measure
@@ -281,8 +281,8 @@ def _cells(target, drafter, proposer, rows, plain_tokens, spec, args, result, wa
     ks = {name: parse_k(name) for name in args.ks}
     kept: list[Auto] = []  # KEPT's one policy in this cell
 
-    def auto(rules: Rules | None = None) -> Auto:  # on the costs "auto" reads
-        return Auto(draft_length("auto", target, drafter, B).cost.costs, rules)
+    def auto(rules: Rules | None = None) -> Auto:  # on the costs "auto" reads (`draft_length`)
+        return Auto(load_costs(target, drafter, batch_sizes(B)), rules)
 
     def policy(k):
         if isinstance(k, tuple):

@@ -368,13 +368,13 @@ def main(argv: list[str] | None = None) -> int:
         args.prompt, args.tokens, args.trials = 32, 16, 2
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-serve-"))
     try:
-        setup, clock = {}, time.perf_counter()  # seconds of each step before the trials: to plan a run
+        seconds, clock = {}, time.perf_counter()  # each step's, setup and trials: to plan a run by
 
         def lap(step: str) -> None:
             nonlocal clock
-            setup[step] = time.perf_counter() - clock
-            clock += setup[step]
-            print(f"setup: {step} {setup[step]:.0f} s", flush=True)
+            seconds[step] = time.perf_counter() - clock
+            clock += seconds[step]
+            print(f"{step}: {seconds[step]:.0f} s", flush=True)
 
         target, drafter = build(args.shape, bits=None if args.bits == "bf16" else int(args.bits))
         vocab = target.args.vocab_size
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
                         results.setdefault(label, {})[clients] = run
                         print(_line(label, clients, run), flush=True)
                     lap(f"{case.strip() or 'own drafter'}, {clients} clients")
-                    report = save(results, args, setup)  # after every step: a run cut short keeps it
+                    report = save(results, args, seconds)  # after every step: a run cut short keeps it
             mx.clear_cache()
     finally:
         if args.workdir is None:
@@ -414,9 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def save(results: dict, args, setup: dict) -> dict:
+def save(results: dict, args, seconds: dict) -> dict:
     report = {"environment": environment(), "arguments": {k: str(v) for k, v in vars(args).items()}}
-    report["seconds"] = dict(setup)  # each step of the run so far, its trials included
+    report["seconds"] = dict(seconds)  # each step of the run so far, its trials included
     report["results"] = {side: {str(c): run for c, run in runs.items()} for side, runs in results.items()}
     report["ratios"] = _ratios(results)
     report["steady_ratios"] = _ratios(results, "steady_tokens_per_s_trials")
