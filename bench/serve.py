@@ -32,7 +32,8 @@ per round says so.
 
 The report's `seconds` times each step as it went (the checkpoint built and written, the
 replays, each side up, each case's trials): r51 spent ~6 of its 7 minutes before its first
-trial, which decides what fits a 10-minute device call.
+trial, which decides what fits a 10-minute device call. A request that fails ends the run
+naming its side and whether that side's process died (its output is on stderr).
 """
 
 from __future__ import annotations
@@ -215,7 +216,7 @@ def _steady(records: list[dict]) -> float:
 
 @contextlib.contextmanager
 def server_process(command: list[str], url: str, health: str):
-    """A server subprocess, up once `health` answers 200; SIGTERM and wait at the end."""
+    """A server subprocess, up once `health` answers 200 (yielded); SIGTERM and wait at the end."""
     process = subprocess.Popen(command, stdout=sys.stderr, stderr=sys.stderr)
     try:
         deadline = time.monotonic() + START_TIMEOUT
@@ -228,7 +229,7 @@ def server_process(command: list[str], url: str, health: str):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{command[:4]} did not answer {health} in {START_TIMEOUT} s")
             time.sleep(1)
-        yield
+        yield process
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -269,9 +270,25 @@ def open_server(side: str, pair: Path, texts: list[str], args, port: int, replay
     url = f"http://127.0.0.1:{port}"
     command, health = serve_command(side, pair, args, port, replay)
     seeds = replay is not None
-    with server_process(command, url, health):
-        drive(url, texts[: max(args.clients)], max(args.clients), args.tokens, seeds)  # warm-up
-        yield lambda c: drive(url, texts[: c * args.requests], c, args.tokens, seeds)
+    with server_process(command, url, health) as process:
+
+        def run(clients: int, texts: list[str]) -> dict:
+            try:
+                return drive(url, texts, clients, args.tokens, seeds)
+            except httpx.HTTPError as error:  # which side failed, and whether its process died
+                raise RuntimeError(f"{side} ({url}): {error!r}; {_fate(process)}") from error
+
+        run(max(args.clients), texts[: max(args.clients)])  # warm-up
+        yield lambda c: run(c, texts[: c * args.requests])
+
+
+def _fate(process: subprocess.Popen, wait: float = 5.0) -> str:
+    """Whether a server whose request failed has died (given `wait` s to be reaped) or runs on."""
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(wait)
+    if process.returncode is None:
+        return "its process is still running"
+    return f"its process exited with {process.returncode} (its output is above, on stderr)"
 
 
 # ------------------------------------------------------------------------------------------

@@ -369,6 +369,45 @@ def test_the_server_bench_replays_acceptance_through_the_server(tmp_path):
     assert all(s >= 0 for s in seconds.values()) and seconds["engine up"] > 0
 
 
+# A server that is up (/health answers) and dies on its first request, as a crashed one does.
+DYING_SERVER = """
+import http.server, os, sys
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+    def do_POST(self):
+        os._exit(3)
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+def test_the_server_bench_names_the_side_whose_server_died(monkeypatch, tmp_path):
+    """A request that fails says which side's server it was and that its process exited (r52's
+    first run ended in a bare "Connection reset by peer")."""
+    import argparse
+    import socket
+
+    from bench import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-c", DYING_SERVER, str(port)]
+    monkeypatch.setattr(serve, "serve_command", lambda *a, **k: (command, "/health"))
+    args = argparse.Namespace(clients=[2], requests=1, tokens=4)
+    says = r"^mlx_lm \(http://127.0.0.1:\d+\): .*its process exited with 3"
+    with (
+        pytest.raises(RuntimeError, match=says),
+        serve.open_server("mlx_lm", tmp_path, ["a", "b"], args, port),
+    ):
+        pass
+
+
 def test_the_server_bench_leaves_the_last_requests_tail_out_of_its_steady_rate():
     """Tokens per second until the last request was sent: requests done by then count whole, one
     running across that moment in proportion, one sent then not at all."""
