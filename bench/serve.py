@@ -272,9 +272,9 @@ def open_server(side: str, pair: Path, texts: list[str], args, port: int, replay
     seeds = replay is not None
     with server_process(command, url, health) as process:
 
-        def run(clients: int, texts: list[str]) -> dict:
+        def run(clients: int, sent: list[str]) -> dict:
             try:
-                return drive(url, texts, clients, args.tokens, seeds)
+                return drive(url, sent, clients, args.tokens, seeds)
             except httpx.HTTPError as error:  # which side failed, and whether its process died
                 raise RuntimeError(f"{side} ({url}): {error!r}; {_fate(process)}") from error
 
