@@ -59,6 +59,11 @@ def test_batched_cells_replay_exactly_against_their_costs(tmp_path, known_costs)
             assert math.isfinite(cell["speedup"]) and math.isfinite(cell["of_ideal"]) and cell["peak_gb"] > 0
     assert cells["alpha=0.0", 2]["acceptance_rate"] == 0
     assert cells["alpha=1.0", 2]["acceptance_rate"] == 1 and cells["alpha=1.0", 2]["accepted_per_round"] == 2
+    # Every draft kept is what alpha = 1 is due: no luck to take out; a ragged mix has none reported.
+    kept_all = cells["alpha=1.0", 2]
+    assert kept_all["expected_accepted_per_round"] == 2
+    assert kept_all["speedup_at_expected"] == pytest.approx(kept_all["speedup"])
+    assert "speedup_at_expected" not in cells["ragged=0.9/0.2", 2]
     # The ideal from this run's batched costs: alpha = 1 yields k + 1 tokens a round ...
     verify, draft = result["costs"]["2"]["verify_ms"], result["costs"]["2"]["drafter_ms"]["step"]
     ideal = {k: (k + 1) * verify["1"] / (verify[str(k + 1)] + k * draft) for k in (1, 2)} | {0: 1.0}
@@ -317,6 +322,17 @@ def test_churn_times_the_steps_after_rows_leave_and_join(tmp_path, capsys):
         with pytest.raises(SystemExit):
             churn.main(argv + bad)
         assert says in capsys.readouterr().err
+
+
+def test_a_cell_at_its_expected_kept_drafts():
+    """`_at_expectation`: a cell that kept more than its draft lengths are due is scaled down by
+    the tokens its row-rounds would have made (plain rounds make one each, and are no drafting)."""
+    cell = {"row_rounds_by_k": {"0": 2, "2": 4}, "accepted_per_round": 1.0, "speedup": 2.0}
+    out = bench._at_expectation(cell, [[0.5] * MAX_DRAFT] * 2)
+    assert out["expected_accepted_per_round"] == pytest.approx(0.75)  # 0.5 + 0.25 a drafting round
+    assert out["speedup_at_expected"] == pytest.approx(2.0 * (6 + 3) / (6 + 4))
+    assert bench._at_expectation(cell, [[0.9] * MAX_DRAFT, [0.2] * MAX_DRAFT]) == {}  # ragged
+    assert bench._at_expectation(cell | {"row_rounds_by_k": {"0": 6}}, [[0.5] * MAX_DRAFT]) == {}
 
 
 def test_the_server_bench_replays_acceptance_through_the_server(tmp_path):
