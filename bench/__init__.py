@@ -342,7 +342,7 @@ def _at_expectation(cell: dict, chances: list[list[float]]) -> dict:
     its draft lengths keep on average (Leviathan's expectation, per row-round that drafted), and
     its speedup had it kept that many (its rounds' times as run; rounds scale with tokens a
     row-round). A fixed k and auto then compare without one trial's lucky run of hits (r52: k =
-    8 kept 3.46 a round where 3.33 was due)."""
+    8 kept 3.46 a round where 3.31 was due)."""
     if any(c != chances[0] for c in chances):
         return {}  # a ragged mix: the rounds' k by row is not recorded
     lengths = {int(k): count for k, count in cell["row_rounds_by_k"].items()}
