@@ -11,7 +11,10 @@ what its tail of fewer rows cost.
 Prints per variant the median ms per row-token, the median over turns of plain's time over its
 own (to the last token), and, of its median run, the median step by the rows it served and the
 steps that took over 1.5x that run's median (index, ms). The JSON holds every run's per-step ms,
-tokens, kept drafts and rows (all rows together).
+tokens, kept drafts and rows (all rows together), and every drafting variant's policy calls in
+order (`Recorded`: each choice with its rows and limit, each round's kept drafts and timing) with
+auto's calibrated costs, so that `beliefs` can replay auto offline and say what it believed each
+k would yield and cost when it chose.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import statistics
 
 import mlx.core as mx
 
+from mlx_gemma_mtp.draft_length import MAX_DRAFT, Auto, Costs, DraftLength, Fixed
+from mlx_gemma_mtp.generate import draft_length
 from mlx_gemma_mtp.speculative import drafter_proposer
 
 from . import environment, measure
@@ -31,17 +36,83 @@ from .replay import draw_hits, parse_acceptance, replay_proposer, replay_table
 SLOW = 1.5  # a step over this times its run's median is listed
 
 
-def variants(target, drafter, prompts, continuations, acceptance: str, ks=()) -> dict:
+class Recorded:
+    """A draft-length policy that passes every call on and records it, in order: `("choose",
+    limit, rows, k)`, `("observe", k, [[row, kept], ...])`, `("observe_time", k, batch, seconds,
+    own)`, `("forget", row)`. Auto is deterministic in its calls, so `beliefs` can replay them."""
+
+    def __init__(self, policy: DraftLength):
+        self.policy, self.calls = policy, []
+
+    def choose(self, limit, rows):
+        k = self.policy.choose(limit, rows)
+        self.calls.append(("choose", limit, list(rows), k))
+        return k
+
+    def observe(self, k, accepted):
+        self.policy.observe(k, accepted)
+        self.calls.append(("observe", k, [[row, kept] for row, kept in accepted.items()]))
+
+    def observe_time(self, k, batch, seconds, own=None):
+        self.policy.observe_time(k, batch, seconds, own)
+        self.calls.append(("observe_time", k, batch, seconds, own))
+
+    def forget(self, row):
+        self.policy.forget(row)
+        self.calls.append(("forget", row))
+
+
+def beliefs(calls: list, costs: Costs) -> list[dict]:
+    """A fresh `Auto` on `costs` fed a recorded auto's `calls` (JSON-loaded or not): per choice,
+    its k and what it believed of each k = 0..limit then (`expected` tokens summed over the rows,
+    `ms` a round). A ValueError where the replay chooses otherwise than the record (the calls
+    are not auto's on these costs)."""
+    auto, out = Auto(costs), []
+    for call in calls:
+        kind, *args = call
+        if kind == "choose":
+            limit, rows, k = args
+            horizon = min(limit, MAX_DRAFT)
+            expected = auto.acceptance.expected(horizon, rows) if rows else []
+            ms = [auto.cost.seconds(j, len(rows)) * 1e3 for j in range(horizon + 1)] if rows else []
+            again = auto.choose(limit, rows)
+            if again != k:
+                raise ValueError(f"choice {len(out)}: the replay chose {again}, the record {k}")
+            out.append({"k": k, "rows": len(rows), "expected": expected, "ms": ms})
+        elif kind == "observe":
+            auto.observe(args[0], {row: kept for row, kept in args[1]})
+        elif kind == "observe_time":
+            auto.observe_time(*args)
+        elif kind == "forget":
+            auto.forget(*args)
+        else:
+            raise ValueError(f"unknown call {kind!r}")
+    return out
+
+
+def variants(target, drafter, prompts, continuations, acceptance: str, ks=(), calls=None) -> dict:
     """name -> run(steps) -> measure.Run, each appending its steps' (ms, tokens, kept, rows):
-    plain, mlx-lm, auto and each fixed k of `ks`, drafting at `acceptance` (`parse_acceptance`)."""
+    plain, mlx-lm, auto and each fixed k of `ks`, drafting at `acceptance` (`parse_acceptance`).
+    calls: gets, per drafting variant, each run's recorded policy calls (`Recorded`; the warm-up
+    run's first, then one per run of `steps`), and under "costs" the costs auto was calibrated with."""
     n, vocab = len(continuations[0]), target.args.vocab_size
     real = drafter_proposer(drafter, target)
     hits = draw_hits(parse_acceptance(acceptance).chances(len(prompts)), n, seed=0)
     propose = replay_proposer(real, replay_table(continuations, hits, vocab), [len(p) for p in prompts])
     model = measure.mlx_lm_model(target)
+    calls = {} if calls is None else calls
 
     def drafting(k):
-        return lambda steps: measure.engine_run(target, drafter, prompts, n, k, propose=propose, steps=steps)
+        def run(steps):
+            policy = draft_length("auto", target, drafter, len(prompts)) if k == "auto" else Fixed(k)
+            if isinstance(policy, Auto):
+                calls["costs"] = policy.cost.costs.to_json()
+            recorded = Recorded(policy)
+            result = measure.engine_run(target, drafter, prompts, n, recorded, propose=propose, steps=steps)
+            calls.setdefault("auto" if k == "auto" else f"k={k}", []).append(recorded.calls)
+            return result
+
+        return run
 
     out = {
         "plain": lambda steps: measure.engine_run(target, None, prompts, n, 0, steps=steps),
@@ -118,8 +189,9 @@ def main(argv=None) -> int:
     prompts = measure.random_prompts(args.batch, args.prompt, target.args.vocab_size, seed=3)
     continuations = measure.engine_run(target, None, prompts, args.tokens, 0).tokens
     acceptance = args.acceptance or f"alpha={args.alpha}"
+    calls: dict = {}
     steps, orders = turns(
-        variants(target, drafter, prompts, continuations, acceptance, args.ks), continuations, args.runs
+        variants(target, drafter, prompts, continuations, acceptance, args.ks, calls), continuations, args.runs
     )
     for line in report_lines(steps):
         print(line, flush=True)
@@ -127,7 +199,7 @@ def main(argv=None) -> int:
         report = {"environment": environment(), "shape": args.shape, "bits": args.bits, "batch": args.batch}
         report["acceptance"] = acceptance
         with open(args.out, "w") as f:
-            json.dump(report | {"steps": steps, "order": orders}, f)
+            json.dump(report | {"steps": steps, "order": orders, "calls": calls}, f)
     return 0
 
 

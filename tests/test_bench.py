@@ -279,6 +279,20 @@ def test_timeline_times_every_step_of_every_variant(tmp_path, known_costs, capsy
     assert all(sum(step[2] for step in run) > 0 for run in steps["auto"])  # alpha = 1: auto keeps drafts
     assert report["order"] == [["plain", "mlx-lm", "auto"], ["auto", "mlx-lm", "plain"]]
     assert report["environment"]["MLX_USE_CUDA_GRAPHS"] == os.environ["MLX_USE_CUDA_GRAPHS"]
+    # Auto's every call, the warm-up's first: replayed on its costs it chooses as it did, and
+    # believes of the k it chose the best rate of those it could choose among.
+    calls, costs = report["calls"]["auto"], Costs.from_json(report["calls"]["costs"])
+    assert len(calls) == 3 and all(call[0] in ("choose", "observe", "observe_time", "forget") for call in calls[1])
+    believed = timeline.beliefs(calls[1], costs)
+    assert [b["k"] for b in believed] == [call[3] for call in calls[1] if call[0] == "choose"]
+    observed = [call for call in calls[1] if call[0] == "observe"]
+    assert observed and all(kept == call[1] for call in observed for _, kept in call[2])  # alpha = 1
+    late = believed[-1]  # after rounds that kept every draft: a_1 over the prior 0.5
+    assert late["rows"] == 2 and len(late["expected"]) == len(late["ms"]) > 1
+    assert late["expected"][0] == 2 and late["expected"][1] > 2 * 1.5
+    tampered = [call[:3] + [call[3] + 1] if call[0] == "choose" else call for call in calls[1]]
+    with pytest.raises(ValueError, match="choice 0: the replay chose"):
+        timeline.beliefs(tampered, costs)
     capsys.readouterr()
     # A ragged batch with a fixed k: the row keeping every draft ends first, the other goes on alone.
     argv += ["--acceptance", "ragged=1/0", "--ks", "3", "--out", str(out)]
