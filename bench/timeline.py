@@ -191,7 +191,9 @@ def main(argv=None) -> int:
     acceptance = args.acceptance or f"alpha={args.alpha}"
     calls: dict = {}
     steps, orders = turns(
-        variants(target, drafter, prompts, continuations, acceptance, args.ks, calls), continuations, args.runs
+        variants(target, drafter, prompts, continuations, acceptance, args.ks, calls),
+        continuations,
+        args.runs,
     )
     for line in report_lines(steps):
         print(line, flush=True)

@@ -282,7 +282,9 @@ def test_timeline_times_every_step_of_every_variant(tmp_path, known_costs, capsy
     # Auto's every call, the warm-up's first: replayed on its costs it chooses as it did, and
     # believes of the k it chose the best rate of those it could choose among.
     calls, costs = report["calls"]["auto"], Costs.from_json(report["calls"]["costs"])
-    assert len(calls) == 3 and all(call[0] in ("choose", "observe", "observe_time", "forget") for call in calls[1])
+    assert len(calls) == 3 and all(
+        call[0] in ("choose", "observe", "observe_time", "forget") for call in calls[1]
+    )
     believed = timeline.beliefs(calls[1], costs)
     assert [b["k"] for b in believed] == [call[3] for call in calls[1] if call[0] == "choose"]
     observed = [call for call in calls[1] if call[0] == "observe"]
