@@ -30,6 +30,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from mlx_gemma_mtp.draft_length import MAX_DRAFT, Auto, Costs, DraftLength, Fixed, Heuristic, Rules
 
@@ -327,6 +328,11 @@ class Loop:
         self.device_free = 0.0  # when the device has run every round queued
         self.rounds = 0
         self.compiled: set[tuple[int, int]] = set()
+        self.read = 0  # tokens read back
+        # (seconds, tokens read back) until the read-back in which a row first ended: the batch
+        # benchmark's "while the batch is full" for a batch that starts together (B = 1: the
+        # generation's first).
+        self.full: tuple[float, int] | None = None
 
     def run(self, policy: DraftLength) -> float:
         """Seconds until the batch has read back every conversation's tokens."""
@@ -405,6 +411,7 @@ class Loop:
             made = min(m + 1, self.tokens - row.generated)
             row.generated += made
             self.left -= made
+            self.read += made
             if row.generated >= self.tokens:
                 del self.rows[r]
                 policy.forget(r)
@@ -412,6 +419,8 @@ class Loop:
                     self.arriving.append((self.rounds + self.case.served, row.slot))
                 elif self.case.queue:
                     self._start(row.slot)
+        if self.full is None and len(present) > len(set(present) & set(self.rows)):
+            self.full = (self.now, self.read)
 
 
 # Each of auto's rules switched off (docs/auto.md): the Rules fields that do it.
@@ -457,21 +466,36 @@ def policies(costs: Costs, rules_off: dict[str, dict | None]) -> dict[str, Draft
     return out
 
 
-def simulate(case: Case, generations: int, rules_off: dict[str, dict], noise: Noise | None = None) -> dict:
-    """Seconds each policy takes in each of `generations` generations (the same draws for all)."""
+class Generation(NamedTuple):
+    """One policy's run of one generation: its seconds, and (seconds, tokens) while full (`Loop.full`)."""
+
+    seconds: float
+    full: tuple[float, int]
+
+
+def simulate(
+    case: Case, generations: int, rules_off: dict[str, dict], noise: Noise | None = None
+) -> dict[str, list[Generation]]:
+    """Each policy's run of each of `generations` generations (the same draws for all)."""
     true, noise = truth(case.shape), noise or Noise()
-    seconds: dict[str, list[float]] = {}
+    runs: dict[str, list[Generation]] = {}
     for g in range(generations):
         told = measured(true, noise, seed=10**6 + g)
         for name, policy in policies(told, rules_off).items():
-            seconds.setdefault(name, []).append(Loop(case, true, Card(noise, seed=g), seed=g).run(policy))
-    return seconds
+            loop = Loop(case, true, Card(noise, seed=g), seed=g)
+            seconds = loop.run(policy)
+            runs.setdefault(name, []).append(Generation(seconds, loop.full))
+    return runs
 
 
-def summary(case: Case, seconds: dict[str, list[float]]) -> dict:
+def summary(case: Case, runs: dict[str, list[Generation]]) -> dict:
     """Speedups over plain decoding (ratios of total seconds) of auto, the heuristic and the best
     fixed k; for each rule, auto's gain from it (its speedup over auto's without the rule, - 1)
-    and that gain's standard error over the generations."""
+    and that gain's standard error over the generations. A batch that starts together also
+    gets auto's and the best fixed k's speedups while it is full (tokens over seconds, pooled
+    over the generations), as the batch benchmark reads them: `auto_full`, `best_k_full`,
+    `best_fixed_full`."""
+    seconds = {name: [run.seconds for run in gens] for name, gens in runs.items()}
     total = {name: sum(times) for name, times in seconds.items()}
     plain = total["k=0"]
     fixed = {k: plain / total[f"k={k}"] for k in range(MAX_DRAFT + 1)}
@@ -482,7 +506,7 @@ def summary(case: Case, seconds: dict[str, list[float]]) -> dict:
             ratios = [t / a for t, a in zip(times, seconds["auto"])]
             error = statistics.stdev(ratios) / math.sqrt(len(ratios)) if len(ratios) > 1 else 0.0
             gains[name.removeprefix("auto - ")] = (total[name] / total["auto"] - 1, error)
-    return {
+    out = {
         "case": case.name,
         "auto": plain / total["auto"],
         "heuristic": plain / total["heuristic"],
@@ -490,6 +514,19 @@ def summary(case: Case, seconds: dict[str, list[float]]) -> dict:
         "best_fixed": fixed[best],
         "gains": gains,
     }
+    if case.batch > 1 and not case.queue:
+        rate = {
+            name: sum(run.full[1] for run in gens) / sum(run.full[0] for run in gens)
+            for name, gens in runs.items()
+        }
+        full = {k: rate[f"k={k}"] / rate["k=0"] for k in range(MAX_DRAFT + 1)}
+        best_full = max(full, key=full.get)
+        out |= {
+            "auto_full": rate["auto"] / rate["k=0"],
+            "best_k_full": best_full,
+            "best_fixed_full": full[best_full],
+        }
+    return out
 
 
 def cases(batches=(1, 4, 16)) -> list[Case]:
@@ -536,15 +573,21 @@ def cases(batches=(1, 4, 16)) -> list[Case]:
 
 
 def table(rows: list[dict], rules: bool) -> str:
-    """Markdown, a line per case; with `rules`, each rule's gain (* where over 2 standard errors)."""
+    """Markdown, a line per case (a batch that starts together: also auto's and the best fixed
+    k's speedups while it is full); with `rules`, each rule's gain (* where over 2 standard errors)."""
     names = list(rows[0]["gains"]) if rules and rows else []
     lines = [
-        "| case | auto | best fixed k | auto / best | heuristic |" + "".join(f" {n} |" for n in names),
-        "|---" * (5 + len(names)) + "|",
+        "| case | auto | best fixed k | auto / best | heuristic | while full: auto, best fixed k |"
+        + "".join(f" {n} |" for n in names),
+        "|---" * (6 + len(names)) + "|",
     ]
     for r in rows:
         line = f"| {r['case']} | {r['auto']:.3f}x | {r['best_fixed']:.3f}x (k={r['best_k']}) "
         line += f"| {r['auto'] / r['best_fixed']:.3f} | {r['heuristic']:.3f}x |"
+        if "auto_full" in r:
+            line += f" {r['auto_full']:.3f}x, {r['best_fixed_full']:.3f}x (k={r['best_k_full']}) |"
+        else:
+            line += " – |"
         for n in names:
             gain, error = r["gains"][n]
             line += f" {100 * gain:+.1f}%{'*' if abs(gain) > 2 * error else ''} |"

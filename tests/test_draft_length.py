@@ -629,6 +629,35 @@ def test_the_simulation_holds_auto_to_its_targets(case, least):
     assert row["auto"] / (1.0 if against == "plain" else row["best_fixed"]) >= bar, row
 
 
+def test_the_simulation_reads_a_batch_that_starts_together_while_it_is_full():
+    """As the batch benchmark does: seconds and tokens until the read-back in which a row first
+    ended. Rows that end together: the whole run; a ragged batch: until its fast row's end."""
+    true = simulate.truth("E2B bf16")
+    together = simulate.Case("E2B bf16", 2, "α 0", tokens=12, queue=False)
+    loop = simulate.Loop(together, true, simulate.Card(simulate.QUIET, 0), seed=0)
+    seconds = loop.run(Fixed(0))
+    assert loop.full == (seconds, 2 * 11)
+    ragged = simulate.Case("E2B bf16", 2, "ragged", tokens=64, queue=False)
+    loop = simulate.Loop(ragged, true, simulate.Card(simulate.QUIET, 0), seed=0)
+    seconds = loop.run(Fixed(4))
+    # A quiet card: every round its true cost, the first queued into an idle pipeline after the host's.
+    rounds = round(loop.full[0] / true.round(4, 2))
+    assert (
+        loop.full[0] == pytest.approx(rounds * true.round(4, 2) + simulate.QUIET.host)
+        and loop.full[0] < seconds
+    )
+    assert 63 + rounds <= loop.full[1] < 2 * 63  # the 0.9 row's every token, the 0.2 row's some
+    row = simulate.summary(ragged, simulate.simulate(ragged, 2, {}))
+    assert (
+        row["best_fixed_full"] > row["best_fixed"] and 0 < row["auto_full"] <= row["best_fixed_full"] * 1.05
+    )
+    queued = simulate.Case("E2B bf16", 2, "α 0.8", tokens=16)  # rows replaced: never "full" to the end
+    assert "auto_full" not in simulate.summary(queued, simulate.simulate(queued, 1, {}))
+    assert "while full" in simulate.table(
+        [row], rules=False
+    ) and f"(k={row['best_k_full']})" in simulate.table([row], False)
+
+
 def test_a_plain_stretch_skips_the_rates_and_chooses_as_it_would_with_them(monkeypatch):
     """In a plain stretch no kept draft has ended, auto goes on plainly without computing the
     rates (host time every round of a useless drafter: ~0.1 ms at B = 8), and every choice is the
