@@ -10,7 +10,8 @@ what its tail of fewer rows cost.
 
 Prints per variant the median ms per row-token, the median over turns of plain's time over its
 own (to the last token), and, of its median run, the median step by the rows it served and the
-steps that took over 1.5x that run's median (index, ms). The JSON holds every run's per-step ms,
+steps that took over 1.5x that run's median (index, ms); per drafting variant its first choices in
+each run and its rounds' own-share timings by k (`policy_lines`). The JSON holds every run's per-step ms,
 tokens, kept drafts and rows (all rows together), and every drafting variant's policy calls in
 order (`Recorded`: each choice with its rows and limit, each round's kept drafts and timing) with
 auto's calibrated costs, so that `beliefs` can replay auto offline and say what it believed each
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 
 import mlx.core as mx
@@ -170,6 +172,38 @@ def report_lines(steps: dict) -> list[str]:
     return lines
 
 
+def policy_lines(calls: dict, batch: int, opening: int = 8) -> list[str]:
+    """Per drafting variant, from its recorded calls (the warm-up run left out): its first
+    `opening` choices in each run, and the own-share timings of its rounds of the full batch by
+    k, pooled over the runs: median ms, count, and the sd of their log about their own run's
+    median for that k (the card's per-round jitter, `simulate.Noise.jitter`)."""
+    lines = []
+    for name, runs in calls.items():
+        if name == "costs":
+            continue
+        choices = [[call[3] for call in run if call[0] == "choose"] for run in runs[1:]]
+        opens = " / ".join(" ".join(map(str, ks[:opening])) for ks in choices)
+        timed: dict[int, list[float]] = {}
+        spread: dict[int, list[float]] = {}
+        for run in runs[1:]:
+            mine: dict[int, list[float]] = {}
+            for call in run:
+                if call[0] == "observe_time" and call[2] == batch and call[4] is not None:
+                    mine.setdefault(call[1], []).append(call[4] * 1e3)
+            for k, ms in mine.items():
+                timed.setdefault(k, []).extend(ms)
+                if len(ms) > 1:  # a lone timing is its own median: no spread to tell
+                    centre = math.log(statistics.median(ms))
+                    spread.setdefault(k, []).extend(math.log(m) - centre for m in ms)
+        by_k = ", ".join(
+            f"{k}: {statistics.median(ms):.1f} ms x{len(ms)}"
+            + (f" (sd {statistics.pstdev(spread[k]):.3f})" if len(spread.get(k, ())) > 2 else "")
+            for k, ms in sorted(timed.items())
+        )
+        lines.append(f"{name:7s} opens {opens}; own-share ms by k at B = {batch}: {by_k}")
+    return lines
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="E2B")
@@ -195,7 +229,7 @@ def main(argv=None) -> int:
         continuations,
         args.runs,
     )
-    for line in report_lines(steps):
+    for line in report_lines(steps) + policy_lines(calls, args.batch):
         print(line, flush=True)
     if args.out:
         report = {"environment": environment(), "shape": args.shape, "bits": args.bits, "batch": args.batch}

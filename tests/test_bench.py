@@ -308,6 +308,26 @@ def test_timeline_times_every_step_of_every_variant(tmp_path, known_costs, capsy
     assert "k=3" in printed and "steps by rows 2: " in printed and ", 1: " in printed
 
 
+def test_the_timeline_reports_each_policys_opening_and_its_rounds_by_k():
+    """From recorded calls, the warm-up left out: the first choices of each run, and the
+    own-share timings at the full batch by k (median, count, spread about each run's median;
+    none where no run timed that k twice)."""
+    from bench import timeline
+
+    def run(ks, timings):
+        calls = [["choose", 16, [0, 1], k] for k in ks]
+        calls += [["observe_time", k, batch, 1.0, ms / 1e3] for k, batch, ms in timings]
+        return calls
+
+    warm = run([5, 5], [(5, 2, 99.0)])
+    first = run([3, 0, 9, 9], [(9, 2, 20.0), (9, 2, 20.0 * math.e**0.1), (9, 1, 5.0), (0, 2, 10.0)])
+    second = run([3, 0, 8], [(9, 2, 30.0), (9, 2, 30.0 * math.e**-0.1)])
+    lines = timeline.policy_lines({"costs": {}, "auto": [warm, first, second]}, batch=2, opening=3)
+    assert lines == [
+        "auto    opens 3 0 9 / 3 0 8; own-share ms by k at B = 2: 0: 10.0 ms x1, 9: 24.6 ms x4 (sd 0.050)"
+    ]
+
+
 def test_churn_times_the_steps_after_rows_leave_and_join(tmp_path, capsys):
     from bench import churn
 
