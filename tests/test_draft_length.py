@@ -658,6 +658,28 @@ def test_the_simulation_reads_a_batch_that_starts_together_while_it_is_full():
     ) and f"(k={row['best_k_full']})" in simulate.table([row], False)
 
 
+def test_quiet_rounds_spread_a_k_s_timings_as_little_as_the_card_s_own_share_clock():
+    """`--quiet-rounds`: a fixed k's timings within a generation spread (sd of their log) as r53's
+    did on the H100 (0.005-0.05), where the default card's spread ~0.15; the rest is the card's."""
+    parse = simulate.setup_arg_parser().parse_args
+    quiet, default = simulate.noise_of(parse(["--quiet-rounds", "--opening"])), simulate.noise_of(parse([]))
+    assert quiet.opening == simulate.OPENING and quiet.level == default.level and default.jitter == 0.15
+
+    class Timings(Fixed):
+        def observe_time(self, k, batch, seconds, own=None):
+            self.seen.append(math.log(seconds))
+
+    def spread(noise):
+        policy = Timings(8)
+        policy.seen = []
+        case = simulate.Case("E2B bf16", 4, "α 0.8", tokens=256, queue=False)
+        simulate.Loop(case, simulate.truth(case.shape), simulate.Card(noise, seed=1), seed=1).run(policy)
+        clean = sorted(policy.seen)[: int(0.95 * len(policy.seen))]  # hiccups aside
+        return float(np.std(clean))
+
+    assert spread(quiet) < 0.06 < 0.1 < spread(default)
+
+
 def test_a_plain_stretch_skips_the_rates_and_chooses_as_it_would_with_them(monkeypatch):
     """In a plain stretch no kept draft has ended, auto goes on plainly without computing the
     rates (host time every round of a useless drafter: ~0.1 ms at B = 8), and every choice is the
