@@ -10,12 +10,12 @@ what its tail of fewer rows cost.
 
 Prints per variant the median ms per row-token, the median over turns of plain's time over its
 own (to the last token), and, of its median run, the median step by the rows it served and the
-steps that took over 1.5x that run's median (index, ms); per drafting variant its first choices in
-each run and its rounds' own-share timings by k (`policy_lines`). The JSON holds every run's per-step ms,
-tokens, kept drafts and rows (all rows together), and every drafting variant's policy calls in
-order (`Recorded`: each choice with its rows and limit, each round's kept drafts and timing) with
-auto's calibrated costs, so that `beliefs` can replay auto offline and say what it believed each
-k would yield and cost when it chose.
+steps that took over 1.5x that run's median (index, ms); per drafting variant its first choices
+in each run and its rounds' own-share timings by k (`policy_lines`). The JSON holds every run's
+per-step ms, tokens, kept drafts and rows (all rows together), and every drafting variant's
+policy calls in order (`Recorded`: each choice with its rows and limit, each round's kept drafts
+and timing) with auto's calibrated costs, so that `beliefs` can replay auto offline and say what
+it believed each k would yield and cost when it chose.
 """
 
 from __future__ import annotations
