@@ -321,7 +321,8 @@ class Loop:
     def __init__(self, case: Case, true: Costs, card: Card, seed: int):
         self.case, self.true, self.card, self.tokens, self.seed = case, true, card, case.tokens, seed
         self.profile = PROFILES[case.acceptance]
-        self.left = case.batch * case.conversations * (self.tokens - 1)  # tokens to read back
+        self.goal = case.batch * case.conversations * (self.tokens - 1)  # tokens to read back ...
+        self.left = self.goal  # ... of them still to come
         self.rows: dict[int, _Row] = {}
         self.started = 0
         self.arriving: list[tuple[int, int]] = []  # (round, slot): a served row's next request
@@ -331,7 +332,6 @@ class Loop:
         self.device_free = 0.0  # when the device has run every round queued
         self.rounds = 0
         self.compiled: set[tuple[int, int]] = set()
-        self.read = 0  # tokens read back
         # (seconds, tokens read back) until the read-back in which a row first ended: the batch
         # benchmark's "while the batch is full" for a batch that starts together (B = 1: the
         # generation's first).
@@ -409,21 +409,22 @@ class Loop:
             policy.observe(done.k, present)
         if done.behind and pending is not None and (done.k or done.exact):
             policy.observe_time(done.k, len(done.kept), self.now - since, own=done.built + waited)
+        ended = False
         for r, m in present.items():
             row = self.rows[r]
             made = min(m + 1, self.tokens - row.generated)
             row.generated += made
             self.left -= made
-            self.read += made
             if row.generated >= self.tokens:
                 del self.rows[r]
+                ended = True
                 policy.forget(r)
                 if self.case.queue and self.case.served:
                     self.arriving.append((self.rounds + self.case.served, row.slot))
                 elif self.case.queue:
                     self._start(row.slot)
-        if self.full is None and len(present) > len(set(present) & set(self.rows)):
-            self.full = (self.now, self.read)
+        if ended and self.full is None:  # this read-back's tokens, every row's, are the last while full
+            self.full = (self.now, self.goal - self.left)
 
 
 # Each of auto's rules switched off (docs/auto.md): the Rules fields that do it.
