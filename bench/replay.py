@@ -1,8 +1,9 @@
 """Controlled acceptance: each row replays its own known greedy continuation as its drafts.
 
 Draft i of a round whose last token stands at continuation index j is the continuation's token
-j + 1 + i where a precomputed hit table says so (drawn with that row's chance for draft i once
-drafts 1..i-1 were accepted), else a wrong token; the table sits on the device and is gathered
+j + 1 + i where a precomputed hit table says so (one draw per row and continuation position,
+against that row's chance for draft i once drafts 1..i-1 were accepted: `draw_hits`), else a
+wrong token; the table sits on the device and is gathered
 at each row's device position, so the host reads nothing and rounds stay pipelined as with a
 real drafter. The real drafter still runs every round (its tokens times 0 stay in the graph),
 so drafting costs what it costs.
@@ -75,9 +76,14 @@ def parse_acceptance(spec: str) -> Acceptance:
 
 def draw_hits(chances: list[list[float]], width: int, seed: int) -> np.ndarray:
     """[B, width, MAX_DRAFT] bool: whether draft i of a round standing at continuation index j
-    is right, drawn with row b's chance for draft i (independent draws: Leviathan's model)."""
-    rng = np.random.RandomState(seed)
-    return rng.random_sample((len(chances), width, MAX_DRAFT)) < np.array(chances)[:, None, :]
+    is right. One uniform draw per row and continuation position: draft i is right where the
+    draw of the position it drafts (j + 1 + i) is under the row's chance for draft i. The draws
+    of distinct positions are independent, so a round keeps draft i with that chance once it
+    kept drafts 1..i-1 (Leviathan's model), and every draft length meets the same easy and hard
+    tokens (as `bench.simulate` draws them): a cell's draft lengths differ by what they do, not
+    by their luck (r55: per-round draws had auto keep 3% under its due and k = 8 2% over it)."""
+    draws = np.random.RandomState(seed).random_sample((len(chances), width + MAX_DRAFT + 1))
+    return draws[:, _draft_index(width)] < np.array(chances)[:, None, :]
 
 
 def position_hits(hits: np.ndarray) -> np.ndarray:

@@ -214,6 +214,28 @@ def test_acceptance_specs_and_the_replay_table():
     # One draw per position: every round drafting position p gets the same outcome there.
     by_position = replay.position_hits(np.arange(5 + MAX_DRAFT + 1)[None] % 2 == 0)
     assert by_position[0, 0, 2] == by_position[0, 1, 1] == by_position[0, 2, 0] == (3 % 2 == 0)
+    assert hits[0, 0, 2] == hits[0, 1, 1] == hits[0, 2, 0]  # draws too: one per position
+
+
+def test_replayed_hits_share_each_positions_draw_and_keep_the_profiles_chances():
+    """Every round drafting a position meets the same draw there (a deeper draft, at a lower
+    chance, is right there only where a shallower one is), and a fixed k walking the table keeps
+    its first m drafts in the share of rounds the profile says (0.844, 0.599, 0.385, 0.271)."""
+    chances = replay.parse_acceptance("profile=26b-vllm").chances(1)
+    width = 40_000
+    hits = replay.draw_hits(chances, width, seed=3)[0]
+    # Position p as draft 1 of the round at p - 1 (chance 0.844) and as draft 4 of the round at p - 4.
+    shallow, deep = hits[3:, 0], hits[:-3, 3]
+    assert deep.any() and not (deep & ~shallow).any() and (shallow & ~deep).any()
+    kept, j = [], 0
+    while j < width:
+        row = hits[j, :4]
+        m = int(np.argmin(row)) if not row.all() else 4
+        kept.append(m)
+        j += m + 1
+    kept = np.array(kept)
+    shares = [float((kept >= m).mean()) for m in range(1, 5)]
+    assert shares == pytest.approx([0.844, 0.599, 0.385, 0.271], abs=0.02)
 
 
 def test_old_loop_and_engine_run_alike_on_the_same_weights(tmp_path):
