@@ -3,10 +3,9 @@
 Draft i of a round whose last token stands at continuation index j is the continuation's token
 j + 1 + i where a precomputed hit table says so (one draw per row and continuation position,
 against that row's chance for draft i once drafts 1..i-1 were accepted: `draw_hits`), else a
-wrong token; the table sits on the device and is gathered
-at each row's device position, so the host reads nothing and rounds stay pipelined as with a
-real drafter. The real drafter still runs every round (its tokens times 0 stay in the graph),
-so drafting costs what it costs.
+wrong token; the table sits on the device and is gathered at each row's device position, so the
+host reads nothing and rounds stay pipelined as with a real drafter. The real drafter still
+runs every round (its tokens times 0 stay in the graph), so drafting costs what it costs.
 
 Acceptance specs, per row:
 - "alpha=A": every draft at chance A (Leviathan's uniform alpha).
@@ -81,7 +80,7 @@ def draw_hits(chances: list[list[float]], width: int, seed: int) -> np.ndarray:
     of distinct positions are independent, so a round keeps draft i with that chance once it
     kept drafts 1..i-1 (Leviathan's model), and every draft length meets the same easy and hard
     tokens (as `bench.simulate` draws them): a cell's draft lengths differ by what they do, not
-    by their luck (r55: per-round draws had auto keep 3% under its due and k = 8 2% over it)."""
+    by their luck."""
     draws = np.random.RandomState(seed).random_sample((len(chances), width + MAX_DRAFT + 1))
     return draws[:, _draft_index(width)] < np.array(chances)[:, None, :]
 
