@@ -82,13 +82,13 @@ def draw_hits(chances: list[list[float]], width: int, seed: int) -> np.ndarray:
     tokens (as `bench.simulate` draws them): a cell's draft lengths differ by what they do, not
     by their luck."""
     draws = np.random.RandomState(seed).random_sample((len(chances), width + MAX_DRAFT + 1))
-    return draws[:, _draft_index(width)] < np.array(chances)[:, None, :]
+    return position_hits(draws) < np.array(chances)[:, None, :]
 
 
 def position_hits(hits: np.ndarray) -> np.ndarray:
-    """[B, width, MAX_DRAFT] from one draw per continuation position ([B, width + MAX_DRAFT + 1]):
-    a position's draft is right or wrong whichever round drafts it, as the old bench replayed
-    (uniform alpha only; two loops fed the same draw draft alike)."""
+    """[B, width, MAX_DRAFT] from one value per continuation position ([B, width + MAX_DRAFT + 1]):
+    draft i of a round at index j gets position j + 1 + i's, whichever round drafts it (a hit
+    per position, as `bench.compare_loops` feeds its two loops alike, or `draw_hits`' draws)."""
     width = hits.shape[1] - MAX_DRAFT - 1
     return hits[:, _draft_index(width)]
 
