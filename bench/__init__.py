@@ -143,7 +143,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "--cost-trials",
         type=int,
         default=11,
-        help="forwards timed per cost-surface cell (its median): the ideal rests on these",
+        help="timings per cost-surface cell (their median): the ideal rests on these",
     )
     p.add_argument("--out", type=Path, default=Path("bench/results/latest.json"))
     p.add_argument("--quick", action="store_true", help="tiny model, few cells: a CPU check")
@@ -237,9 +237,9 @@ def _batch(target, drafter, proposer, rows, args, result: dict, entry: dict, war
 
 
 def _costs(target, proposer, B: int, args) -> dict:
-    verify = measure.verify_costs(target, args.context, B, range(1, args.max_l + 1), args.cost_trials)
+    verify, alone = measure.verify_costs(target, args.context, B, range(1, args.max_l + 1), args.cost_trials)
     draft = measure.drafter_costs(target, proposer, args.context, B, args.cost_trials)
-    return {"verify_ms": verify, "drafter_ms": draft}
+    return {"verify_ms": verify, "verify_alone_ms": alone, "drafter_ms": draft}
 
 
 def _baseline(target, rows, plain_tokens, args, entry: dict) -> None:
@@ -442,21 +442,33 @@ def _beliefs(runs: list) -> dict:
 
 def _ideal(chances, k, costs: dict, speedup: float, max_l: int) -> dict:
     """Leviathan's ideal over batched plain from this run's batched costs: at this fixed k,
-    or the best fixed k for a policy."""
-    verify, draft = costs["verify_ms"], costs["drafter_ms"]["step"]
-    if isinstance(k, int):
-        if k + 1 > max_l:
-            return {}
-        ideal, ideal_k = measure.ideal_speedup(chances, k, verify["1"], measure.round_ms(verify, draft, k)), k
-    else:
-        ideal_k, ideal = measure.best_ideal(chances, verify, draft)
-    return {"ideal": ideal, "ideal_k": ideal_k, "of_ideal": speedup / ideal}
+    or the best fixed k for a policy. The surface of pipelined forwards prices it; "alone": the
+    same from forwards timed alone (host time and the wait included: the ideal of r55 and
+    before, kept to compare cards)."""
+    draft = costs["drafter_ms"]["step"]
+    out = {}
+    for suffix, verify in (("", costs["verify_ms"]), ("_alone", costs.get("verify_alone_ms"))):
+        if verify is None:
+            continue
+        if isinstance(k, int):
+            if k + 1 > max_l:
+                return {}
+            ideal_k = k
+            ideal = measure.ideal_speedup(chances, k, verify["1"], measure.round_ms(verify, draft, k))
+        else:
+            ideal_k, ideal = measure.best_ideal(chances, verify, draft)
+        out |= {f"ideal{suffix}": ideal, f"ideal_k{suffix}": ideal_k, f"of_ideal{suffix}": speedup / ideal}
+    return out
 
 
 def _cost_line(result: dict, B: int) -> str:
     costs = result["costs"][str(B)]
     verify = " ".join(f"L{L}={ms:.1f}" for L, ms in costs["verify_ms"].items())
-    return f"{result['shape']} {result['bits']} B={B} cost ms: {verify} | drafter step {costs['drafter_ms']['step']:.2f}"
+    alone = " ".join(f"L{L}={ms:.1f}" for L, ms in costs["verify_alone_ms"].items())
+    return (
+        f"{result['shape']} {result['bits']} B={B} cost ms, pipelined: {verify} | alone: {alone} "
+        f"| drafter step {costs['drafter_ms']['step']:.2f}"
+    )
 
 
 def _baseline_line(result: dict, entry: dict) -> str:
@@ -469,8 +481,9 @@ def _baseline_line(result: dict, entry: dict) -> str:
 
 def _cell_line(result: dict, cell: dict) -> str:
     detail = (
-        f" ideal {cell['ideal']:.2f}x (k={cell['ideal_k']}, {cell['of_ideal']:.0%})"
-        if "ideal" in cell
+        f" ideal {cell['ideal']:.2f}x (k={cell['ideal_k']}, {cell['of_ideal']:.0%}; from forwards alone"
+        f" {cell['ideal_alone']:.2f}x, k={cell['ideal_k_alone']}, {cell['of_ideal_alone']:.0%})"
+        if "ideal_alone" in cell
         else ""
     )
     if "speedup_at_expected" in cell:

@@ -3,7 +3,7 @@ step at batch B, timed engine runs (speculative, or our batched plain decoding),
 batched generation on the same weights, peak memory, and Leviathan's ideal from the costs.
 
 Costs are medians of `trials` after a warm-up, the work synchronised with the host inside the
-timed region. Runs are timed from the moment every row has its first token (prefill
+timed region; a verify's both queued behind others as the engine's pipeline runs it and alone. Runs are timed from the moment every row has its first token (prefill
 excluded): aggregate tokens per second over all rows, to the last token and while the batch is
 full (until the first row is done: rows that keep different shares of their drafts finish at
 different rounds, and a fixed-length run ends with its slowest rows alone, a tail a server
@@ -30,6 +30,7 @@ from mlx_gemma_mtp.speculative import Proposer, Rows, prefill
 from mlx_gemma_mtp.target import Target
 
 DRAFT_SPAN = 3  # a drafter step's cost: (a proposal of 1 + 3 steps - one of 1 step) / 3
+CHAIN_SPAN = 3  # a pipelined forward's cost: (a chain of 1 + 3 forwards - a chain of 1) / 3
 
 
 def median_ms(fn, trials: int, warmup: int = 2) -> float:
@@ -82,33 +83,51 @@ def place(cache: Cache, position: int, exact: bool) -> None:
 def forward_ms(target: Target, cache: Cache, tokens: mx.array, context: int) -> float:
     """ms of one forward of tokens [B, L] and the argmax of every position (what a verify or a
     plain step computes), the cache placed at `context` as the engine would have it."""
-    L = tokens.shape[1]
-    place(cache, context, exact=L == 1)
+    return chain_ms(target, cache, tokens, context, 1, exact=tokens.shape[1] == 1)
+
+
+def chain_ms(
+    target: Target, cache: Cache, tokens: mx.array, context: int, forwards: int, exact: bool
+) -> float:
+    """ms of `forwards` such forwards queued back to back, each one's argmax the next one's
+    tokens and nothing read between them: the host builds a forward while the device runs the
+    one before, as in the engine's pipeline. `exact`: positions known to the host (`place`)."""
     start = time.perf_counter()
-    mx.eval(mx.argmax(target.logits(target(tokens, cache)), axis=-1))
+    for _ in range(forwards):
+        place(cache, context, exact)
+        tokens = mx.argmax(target.logits(target(tokens, cache)), axis=-1).astype(mx.int32)
+        mx.async_eval(tokens)
+    mx.eval(tokens)
     return (time.perf_counter() - start) * 1e3
 
 
-def verify_costs(target: Target, context: int, batch: int, lengths, trials: int, warmup: int = 2) -> dict:
+def verify_costs(
+    target: Target, context: int, batch: int, lengths, trials: int, warmup: int = 2
+) -> tuple[dict, dict]:
     """ms of one target forward of `batch` rows x L new tokens after `context` positions per
     row, for each L; "1r": L = 1 with device positions (plain steps among ragged rows).
 
-    The lengths are timed round-robin, one forward of each per trial, so a shared card's drift
-    lands on every L alike (timed one L after another, a drift had made a 5-token verify
-    cheaper than a 1-token one)."""
+    Two readings of each: in a full pipeline (a chain of 1 + CHAIN_SPAN forwards less a chain
+    of 1, over CHAIN_SPAN: what the engine's pipelined steps pay, host time hidden where the
+    device takes longer), and alone (a chain of 1: host time and the wait included). The
+    lengths are timed round-robin, each once per trial, so a shared card's drift lands on
+    every L alike (timed one L after another, a drift had made a 5-token verify cheaper than a
+    1-token one)."""
     vocab = target.args.vocab_size
     rows = filled_rows(target, random_prompts(batch, context, vocab, seed=1))
-    tokens = {L: mx.array(random_prompts(batch, L, vocab, seed=L)) for L in lengths}
-    times: dict[str, list[float]] = {str(L): [] for L in lengths} | {"1r": []}
+    cells = {str(L): (mx.array(random_prompts(batch, L, vocab, seed=L)), L == 1) for L in lengths}
+    cells["1r"] = (cells["1"][0], False)
+    piped: dict[str, list[float]] = {name: [] for name in cells}
+    alone: dict[str, list[float]] = {name: [] for name in cells}
     for _ in range(warmup + trials):
-        for L in lengths:
-            ms = forward_ms(target, rows.cache, tokens[L], context)
-            times[str(L)].append(ms)
-        place(rows.cache, context, exact=False)
-        start = time.perf_counter()
-        mx.eval(mx.argmax(target.logits(target(tokens[1], rows.cache)), axis=-1))
-        times["1r"].append((time.perf_counter() - start) * 1e3)
-    return {L: statistics.median(ms[warmup:]) for L, ms in times.items()}
+        for name, (tokens, exact) in cells.items():
+            one = chain_ms(target, rows.cache, tokens, context, 1, exact)
+            many = chain_ms(target, rows.cache, tokens, context, 1 + CHAIN_SPAN, exact)
+            alone[name].append(one)
+            piped[name].append(max(many - one, 0.0) / CHAIN_SPAN)
+    return tuple(
+        {name: statistics.median(ms[warmup:]) for name, ms in times.items()} for times in (piped, alone)
+    )
 
 
 def drafter_costs(target: Target, proposer: Proposer, context: int, batch: int, trials: int) -> dict:

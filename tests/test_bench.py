@@ -45,7 +45,8 @@ def test_batched_cells_replay_exactly_against_their_costs(tmp_path, known_costs)
     result = json.loads(out.read_text())["results"][0]
     for B in ("1", "2"):
         costs = result["costs"][B]
-        assert set(costs["verify_ms"]) == {"1", "2", "3", "1r"} and costs["drafter_ms"]["step"] >= 0
+        assert set(costs["verify_ms"]) == set(costs["verify_alone_ms"]) == {"1", "2", "3", "1r"}
+        assert costs["drafter_ms"]["step"] >= 0
         entry = result["batches"][B]
         assert entry["mlx_lm_same_tokens"] == 8  # mlx-lm's batched greedy decoding agrees with ours
         assert math.isfinite(entry["plain_vs_mlx_lm"]) and entry["plain_vs_mlx_lm"] > 0
@@ -68,6 +69,8 @@ def test_batched_cells_replay_exactly_against_their_costs(tmp_path, known_costs)
     verify, draft = result["costs"]["2"]["verify_ms"], result["costs"]["2"]["drafter_ms"]["step"]
     ideal = {k: (k + 1) * verify["1"] / (verify[str(k + 1)] + k * draft) for k in (1, 2)} | {0: 1.0}
     assert cells["alpha=1.0", 2]["ideal"] == pytest.approx(ideal[2])
+    alone = result["costs"]["2"]["verify_alone_ms"]  # the same from forwards timed alone
+    assert cells["alpha=1.0", 2]["ideal_alone"] == pytest.approx(3 * alone["1"] / (alone["3"] + 2 * draft))
     # ... auto is held to the best fixed k's, and drafts where drafts are kept ...
     auto = cells["alpha=1.0", "auto"]
     assert auto["acceptance_rate"] == 1 and auto["ideal"] == pytest.approx(max(ideal.values()))
