@@ -443,8 +443,8 @@ def _beliefs(runs: list) -> dict:
 def _ideal(chances, k, costs: dict, speedup: float, max_l: int) -> dict:
     """Leviathan's ideal over batched plain from this run's batched costs: at this fixed k,
     or the best fixed k for a policy. The surface of pipelined forwards prices it; "alone": the
-    same from forwards timed alone (host time and the wait included: the ideal of r55 and
-    before, kept to compare cards)."""
+    same from forwards timed alone (host time and the wait included: the earlier cards' ideal,
+    kept to compare with them)."""
     draft = costs["drafter_ms"]["step"]
     out = {}
     for suffix, verify in (("", costs["verify_ms"]), ("_alone", costs.get("verify_alone_ms"))):

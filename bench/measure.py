@@ -3,11 +3,12 @@ step at batch B, timed engine runs (speculative, or our batched plain decoding),
 batched generation on the same weights, peak memory, and Leviathan's ideal from the costs.
 
 Costs are medians of `trials` after a warm-up, the work synchronised with the host inside the
-timed region; a verify's both queued behind others as the engine's pipeline runs it and alone. Runs are timed from the moment every row has its first token (prefill
-excluded): aggregate tokens per second over all rows, to the last token and while the batch is
-full (until the first row is done: rows that keep different shares of their drafts finish at
-different rounds, and a fixed-length run ends with its slowest rows alone, a tail a server
-with rows coming and going does not have; Leviathan's ideal models the full batch).
+timed region; a verify is timed both queued behind others, as the engine's pipeline runs it,
+and alone. Runs are timed from the moment every row has its first token (prefill excluded):
+aggregate tokens per second over all rows, to the last token and while the batch is full (until
+the first row is done: rows that keep different shares of their drafts finish at different
+rounds, and a fixed-length run ends with its slowest rows alone, a tail a server with rows
+coming and going does not have; Leviathan's ideal models the full batch).
 """
 
 from __future__ import annotations
