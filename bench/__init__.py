@@ -445,14 +445,12 @@ def _ideal(chances, k, costs: dict, speedup: float, max_l: int) -> dict:
     or the best fixed k for a policy. The surface of pipelined forwards prices it; "alone": the
     same from forwards timed alone (host time and the wait included: the earlier cards' ideal,
     kept to compare with them)."""
+    if isinstance(k, int) and k + 1 > max_l:
+        return {}
     draft = costs["drafter_ms"]["step"]
     out = {}
-    for suffix, verify in (("", costs["verify_ms"]), ("_alone", costs.get("verify_alone_ms"))):
-        if verify is None:
-            continue
+    for suffix, verify in (("", costs["verify_ms"]), ("_alone", costs["verify_alone_ms"])):
         if isinstance(k, int):
-            if k + 1 > max_l:
-                return {}
             ideal_k = k
             ideal = measure.ideal_speedup(chances, k, verify["1"], measure.round_ms(verify, draft, k))
         else:
