@@ -11,6 +11,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 import mlx_gemma_mtp
 from mlx_gemma_mtp.config import drafter_config, target_config
@@ -89,13 +90,46 @@ def calm(target: Target, scale: float = 0.05) -> None:
     tokens, and a replayed continuation stops being the target's own. Shrinking every branch's
     output norm leaves the residual stream dominated by the token's embedding, so the argmax is
     that token by a margin no rounding flips. Costs are unchanged (same shapes, same kernels);
-    only a MoE router sees less variety (a repeated token routes to the same experts).
+    `cycle` then makes the predicted token a different one, as text's are.
     """
     for layer in target.model.layers:
         for name in BRANCH_NORMS:
             norm = getattr(layer, name, None)
             if norm is not None:
                 norm.weight = mx.full(norm.weight.shape, scale)
+
+
+class CycledInput(nn.Module):
+    """A target's embedding table looked up at `successor[id]` rather than at `id`; the tied
+    head (`as_linear`) reads the table as it is."""
+
+    def __init__(self, table: nn.Module, successor: mx.array):
+        super().__init__()
+        self.table = table
+        self._successor = successor  # the leading underscore keeps it out of the parameters
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        return self.table(self._successor[ids])
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return self.table.as_linear(x)
+
+
+def cycle(target: Target, seed: int) -> None:
+    """Make a calm target (`calm`) predict the successor of its input token in one random cycle
+    through the vocabulary, rather than the token itself: a continuation then walks distinct
+    tokens, as text does, instead of repeating its prompt's last one, and a MoE's verify routes
+    its positions to as many experts as text would (a repeated token routes every position of a
+    row to the same ones). Ids below 4, the stop ids, the placeholders and the pad map to
+    themselves, so a continuation never stops or turns into a placeholder. The permutation is a
+    lookup, not weights: a model written to disk (`bench.peer`) cannot carry it."""
+    vocab = target.args.vocab_size
+    config = target.config
+    fixed = {*range(4), *config.stop_ids, *config.placeholder_ids, config.pad_id}
+    order = np.random.RandomState(seed).permutation([i for i in range(vocab) if i not in fixed])
+    successor = np.arange(vocab)
+    successor[order] = np.roll(order, -1)
+    target.model.embed_tokens = CycledInput(target.model.embed_tokens, mx.array(successor, dtype=mx.int32))
 
 
 def _materialise(model: nn.Module, dtype, bits: int | None) -> None:
@@ -109,10 +143,16 @@ def _materialise(model: nn.Module, dtype, bits: int | None) -> None:
 
 
 def build(
-    shape: str, dtype=mx.bfloat16, bits: int | None = None, seed: int = 0, calm_target: bool = True
+    shape: str,
+    dtype=mx.bfloat16,
+    bits: int | None = None,
+    seed: int = 0,
+    calm_target: bool = True,
+    cycled: bool = True,
 ) -> tuple[Target, Drafter]:
     """A random target of `shape` and its drafter (the real configs), cast to `dtype`,
-    quantized to `bits` when given (target and drafter alike); `calm` (see there) by default."""
+    quantized to `bits` when given (target and drafter alike); `calm` and (`cycled`) `cycle`
+    (see there) by default."""
     mx.random.seed(seed)
     target_json, drafter_json = configs(shape)
     target = Target(target_config(target_json, CONFIGS, (1, 106)))
@@ -124,6 +164,8 @@ def build(
         calm(target)
     _materialise(target, dtype, bits)
     _materialise(drafter, dtype, bits)
+    if calm_target and cycled:
+        cycle(target, seed)
     return target, drafter
 
 

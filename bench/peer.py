@@ -39,7 +39,7 @@ import mlx_gemma_mtp
 from mlx_gemma_mtp.quantize import config_block
 
 from . import environment, measure
-from .models import SHAPES, build
+from .models import SHAPES, CycledInput, build
 
 RUNNER = Path(__file__).with_name("peer_runner.py")
 PEER_PACKAGE = "mlx-lm-broomva"
@@ -134,6 +134,10 @@ def write_pair(target, drafter, root: Path, dense_drafter_embedding: bool = Fals
     fork's clustered head gathers rows of `embed_tokens.weight` itself, which a packed table
     does not have); both sides then load that table unquantized.
     """
+    if isinstance(target.model.embed_tokens, CycledInput):
+        raise ValueError(
+            "write_pair: a cycled target (bench.models.cycle) cannot be written: build it with cycled=False"
+        )
     args = target.args
     target_config = {
         **dataclasses.asdict(args),  # every field explicit: both loaders read the same values
@@ -414,8 +418,12 @@ def main(argv: list[str] | None = None) -> int:
     check_peer_path(args.peer_path)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-peer-"))
     try:
+        # Not cycled: both sides load the pair from files, which cannot carry the cycle.
         target, drafter = build(
-            args.shape, bits=None if args.bits == "bf16" else int(args.bits), calm_target=not args.no_calm
+            args.shape,
+            bits=None if args.bits == "bf16" else int(args.bits),
+            calm_target=not args.no_calm,
+            cycled=False,
         )
         clustered = drafter.config.use_ordered_embeddings  # only the fork's clustered head needs it
         dense_embedding = args.bits != "bf16" and clustered and not args.quantized_drafter_embedding

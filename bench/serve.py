@@ -393,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
             clock += seconds[step]
             print(f"{step}: {seconds[step]:.0f} s", flush=True)
 
-        target, drafter = build(args.shape, bits=None if args.bits == "bf16" else int(args.bits))
+        bits = None if args.bits == "bf16" else int(args.bits)
+        target, drafter = build(args.shape, bits=bits, cycled=False)  # written to files: no cycle
         vocab = target.args.vocab_size
         lap("built")
         write_pair(target, drafter, workdir)

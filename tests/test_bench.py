@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 import bench
-from bench import compare_loops, measure, replay
+from bench import compare_loops, measure, peer, replay
+from bench.models import build
 from mlx_gemma_mtp.draft_length import MAX_DRAFT, Costs
 
 TINY = ["--shapes", "tiny", "--bits", "bf16", "--context", "32", "--prompt", "16", "--tokens", "8",
@@ -197,6 +198,25 @@ def test_paired_trials_alternate_which_run_goes_first(tmp_path, monkeypatch):
         "plain",
         "speculative",
     ]
+
+
+def test_a_cycled_target_walks_distinct_tokens_and_stays_off_the_disk(tmp_path):
+    """The bench's calm target predicts its input's successor in one cycle (a MoE's verify then
+    routes distinct tokens, as text's), in our loop and mlx-lm's alike; the stop ids stay fixed;
+    a pair written to files would lose the cycle, so writing one is refused."""
+    target, drafter = build("tiny")
+    successor = np.array(target.model.embed_tokens._successor)
+    vocab = target.args.vocab_size
+    assert sorted(successor.tolist()) == list(range(vocab))
+    assert all(successor[i] == i for i in (*range(4), *target.config.stop_ids))
+    prompt = measure.random_prompts(1, 16, vocab, seed=3)[0]
+    ours = measure.engine_run(target, None, [prompt], 24, 0).tokens[0]
+    assert ours == successor[[prompt[-1]] + ours[:-1]].tolist()  # each token its input's successor
+    assert len(set(ours)) == len(ours)
+    theirs = measure.mlx_lm_run(measure.mlx_lm_model(target), [prompt], 24).tokens[0]
+    assert theirs == ours
+    with pytest.raises(ValueError, match="a cycled target .* cannot be written"):
+        peer.write_pair(target, drafter, tmp_path)
 
 
 def test_acceptance_specs_and_the_replay_table():

@@ -34,7 +34,7 @@ def _assert_same(loaded: dict, built: dict) -> None:
 
 
 def test_written_pair_loads_with_the_same_weights(tmp_path):
-    target, drafter = build("tiny")
+    target, drafter = build("tiny", cycled=False)
     peer.write_pair(target, drafter, tmp_path)
     model, tokenizer, loaded_drafter = mlx_gemma_mtp.load_pair(tmp_path)
     _assert_same(_params(model), _params(target))
@@ -44,7 +44,7 @@ def test_written_pair_loads_with_the_same_weights(tmp_path):
 
 
 def test_quantized_pair_keeps_the_drafter_embedding_dense_on_request(tmp_path):
-    target, drafter = build("tiny", bits=4)
+    target, drafter = build("tiny", bits=4, cycled=False)
     peer.write_pair(target, drafter, tmp_path, dense_drafter_embedding=True)
     model, _, loaded_drafter = mlx_gemma_mtp.load_pair(tmp_path)
     _assert_same(_params(model), _params(target))
@@ -88,7 +88,7 @@ def test_peer_runs_side_by_side_and_agrees_on_cpu(tmp_path):
         [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", str(peer_path), str(WHEELS[-1])],
         check=True,
     )  # fmt: skip
-    target, drafter = build("tiny")
+    target, drafter = build("tiny", cycled=False)
     pair = peer.write_pair(target, drafter, tmp_path / "pair")
     args = peer.setup_arg_parser().parse_args(
         [
