@@ -533,15 +533,25 @@ def summary(case: Case, runs: dict[str, list[Generation]]) -> dict:
     return out
 
 
-def cases(batches=(1, 4, 16)) -> list[Case]:
+def cases(batches=(1, 4, 16), switch: tuple[float, float] | None = None) -> list[Case]:
     """Every shape x batch size x acceptance (the ragged mix only in batches), α 0.8 served at
     each B > 1, then at B = 1 longer generations (where probes back off) and cold kernels
     (compiles); for a `BENCH` shape its benchmark's generations too (64 and 256 tokens, the
     batch starting and ending together; at 256 also on a host-bound card, as r47 measured, and
-    on one where turning between plain steps and drafting costs more, as r49's churn did)."""
+    on one where turning between plain steps and drafting costs more, as r49's churn did).
+    `switch`: every shape's α 0, α 0.8 and 26B-profile cases again, on a host-bound card where
+    turning costs that much (r58's 26B-A4B B = 1: a drafting round ~0.6 of a plain step over
+    its surface price)."""
     out = []
     for shape in (*SURFACE, COMPUTE_BOUND, *BENCH):
         measured_sizes = truth(shape).batches
+        if switch is not None:
+            out += [
+                Case(shape, b, a, device=HOST_BOUND_DEVICE, switch=switch)
+                for b in batches
+                if b <= measured_sizes[-1]
+                for a in ("α 0", "α 0.8", "26B profile")
+            ]
         for b in batches:
             if b <= measured_sizes[-1]:
                 out += [Case(shape, b, a) for a in PROFILES if b > 1 or a != "ragged"]
@@ -631,6 +641,14 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--match", default="", help="only cases whose name contains this")
     p.add_argument("--opening", action="store_true", help="opening rounds cost more (OPENING)")
     p.add_argument("--quiet-rounds", action="store_true", help="rounds as steady as r53's (QUIET_ROUNDS)")
+    p.add_argument(
+        "--switch",
+        type=float,
+        nargs=2,
+        metavar=("IN", "OUT"),
+        help="also every shape on a host-bound card where a drafting round after a plain step costs "
+        "IN plain steps more, a plain step after a drafting round OUT more (r49: 0.3 0.1)",
+    )
     p.add_argument("--jobs", type=int, default=1, help="processes")
     p.add_argument("--out", type=Path, help="write the rows as JSON here")
     return p
@@ -643,10 +661,15 @@ def noise_of(args: argparse.Namespace) -> Noise:
 
 
 def main(argv=None) -> int:
-    args = setup_arg_parser().parse_args(argv)
+    parser = setup_arg_parser()
+    args = parser.parse_args(argv)
+    if args.switch and not all(math.isfinite(c) and c >= 0 for c in args.switch):
+        parser.error(f"--switch takes two costs >= 0 in plain steps, got {args.switch}")
     noise = noise_of(args)
     jobs = [
-        (c, args.generations, args.rules, noise) for c in cases(tuple(args.batches)) if args.match in c.name
+        (c, args.generations, args.rules, noise)
+        for c in cases(tuple(args.batches), switch=tuple(args.switch) if args.switch else None)
+        if args.match in c.name
     ]
     started, rows = time.perf_counter(), []
     with multiprocessing.Pool(args.jobs) as pool:

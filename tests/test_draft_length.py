@@ -580,6 +580,25 @@ def test_turning_between_plain_steps_and_drafting_costs_the_host_more():
     assert "switch +0.3/+0.1" in case.name
 
 
+def test_the_simulation_adds_every_shape_on_a_host_bound_card_with_a_given_switch_cost():
+    """`--switch IN OUT` adds each shape's α 0, α 0.8 and 26B-profile cases at every batch size it
+    has, host-bound and turning at that cost; a negative cost is refused, naming the flag."""
+    plain = simulate.cases((1, 4))
+    added = [c for c in simulate.cases((1, 4), switch=(0.6, 0.1)) if c not in plain]
+    shapes = (*simulate.SURFACE, simulate.COMPUTE_BOUND, *simulate.BENCH)
+    assert sorted((c.shape, c.batch, c.acceptance) for c in added) == sorted(
+        (shape, b, a)
+        for shape in shapes
+        for b in (1, 4)
+        if b <= simulate.truth(shape).batches[-1]
+        for a in ("α 0", "α 0.8", "26B profile")
+    )
+    assert all(c.switch == (0.6, 0.1) and c.device == simulate.HOST_BOUND_DEVICE for c in added)
+    assert all("switch +0.6/+0.1" in c.name for c in added)
+    with pytest.raises(SystemExit):
+        simulate.main(["--switch", "-1", "0"])
+
+
 def test_served_rows_join_later_and_their_rounds_go_untimed():
     """The server's regime: a row that ends is replaced `served` rounds later, and a round that
     runs a joining row's prefill costs that much more and is not timed; every timed round is a
