@@ -200,6 +200,9 @@ PROFILES = {
     "switching": lambda slot, pos: uniform(0.9 if (pos + 17 * slot) // SWITCH_EVERY % 2 == 0 else 0.1),
 }
 COLD_FACTOR = 5.0
+# A shadow (a drafter step beside a plain step) costs the card this many drafter steps: a guess
+# until the GPU times one (its host work included; docs/auto.md "Shadows").
+SHADOW = 1.5
 # A host-bound case's device share of a round (a guess: r47's read-backs never waited).
 HOST_BOUND_DEVICE = 0.5
 HOST_SWITCH = (0.3, 0.1)  # `Case.switch` as r49's churn measured it (E2B bf16, B = 8, no graphs)
@@ -309,6 +312,7 @@ class _Round:
     exact: bool  # queued at positions the host knew (after a plain step, or into an idle pipeline)
     end: float  # device time at which it finishes
     built: float  # host seconds spent building it
+    shadow: dict[int, int] | None = None  # a plain step's shadow: row -> its one draft kept
 
 
 class Loop:
@@ -350,7 +354,7 @@ class Loop:
                 continue
             limit = max(limit, 0)
             k = min(policy.choose(limit, active), limit, MAX_DRAFT)
-            queued, joined = self._queue(k, active, pending, joined), 0
+            queued, joined = self._queue(k, active, pending, joined, shadow=not k and policy.shadow()), 0
             if pending is None:
                 pending = queued
                 continue
@@ -377,13 +381,18 @@ class Loop:
         ahead = pending.k + 1 if pending is not None and row in pending.kept else 0
         return self.tokens - self.rows[row].generated - 1 - ahead
 
-    def _queue(self, k: int, active: list[int], pending: _Round | None, joined: int = 0) -> _Round:
-        kept = {}
+    def _queue(
+        self, k: int, active: list[int], pending: _Round | None, joined: int = 0, shadow: bool = False
+    ) -> _Round:
+        kept, shadowed = {}, {}
         for r in active:
+            if shadow:  # the draft a round of one from here would make: its draw
+                shadowed[r] = self.rows[r].accept(self.profile, 1)
             kept[r] = self.rows[r].accept(self.profile, k) if k else 0
             self.rows[r].position += kept[r] + 1
         batch = len(active)
         seconds = self.true.round(k, batch) + joined * PREFILL_FACTOR * self.true.step(MAX_DRAFT)
+        seconds += SHADOW * self.true.drafter(batch) if shadow else 0.0
         if pending is not None and (k > 0) != (pending.k > 0):  # into drafting, or out of it
             seconds += self.true.plain(batch) * self.case.switch[0 if k else 1]
         seconds *= self.card.factor(self.device_free, self.rounds, k > 0)
@@ -399,7 +408,7 @@ class Loop:
         self.rounds += 1
         exact = pending is None or pending.k == 0
         behind = pending is not None and not joined  # the engine times no round queued with a prefill
-        return _Round(k, kept, behind=behind, exact=exact, end=self.device_free, built=built)
+        return _Round(k, kept, behind, exact, self.device_free, built, shadow=shadowed if shadow else None)
 
     def _read_back(self, done: _Round, pending: _Round | None, policy: DraftLength, since: float) -> None:
         waited = max(done.end - self.now, 0.0)
@@ -407,7 +416,9 @@ class Loop:
         present = {r: m for r, m in done.kept.items() if r in self.rows}
         if done.k and present:
             policy.observe(done.k, present)
-        if done.behind and pending is not None and (done.k or done.exact):
+        if done.shadow is not None:  # as the engine: observed as a round of one, not timed
+            policy.observe(1, {r: m for r, m in done.shadow.items() if r in self.rows})
+        elif done.behind and pending is not None and (done.k or done.exact):
             policy.observe_time(done.k, len(done.kept), self.now - since, own=done.built + waited)
         ended = False
         for r, m in present.items():
@@ -446,6 +457,8 @@ RULES_OFF = {
     "plain for want of room: no verdict": {"room_no_verdict": False},
     "a row that left still counts": {"remember_left": False},
     "a round timed by its own share": {"own_share": False},
+    "a probe is a shadow": {"shadow_probe": False},
+    "no draft kept yet: a shadow, not a round": {"shadow_opening": False},
 }
 
 
@@ -454,6 +467,7 @@ class _Untimed:
 
     def __init__(self, policy: DraftLength):
         self.choose, self.observe, self.forget = policy.choose, policy.observe, policy.forget
+        self.shadow = policy.shadow
 
     def observe_time(self, k: int, batch: int, seconds: float, own: float | None = None) -> None:
         """Not told."""

@@ -59,6 +59,9 @@ class Recorded:
         self.policy.observe_time(k, batch, seconds, own)
         self.calls.append(("observe_time", k, batch, seconds, own))
 
+    def shadow(self):
+        return self.policy.shadow()
+
     def forget(self, row):
         self.policy.forget(row)
         self.calls.append(("forget", row))

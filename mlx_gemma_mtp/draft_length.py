@@ -4,16 +4,19 @@ The loop asks `choose(limit, rows)` before every round: one k for every row (a v
 has one shape, and a row's drafts past what it would have wanted cost it nothing), 0 for one
 plain step of the batch. It tells `observe(k, accepted)` each row's kept drafts after a drafting
 round, `observe_time(k, batch, seconds, own)` what a round took where its clock can tell (only a
-round run in a full pipeline, `engine.py`), and `forget(row)` when a row leaves. It asks
-one round ahead (round r+1 is queued before round r is read back), so a choice never sees the
-outcome of the round just before it. A batch of one is B = 1.
+round run in a full pipeline, `engine.py`), and `forget(row)` when a row leaves. After a
+choice of 0 it asks `shadow()`: whether the plain step should carry a shadow, one draft per row
+judged beside it and never emitted (a drafter step's cost), whose verdicts come to `observe` as
+a round of k = 1. It asks one round ahead (round r+1 is queued before round r is read back),
+so a choice never sees the outcome of the round just before it. A batch of one is B = 1.
 
 `Auto` maximises expected tokens per second. A round of B rows drafting k each costs
 `verify(B, k) + k * draft(B)` seconds (`Costs`, measured once per device, then as the loop's
 clock says) and yields, summed over its rows, 1 + a_1 + a_1 a_2 + ... + a_1 ... a_k tokens, where
 a_j is the chance that a row's draft j is kept once its drafts 1..j-1 were. It is three parts:
 `Acceptance` (the a_j of each row), `CostModel` (the seconds of each (B, k)) and `Probes` (when
-to draft again once plain decoding pays). Every tunable rule is a field of `Rules`; docs/auto.md
+to draft again once plain decoding pays; a probe is a shadow, as is a drafting round the
+rates ask for before any draft was kept). Every tunable rule is a field of `Rules`; docs/auto.md
 shows what each buys in the loop-faithful simulation (`python -m bench.simulate`).
 """
 
@@ -51,6 +54,12 @@ class DraftLength(Protocol):
     def forget(self, row: int) -> None:
         """A row left the batch (its own estimate goes; auto keeps its rounds among the others')."""
 
+    def shadow(self) -> bool:
+        """Asked after `choose` returned 0: whether the drafter should draft one token per row
+        beside that plain step, judged by its logits and never emitted (a shadow: a drafter
+        step's cost, where a drafting round costs a verify of two tokens). Its verdicts come to
+        `observe` as a round of k = 1."""
+
 
 @dataclass
 class Fixed:
@@ -73,6 +82,9 @@ class Fixed:
 
     def forget(self, row: int) -> None:
         """... and rows."""
+
+    def shadow(self) -> bool:
+        return False
 
 
 @dataclass
@@ -100,6 +112,9 @@ class Heuristic:
 
     def forget(self, row: int) -> None:
         self.asks.pop(row, None)
+
+    def shadow(self) -> bool:
+        return False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -206,6 +221,10 @@ class Rules:
     thin: float = 8.0  # ... and, while fewer than 8 rows x rounds reached draft 1, one brings the probe near
     thin_wait: int = 2  # drafting stopped on thin evidence (a failed first round): probe after 2, not 16
     room_no_verdict: bool = True  # plain for want of room (a row near its end) is no verdict on drafting
+    shadow_probe: bool = (
+        True  # a probe is a shadow (a drafter step beside a plain step), its stretch priced so
+    )
+    shadow_opening: bool = True  # no draft kept yet after a round: a shadow where the rates say draft
 
 
 class _Counts:
@@ -382,6 +401,7 @@ class Auto:
         self.cost = CostModel(costs, self.rules)
         self.probes = Probes(self.rules)
         self._blind = False  # a drafting round is in flight and none has been seen
+        self._shadow = False  # the last choice, a plain step, is to carry a shadow
 
     def rates(self, limit: int, rows: Sequence[int]) -> list[float]:
         """Expected tokens per second of a round drafting k = 0..limit for `rows`."""
@@ -389,6 +409,7 @@ class Auto:
         return [n / s for n, s in zip(self.acceptance.expected(limit, rows), seconds)]
 
     def choose(self, limit: int, rows: Sequence[int]) -> int:
+        self._shadow = False
         limit = min(limit, MAX_DRAFT)
         if limit <= 0 or not rows or self._blind:  # blind: a second guess would only repeat the first
             return 0
@@ -402,17 +423,29 @@ class Auto:
         best = max(range(limit + 1), key=rates.__getitem__)
         if best == 0 and limit < horizon and max(rates) > rates[0]:
             return 0  # drafting would pay but the rows' room is short: no verdict for `Probes`
+        a = self.acceptance
+        if best and self.rules.shadow_opening and a.rounds and not a.kept_rounds:
+            self._shadow = True  # the rates lean on the prior alone: ask the drafter cheaply
+            return 0
         seconds = seconds[: limit + 1]
         # A probe is there to learn whether drafts are kept: the cheapest round, should it fail.
         probe = 1 + min(
             range(limit), key=lambda i: seconds[i + 1] if self.rules.cheap_probe else -rates[i + 1]
         )
         extra = min(seconds[1:]) / seconds[0] - 1  # what a failed probe costs, in plain rounds
+        if self.rules.shadow_probe:  # a shadow's: a drafter step
+            extra = self.cost.costs.drafter(len(rows)) / seconds[0]
         stretch = max(self.rules.probe_first, math.ceil(extra / self.rules.probe_share))
         thin = self.acceptance.evidence < self.rules.thin
         k = self.probes.choose(best, probe, self.acceptance.kept_rounds, stretch, thin)
+        if k and not best and self.rules.shadow_probe:
+            self._shadow = True
+            return 0
         self._blind = self.rules.blind_plain and k > 0 and self.acceptance.rounds == 0
         return k
+
+    def shadow(self) -> bool:
+        return self._shadow
 
     def observe(self, k: int, accepted: Mapping[int, int]) -> None:
         self._blind = False

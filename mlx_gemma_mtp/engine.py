@@ -371,7 +371,9 @@ class Engine:
         k = min(self.policy.choose(min(limit, MAX_DRAFT), live), limit, MAX_DRAFT)
         asked = [self._rows[r].request.logprobs for r in live]
         top = max((n for n in asked if n is not None), default=None)
-        queued = queue_round(self.model, self.propose, rows, k, behind=timed and pending is not None, top=top)
+        shadow = not k and self.policy.shadow()
+        behind = timed and pending is not None
+        queued = queue_round(self.model, self.propose, rows, k, behind=behind, top=top, shadow=shadow)
         queued.built = time.perf_counter() - began
         return queued
 
@@ -506,6 +508,10 @@ class Engine:
         if done.k:
             alive = {rid: kept for rid, (_, kept) in zip(done.ids, outcomes) if rid in self._rows}
             self.policy.observe(done.k, alive)
+        shadow = done.read_shadow()
+        if shadow is not None:  # what a round of one draft would have kept; the step is not timed
+            self.policy.observe(1, {rid: kept for rid, kept in zip(done.ids, shadow) if rid in self._rows})
+            return
         # Timed only in a full pipeline: queued behind the round read at `_read_at`, with the
         # next one queued behind it; the interval is then this round's own device time. Not in
         # the step that queued the first round at a new batch size nor the next: on MLX CUDA

@@ -258,8 +258,24 @@ def judge(
         q, q_ids = mx.ones((B, k, 1), mx.float32), drafts[..., None]
     positions = first[:, None] + mx.arange(k + 1, dtype=mx.int32)  # [B, k+1]
     p = mx.exp(logp.astype(mx.float32))
-    p_drafts = mx.take_along_axis(p[:, :k], drafts[..., None], axis=-1)[..., 0]
-    u = uniform(seeds, positions[:, :k], ACCEPT)
-    kept = u * draft_probability(q.astype(mx.float32), q_ids, drafts) < p_drafts
+    kept = keeps(p[:, :k], drafts, q, q_ids, seeds, first)
     rows = mx.concatenate([residual(p[:, :k], q.astype(mx.float32), q_ids), p[:, k:]], axis=1)
     return kept, categorical(mx.log(rows), seeds, positions, PICK)
+
+
+def keeps(
+    p: mx.array,
+    drafts: mx.array,
+    q: mx.array | None,
+    q_ids: mx.array | None,
+    seeds: mx.array,
+    first: mx.array,
+) -> mx.array:
+    """`judge`'s verdicts alone, [B, k] bool: u_i q_i(x_i) < p_i(x_i), from the target's
+    probabilities p [B, k, V] at the drafted positions (the rest as `judge`'s)."""
+    B, k = drafts.shape
+    if q is None:
+        q, q_ids = mx.ones((B, k, 1), mx.float32), drafts[..., None]
+    p_drafts = mx.take_along_axis(p, drafts[..., None], axis=-1)[..., 0]
+    u = uniform(seeds, first[:, None] + mx.arange(k, dtype=mx.int32), ACCEPT)
+    return u * draft_probability(q.astype(mx.float32), q_ids, drafts) < p_drafts

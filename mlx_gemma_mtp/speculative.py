@@ -22,7 +22,7 @@ import mlx.core as mx
 
 from .cache import MAX_WRITE, Cache
 from .drafter import Drafter, compiled_step
-from .sample import DRAFT, PICK, Sampling, categorical, filtered_log_probs, judge
+from .sample import DRAFT, PICK, Sampling, categorical, filtered_log_probs, judge, keeps
 from .target import Target
 
 MAX_DRAFT = 16  # the longest draft a round may use; the caches' rewind room fits its verify
@@ -200,6 +200,9 @@ class Queued:
     # logprobs [B, k+1, n] (log-softmax of the processed logits, before temperature).
     logprobs: tuple[mx.array, mx.array, mx.array] | None = None
     built: float = 0.0  # seconds the host took to choose and build it (set by the engine)
+    # A plain step with a shadow: [B] int32, 1 where the drafter's one draft beside it would have
+    # been kept (judged as a round of k = 1 would judge it); nothing of it is emitted.
+    shadow: mx.array | None = None
 
     def read(self) -> list[tuple[list[int], int]]:
         """The host sync: each row's (tokens, drafts kept): drafts[:m] + [follow]."""
@@ -208,17 +211,31 @@ class Queued:
             return [([row[0]], 0) for row in values]
         return [(row[: row[self.k]] + [row[-1]], row[self.k]) for row in values]
 
+    def read_shadow(self) -> list[int] | None:
+        """Each row's shadow verdict (1: its draft would have been kept); None without a shadow."""
+        return None if self.shadow is None else self.shadow.tolist()
+
 
 def queue_round(
-    target: Target, propose: Proposer, rows: Rows, k: int, *, behind: bool, top: int | None
+    target: Target,
+    propose: Proposer,
+    rows: Rows,
+    k: int,
+    *,
+    behind: bool,
+    top: int | None,
+    shadow: bool = False,
 ) -> Queued:
     """Draft k per row (none when k = 0) and verify them in one forward, all on the device:
     each row's outcome stays there; `rows` (token, hidden, cache positions) move to where
-    the next round starts. top: logprobs with this many alternatives (None: no logprobs)."""
+    the next round starts. top: logprobs with this many alternatives (None: no logprobs).
+    shadow (k = 0): the drafter also drafts one token per row, from where the step starts, and
+    the step's logits judge it (`Queued.shadow`); the step's own token is plain decoding's."""
     cache = rows.cache
     p = cache.positions
     starts = [lo if lo == hi else None for lo, hi in zip(p.low, p.high)]
     low, high, start = list(p.low), list(p.high), p.offset
+    shadowed = None
     if k:
         draft = propose(rows, k)
         drafts = draft.tokens.astype(mx.int32)  # [B, k]
@@ -232,9 +249,11 @@ def queue_round(
         chosen = mx.where(mx.arange(k + 1)[None] < kept[:, None], outcome[:, : k + 1], follow[:, None])
         cache.seek(start + kept + 1, [v + 1 for v in low], [v + k + 1 for v in high])
     else:  # a plain step: the next token as plain decoding picks it
+        draft = propose(rows, 1) if shadow else None  # reads the cache before the step writes it
         rows.hidden = target(rows.token, cache)  # [B, 1, H]
         logits = _processed(target.logits(rows.hidden), rows, rows.histories, None)  # [B, 1, V]
         follow = pick(logits, rows, start + 1)
+        shadowed = None if draft is None else _shadow_kept(logits, draft, rows, start + 1)
         outcome = chosen = follow[:, None]
         # Its one token is known to follow, read or not: histories can take it now, so the next
         # round can be queued behind this one even with logits processors.
@@ -243,8 +262,29 @@ def queue_round(
         ]
     rows.token = follow[:, None]
     logprobs = None if top is None else log_probs_of(logits, chosen, top)
-    mx.async_eval(outcome, rows.token, rows.hidden, cache.positions.offset, *(logprobs or ()))
-    return Queued(k=k, ids=list(rows.ids), starts=starts, behind=behind, outcome=outcome, logprobs=logprobs)
+    shadows = () if shadowed is None else (shadowed,)
+    mx.async_eval(outcome, rows.token, rows.hidden, cache.positions.offset, *(logprobs or ()), *shadows)
+    return Queued(
+        k=k,
+        ids=list(rows.ids),
+        starts=starts,
+        behind=behind,
+        outcome=outcome,
+        logprobs=logprobs,
+        shadow=shadowed,
+    )
+
+
+def _shadow_kept(logits: mx.array, draft: Draft, rows: Rows, first: mx.array) -> mx.array:
+    """[B] int32: 1 where a row's one draft would be kept by the round's rule, judged by the
+    target's processed logits [B, 1, V] at its position `first` [B]."""
+    drafts = draft.tokens.astype(mx.int32)  # [B, 1]
+    kept = drafts[:, 0] == mx.argmax(logits[:, 0], axis=-1).astype(mx.int32)
+    if not rows.greedy:
+        p = mx.exp(filtered_log_probs(logits, rows.settings).astype(mx.float32))
+        judged = keeps(p, drafts, draft.q, draft.q_ids, rows.seeds, first)[:, 0]
+        kept = _where_greedy(rows, kept, judged)
+    return kept.astype(mx.int32)
 
 
 def _accept(logits, drafts, draft: Draft, rows: Rows, first: mx.array) -> tuple[mx.array, mx.array]:

@@ -38,6 +38,9 @@ class Script:
     def forget(self, row):
         """... or to rows."""
 
+    def shadow(self):
+        return False
+
 
 MOVES = [3, *[0] * 5, 7, 0, 1, *[0] * 12, 16, 2, 0, 0]  # 0: one plain step
 
@@ -238,6 +241,9 @@ class Recorded:
 
     def forget(self, row):
         self.policy.forget(row)
+
+    def shadow(self):
+        return self.policy.shadow()
 
 
 def test_auto_drafts_from_the_start_of_the_next_conversation(dense):

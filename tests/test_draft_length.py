@@ -40,6 +40,8 @@ CPU = one_row([1.0 + 0.9 * k for k in range(MAX_DRAFT + 1)], 0.5)
 # MLX CUDA's 4-bit 31B: a verify of 2-7 rows takes a slow path (2.5x a plain token), 8+ do not.
 SLOW_SHORT = one_row((1.0,) + (2.5,) * 6 + (2.6,) * (MAX_DRAFT - 6), 0.05)
 STEADY = Rules(decay=1.0)  # counts that do not forget: taught acceptance stays as taught
+DRAFTED = {"shadow_probe": False, "shadow_opening": False}  # probes draft rounds (no shadows)
+DRAFTING = Rules(**DRAFTED)
 
 
 def reach(acceptance) -> list[float]:
@@ -239,7 +241,7 @@ def test_auto_picks_the_best_expected_rate(costs, shape):
     }[shape]
     rates = [expected_rate(costs, acceptance, k) for k in range(MAX_DRAFT + 1)]
     for limit in (MAX_DRAFT, 3, 1, 0):  # never past what is left to generate
-        policy = Auto(costs, STEADY)
+        policy = Auto(costs, dataclasses.replace(STEADY, **DRAFTED))
         teach(policy, acceptance)
         best = int(np.argmax(rates[: limit + 1]))
         if best or not limit:
@@ -283,7 +285,7 @@ def test_auto_with_a_useless_drafter_decodes_plainly_and_probes():
     """Nothing is ever kept: after the opening rounds (drafting pays until the prior's 1/2 has
     fallen below the break-even), plain steps, and a probe after 2 (the opening is thin evidence),
     then one each time enough plain steps have passed that it costs 0.5% of them."""
-    chosen = useless_drafter_choices(Auto(GPU), GPU, 1000)
+    chosen = useless_drafter_choices(Auto(GPU, DRAFTING), GPU, 1000)
     drafted = [i for i, k in enumerate(chosen) if k]
     opening = next(i for i, k in enumerate(chosen) if not k)
     # A round costs 1.15 plain steps: drafting pays while a_1 > 0.15, i.e. 1 / (2 + n) after n rounds.
@@ -291,6 +293,39 @@ def test_auto_with_a_useless_drafter_decodes_plainly_and_probes():
     stretch = math.ceil((GPU.round(1) / GPU.plain() - 1) / Rules().probe_share)
     gaps = [b - a - 1 for a, b in itertools.pairwise(drafted[opening - 1 :])]
     assert gaps == [2] + [stretch] * (len(gaps) - 1) and len(gaps) > 20
+
+
+def shadowed_choices(policy, steps: int, kept) -> list[str]:
+    """Auto's choices at B = 1 as "k", "shadow" or "plain", each told at once: a drafting round
+    or a shadow keeps `kept(step)` of its drafts (a shadow: of one)."""
+    chosen = []
+    for step in range(steps):
+        k = policy.choose(1000, [0])
+        shadow = not k and policy.shadow()
+        chosen.append(str(k) if k else "shadow" if shadow else "plain")
+        if k or shadow:
+            policy.observe(k or 1, {0: min(kept(step), k or 1)})
+        if not shadow:
+            policy.observe_time(k, 1, GPU.round(k))
+    return chosen
+
+
+def test_auto_tells_a_useless_drafter_by_shadows_after_one_round():
+    """Nothing is ever kept: one drafting round (on the prior), then shadows where the rates would
+    draft again (a shadow costs a drafter step, a round a verify of two tokens), then a shadow
+    probe each time enough plain steps have passed that its drafter step costs 0.5% of them. A
+    shadow that keeps its draft brings drafting rounds back."""
+    chosen = shadowed_choices(Auto(GPU), 1000, kept=lambda step: 0)
+    assert chosen[0] != "plain" and chosen[0] != "shadow"
+    assert all(c in ("plain", "shadow") for c in chosen[1:])
+    shadows = [i for i, c in enumerate(chosen) if c == "shadow"]
+    stretch = max(Rules().probe_first, math.ceil(GPU.drafter() / GPU.plain() / Rules().probe_share))
+    gaps = [b - a - 1 for a, b in itertools.pairwise(shadows)]
+    assert gaps[-10:] == [stretch] * 10 and len(shadows) > 1000 / (stretch + 1) - 2
+    assert sum(c == "shadow" for c in chosen[:8]) >= 2  # the opening asks the drafter cheaply
+    comes_back = shadowed_choices(Auto(GPU), 300, kept=lambda step: 0 if step < 100 else 16)
+    assert any(c not in ("plain", "shadow") for c in comes_back[100:150])
+    assert sum(c not in ("plain", "shadow") for c in comes_back[150:]) > 100
 
 
 def test_auto_learns_what_rounds_really_cost():
@@ -327,7 +362,7 @@ def test_auto_learns_each_draft_lengths_own_cost():
 
 def test_auto_follows_a_change_of_acceptance():
     """The drafter goes bad mid-generation (from prose to a table of numbers), then good."""
-    policy = Auto(GPU)
+    policy = Auto(GPU, DRAFTING)
     teach(policy, [0.9] * MAX_DRAFT, rounds=50)
     assert policy.choose(100, [0]) > 5
     for _ in range(100):
@@ -345,7 +380,7 @@ def test_auto_follows_a_change_of_acceptance():
 def test_a_round_read_back_during_a_plain_stretch_is_weighed():
     """The loop asks one round ahead: a good round read back after the choice that began a
     plain stretch (made without it) resumes drafting at once."""
-    policy = Auto(GPU)
+    policy = Auto(GPU, DRAFTING)
     teach(policy, [0.0] * MAX_DRAFT, rounds=10)
     assert policy.choose(100, [0]) > 0 and policy.choose(100, [0]) == 0  # a probe, then the stretch
     for _ in range(2):
@@ -384,7 +419,7 @@ def test_a_useless_drafters_probes_are_spaced_by_what_they_really_cost():
     them so that they cost it `probe_share` (0.5%): every ~120 rounds."""
     spacing = {}
     for own_share in (True, False):
-        policy = Auto(GPU, dataclasses.replace(Rules(), own_share=own_share))
+        policy = Auto(GPU, Rules(own_share=own_share, **DRAFTED))
         chosen = []
         for _ in range(1200):
             chosen.append(policy.choose(1000, [0]))
@@ -403,7 +438,7 @@ def test_rounds_timed_dear_say_nothing_of_an_untimed_plain_step():
     Rounds timed at twice their measurement must not make plain decoding look twice as dear
     (drafting would keep its measured price against it): auto turns to plain decoding."""
     costs = one_row((1.0,) + (1.15,) * MAX_DRAFT, 0.03)
-    policy = Auto(costs)
+    policy = Auto(costs, DRAFTING)
     first = policy.choose(100, [0])
     policy.observe(first, {0: 0})  # read back, not timed (queued into an empty pipeline)
     second, third = policy.choose(100, [0]), policy.choose(100, [0])
@@ -421,7 +456,7 @@ def test_probes_draft_the_cheapest_round_and_come_soon_after_a_kept_draft():
     """A probe is there to learn: it drafts the cheapest round (on the 31B's slow path, one
     draft). While the evidence is thin, a probe that kept a draft brings the next one within 16
     plain rounds (one kept draft is worth another look); with evidence it is the stretch's."""
-    policy = Auto(SLOW_SHORT)
+    policy = Auto(SLOW_SHORT, DRAFTING)
     assert policy.choose(100, [0]) == 1  # nothing seen: plain pays at the prior, so a probe
     policy.observe(1, {0: 0})
     chosen = [policy.choose(100, [0]) for _ in range(3)]
@@ -433,7 +468,7 @@ def test_probes_draft_the_cheapest_round_and_come_soon_after_a_kept_draft():
     stretch = math.ceil((SLOW_SHORT.round(1) - 1) / Rules().probe_share)  # 1.55 / 0.5%: 311
     chosen = [policy.choose(100, [0]) for _ in range(stretch + 1)]
     assert chosen == [0] * stretch + [1]
-    sure = Auto(SLOW_SHORT)
+    sure = Auto(SLOW_SHORT, DRAFTING)
     teach(sure, [0.5] + [0.0] * (MAX_DRAFT - 1), rounds=40)  # the same a_1, on evidence
     assert sure.choose(100, [0]) == 1
     sure.observe(1, {0: 0})
@@ -447,7 +482,7 @@ def test_a_failed_first_round_is_thin_evidence():
     the H100, r42: a verify costs ~1.55 plain steps) that alone makes plain decoding pay, but one
     round says little: a probe after 2 plain rounds, not 16, and drafting resumes once it keeps."""
     flat = one_row((1.0,) + (1.55,) * MAX_DRAFT, 0.07)
-    policy = Auto(flat)
+    policy = Auto(flat, DRAFTING)
     first = policy.choose(100, [0])
     assert first > 1  # the prior's 1/2 pays on this curve
     policy.observe(first, {0: 0})
@@ -455,7 +490,7 @@ def test_a_failed_first_round_is_thin_evidence():
     assert chosen[:2] == [0, 0] and chosen[2] > 0
     policy.observe(chosen[2], {0: chosen[2]})  # kept
     assert policy.choose(100, [0]) > 0
-    patient = Auto(flat, Rules(thin_wait=Rules().probe_first))  # as a stretch after drafting paid
+    patient = Auto(flat, Rules(thin_wait=Rules().probe_first, **DRAFTED))  # as a stretch after drafting paid
     patient.observe(patient.choose(100, [0]), {0: 0})
     assert [patient.choose(100, [0]) for _ in range(16)] == [0] * 16
 
@@ -516,6 +551,9 @@ class Recording:
 
     def forget(self, row):
         """Nothing kept per row."""
+
+    def shadow(self):
+        return False
 
 
 def test_the_simulated_loop_chooses_one_round_ahead_and_times_as_the_loop_does():

@@ -184,6 +184,9 @@ class _Watching:
     def forget(self, row):
         """Watching only."""
 
+    def shadow(self):
+        return False
+
 
 @pytest.fixture
 def reads(monkeypatch):
@@ -229,6 +232,56 @@ def test_only_rounds_in_a_full_pipeline_are_timed(pairs, reads):
     # Not timed: the drafting round (queued into an empty pipeline, behind the prefill) and the
     # last plain step (read back with nothing behind it).
     assert policy.timed == [0] * (plain_steps - 1)
+
+
+class _Shadowing(_Watching):
+    """Plain steps only, each with a shadow; the verdicts it is told, in order."""
+
+    def __init__(self):
+        super().__init__([0], [])
+        self.verdicts = []
+
+    def observe(self, k, accepted):
+        self.verdicts.append((k, dict(accepted)))
+
+    def shadow(self):
+        return True
+
+
+def test_a_shadow_judges_one_draft_beside_a_plain_step_and_changes_nothing(pairs):
+    """A shadow's draft is judged as a round of one would judge it (scripted drafts: wrong,
+    right, wrong, ...), comes to `observe` as a round of k = 1 and is never emitted, counted as
+    drafted or timed; greedy and sampled rows emit what plain decoding does."""
+    target, drafter = pairs["dense"]
+    prompt, n = _prompt(7), 24
+    continuation = _plain(target, prompt, n + MAX_DRAFT)
+    policy = _Shadowing()
+    propose = scripted([continuation], [PROMPT_LEN], [0, 1])
+    (out,) = decode(target, None, [prompt], policy, n, propose=propose)
+    assert out.tokens == continuation[:n]
+    assert out.usage.drafted == 0 and out.usage.rounds == 0
+    assert policy.timed == []
+    assert all(k == 1 and list(a) == [0] for k, a in policy.verdicts) and len(policy.verdicts) >= n - 2
+    assert [a[0] for _, a in policy.verdicts] == [i % 2 for i in range(len(policy.verdicts))]
+    sampled = make_sampling(temperature=1.0, seed=3)
+    (alone,) = decode(target, drafter, [prompt], 0, n, sampling=sampled)
+    (shadowed,) = decode(target, drafter, [prompt], _Shadowing(), n, sampling=sampled)
+    assert shadowed.tokens == alone.tokens
+
+
+def test_an_agreeing_drafters_shadows_are_kept_as_its_rounds_are(pairs):
+    """Sampled rows: a shadow's verdict is `judge`'s. An agreeing drafter's shadows are kept about
+    as often as its drafts in rounds of one."""
+    target, drafter = pairs["dense"]
+    prompt, n = _prompt(8), 48
+    sampled = make_sampling(temperature=1.0, seed=5)
+    policy = _Shadowing()
+    decode(target, drafter, [prompt], policy, n, sampling=sampled)
+    shadow_rate = np.mean([a[0] for _, a in policy.verdicts])
+    (rounds,) = decode(target, drafter, [prompt], 1, n, sampling=sampled)
+    assert rounds.usage.acceptance_rate > 0.5
+    print(f"\nshadows kept {shadow_rate:.2f}, rounds of one {rounds.usage.acceptance_rate:.2f}")
+    assert abs(shadow_rate - rounds.usage.acceptance_rate) < 0.25, (shadow_rate, rounds.usage)
 
 
 @pytest.mark.parametrize("kind", KINDS)
