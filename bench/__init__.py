@@ -410,6 +410,7 @@ def _cell_stats(name: str, k, plain: list, runs: list, plain_tokens) -> dict:
         "accepted_per_round": accepted / rounds if rounds else 0.0,  # per row-round that drafted
         "accepted_per_trial": [r.accepted for r in runs],
         "row_rounds_by_k": {str(i): count for i, count in enumerate(lengths) if count},
+        "shadows_per_trial": [r.shadows for r in runs],  # plain steps of the batch with a shadow
         "ms_per_round": _rounds_ms(runs),
         "plain_ms_per_round": _rounds_ms(plain),
         # A step's ms while every row decoded, and after the first row ended (fewer rows)
@@ -494,6 +495,8 @@ def _cell_line(result: dict, cell: dict) -> str:
             f", rounds {cell['ms_per_round']:.1f} ms ({cell['beyond_plain']:.2f}x the surface's, as plain)"
         )
     detail += f", waiting for the device {cell['device_share']:.0%} (plain {cell['plain_device_share']:.0%})"
+    if any(cell.get("shadows_per_trial", ())):
+        detail += f", shadows {statistics.median(cell['shadows_per_trial']):.0f} a run"
     if "tail_step_ms" in cell:
         detail += (
             f", steps {cell['full_step_ms']:.1f} ms with every row, {cell['tail_step_ms']:.1f} ms "

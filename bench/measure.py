@@ -217,6 +217,7 @@ class Run:
     rounds: int = 0  # row-rounds that drafted (a row's share of a drafting round)
     draft_lengths: list[int] = field(default_factory=lambda: [0] * (MAX_DRAFT + 1))  # row-rounds per k
     steps: int = 0  # steps read back in `seconds` (an engine's: one round of the batch each)
+    shadows: int = 0  # the engine's plain steps that carried a shadow (the whole run, untimed steps too)
     waited: float = 0.0  # of `seconds`, what the engine's read-backs waited for the device
     full_step_ms: float = 0.0  # the median step while every row decoded (to the first row's end)
     tail_step_ms: float | None = None  # ... and after it, with fewer rows (None: rows ended together)
@@ -273,7 +274,7 @@ def engine_run(
             engine.device_wait,
             rows=sum(bool(e.tokens) for e in events),
         )
-    return _run(tokens, clock, list(usage.values()), engine.policy, len(prompts))
+    return _run(tokens, clock, list(usage.values()), engine.policy, len(prompts), engine.shadows)
 
 
 class _Clock:
@@ -307,7 +308,7 @@ class _Clock:
             self.full = (now - self.start, self.generated)
 
 
-def _run(tokens, clock: _Clock, usages, policy=None, batch: int = 0) -> Run:
+def _run(tokens, clock: _Clock, usages, policy=None, batch: int = 0, shadows: int = 0) -> Run:
     beliefs = {}
     if isinstance(policy, Auto):  # what its choices rested on
         beliefs = {
@@ -320,7 +321,7 @@ def _run(tokens, clock: _Clock, usages, policy=None, batch: int = 0) -> Run:
         drafted=sum(u.drafted for u in usages), accepted=sum(u.accepted for u in usages),
         rounds=sum(u.rounds for u in usages),
         draft_lengths=[sum(column) for column in zip(*(u.draft_lengths for u in usages))] or [0] * (MAX_DRAFT + 1),
-        steps=clock.ticks, waited=clock.waited,
+        steps=clock.ticks, waited=clock.waited, shadows=shadows,
         full_step_ms=statistics.median(clock.phases[0]) if clock.phases[0] else 0.0,
         tail_step_ms=statistics.median(clock.phases[1]) if clock.phases[1] else None,
         tail_steps=len(clock.phases[1]),

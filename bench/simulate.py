@@ -459,6 +459,7 @@ RULES_OFF = {
     "a round timed by its own share": {"own_share": False},
     "a probe is a shadow": {"shadow_probe": False},
     "no draft kept yet: a shadow, not a round": {"shadow_opening": False},
+    "shadows (both rules)": {"shadow_probe": False, "shadow_opening": False},
 }
 
 

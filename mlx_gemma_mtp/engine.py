@@ -237,6 +237,7 @@ class Engine:
         self._timing: tuple[int, int, float, float] | None = None
         self._device_wait = 0.0  # seconds the last step's read-back waited for the device
         self._last_round = (0, 0)  # (k, rows it ran for requests) of the round read back last step
+        self._shadows = 0  # plain steps read back that carried a shadow
         self._next_rid = 0
 
     # ----------------------------------------------------------------------------------------
@@ -295,6 +296,11 @@ class Engine:
         """The draft length of the round the last step read back, and the requests' rows it
         ran (held slots not counted); (0, 0) when it read none."""
         return self._last_round
+
+    @property
+    def shadows(self) -> int:
+        """Plain steps read back so far that carried a shadow (the policy's `shadow()`)."""
+        return self._shadows
 
     @property
     def slack(self) -> float:
@@ -510,6 +516,7 @@ class Engine:
             self.policy.observe(done.k, alive)
         shadow = done.read_shadow()
         if shadow is not None:  # what a round of one draft would have kept; the step is not timed
+            self._shadows += 1
             self.policy.observe(1, {rid: kept for rid, kept in zip(done.ids, shadow) if rid in self._rows})
             return
         # Timed only in a full pipeline: queued behind the round read at `_read_at`, with the

@@ -251,15 +251,20 @@ class _Shadowing(_Watching):
 def test_a_shadow_judges_one_draft_beside_a_plain_step_and_changes_nothing(pairs):
     """A shadow's draft is judged as a round of one would judge it (scripted drafts: wrong,
     right, wrong, ...), comes to `observe` as a round of k = 1 and is never emitted, counted as
-    drafted or timed; greedy and sampled rows emit what plain decoding does."""
+    drafted or timed (the engine counts them apart); greedy and sampled rows emit what plain
+    decoding does."""
     target, drafter = pairs["dense"]
     prompt, n = _prompt(7), 24
     continuation = _plain(target, prompt, n + MAX_DRAFT)
     policy = _Shadowing()
     propose = scripted([continuation], [PROMPT_LEN], [0, 1])
-    (out,) = decode(target, None, [prompt], policy, n, propose=propose)
+    engines = []
+    (out,) = decode(
+        target, None, [prompt], policy, n, propose=propose, on_step=lambda e, *_: engines.append(e)
+    )
     assert out.tokens == continuation[:n]
     assert out.usage.drafted == 0 and out.usage.rounds == 0
+    assert engines[-1].shadows == len(policy.verdicts)
     assert policy.timed == []
     assert all(k == 1 and list(a) == [0] for k, a in policy.verdicts) and len(policy.verdicts) >= n - 2
     assert [a[0] for _, a in policy.verdicts] == [i % 2 for i in range(len(policy.verdicts))]
