@@ -221,9 +221,7 @@ class Rules:
     thin: float = 8.0  # ... and, while fewer than 8 rows x rounds reached draft 1, one brings the probe near
     thin_wait: int = 2  # drafting stopped on thin evidence (a failed first round): probe after 2, not 16
     room_no_verdict: bool = True  # plain for want of room (a row near its end) is no verdict on drafting
-    shadow_probe: bool = (
-        True  # a probe is a shadow (a drafter step beside a plain step), its stretch priced so
-    )
+    shadow_probe: bool = True  # a probe is a shadow (a drafter step beside a plain step), priced so
     shadow_opening: bool = True  # no draft kept yet after a round: a shadow where the rates say draft
 
 
