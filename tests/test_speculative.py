@@ -274,18 +274,22 @@ def test_a_shadow_judges_one_draft_beside_a_plain_step_and_changes_nothing(pairs
     assert shadowed.tokens == alone.tokens
 
 
-def test_an_agreeing_drafters_shadows_are_kept_as_its_rounds_are(pairs):
-    """Sampled rows: a shadow's verdict is `judge`'s. An agreeing drafter's shadows are kept about
-    as often as its drafts in rounds of one."""
-    target, drafter = pairs["dense"]
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_agreeing_drafters_shadows_are_kept_as_its_rounds_are(kind, pairs):
+    """Sampled rows: a shadow's verdict is `judge`'s (e2b: on the clustered head's q). An agreeing
+    drafter's shadows are kept about as often as its drafts in rounds of one, and the sampled
+    output is plain decoding's."""
+    target, drafter = pairs[kind]
     prompt, n = _prompt(8), 48
     sampled = make_sampling(temperature=1.0, seed=5)
     policy = _Shadowing()
-    decode(target, drafter, [prompt], policy, n, sampling=sampled)
+    (shadowed,) = decode(target, drafter, [prompt], policy, n, sampling=sampled)
+    (alone,) = decode(target, drafter, [prompt], 0, n, sampling=sampled)
+    assert shadowed.tokens == alone.tokens
     shadow_rate = np.mean([a[0] for _, a in policy.verdicts])
     (rounds,) = decode(target, drafter, [prompt], 1, n, sampling=sampled)
     assert rounds.usage.acceptance_rate > 0.5
-    print(f"\nshadows kept {shadow_rate:.2f}, rounds of one {rounds.usage.acceptance_rate:.2f}")
+    print(f"\n{kind}: shadows kept {shadow_rate:.2f}, rounds of one {rounds.usage.acceptance_rate:.2f}")
     assert abs(shadow_rate - rounds.usage.acceptance_rate) < 0.25, (shadow_rate, rounds.usage)
 
 
