@@ -384,9 +384,9 @@ class Loop:
     def _queue(
         self, k: int, active: list[int], pending: _Round | None, joined: int = 0, shadow: bool = False
     ) -> _Round:
-        kept, shadowed = {}, {}
+        kept, shadowed = {}, ({} if shadow else None)
         for r in active:
-            if shadow:  # the draft a round of one from here would make: its draw
+            if shadowed is not None:  # the draft a round of one from here would make: its draw
                 shadowed[r] = self.rows[r].accept(self.profile, 1)
             kept[r] = self.rows[r].accept(self.profile, k) if k else 0
             self.rows[r].position += kept[r] + 1
@@ -408,7 +408,7 @@ class Loop:
         self.rounds += 1
         exact = pending is None or pending.k == 0
         behind = pending is not None and not joined  # the engine times no round queued with a prefill
-        return _Round(k, kept, behind, exact, self.device_free, built, shadow=shadowed if shadow else None)
+        return _Round(k, kept, behind, exact, self.device_free, built, shadow=shadowed)
 
     def _read_back(self, done: _Round, pending: _Round | None, policy: DraftLength, since: float) -> None:
         waited = max(done.end - self.now, 0.0)

@@ -253,9 +253,8 @@ def judge(
     rejection), (tokens [B, k+1]: at i < k a draw from the residual of position i, at k a
     draw from p_k). A row emits drafts[:m] and then tokens[m], m = its first rejection (or k).
     """
-    B, k = drafts.shape
-    if q is None:
-        q, q_ids = mx.ones((B, k, 1), mx.float32), drafts[..., None]
+    k = drafts.shape[1]
+    q, q_ids = _drawn_from(q, q_ids, drafts)
     positions = first[:, None] + mx.arange(k + 1, dtype=mx.int32)  # [B, k+1]
     p = mx.exp(logp.astype(mx.float32))
     kept = keeps(p[:, :k], drafts, q, q_ids, seeds, first)
@@ -273,9 +272,16 @@ def keeps(
 ) -> mx.array:
     """`judge`'s verdicts alone, [B, k] bool: u_i q_i(x_i) < p_i(x_i), from the target's
     probabilities p [B, k, V] at the drafted positions (the rest as `judge`'s)."""
-    B, k = drafts.shape
-    if q is None:
-        q, q_ids = mx.ones((B, k, 1), mx.float32), drafts[..., None]
+    q, q_ids = _drawn_from(q, q_ids, drafts)
     p_drafts = mx.take_along_axis(p, drafts[..., None], axis=-1)[..., 0]
-    u = uniform(seeds, first[:, None] + mx.arange(k, dtype=mx.int32), ACCEPT)
+    u = uniform(seeds, first[:, None] + mx.arange(drafts.shape[1], dtype=mx.int32), ACCEPT)
     return u * draft_probability(q.astype(mx.float32), q_ids, drafts) < p_drafts
+
+
+def _drawn_from(
+    q: mx.array | None, q_ids: mx.array | None, drafts: mx.array
+) -> tuple[mx.array, mx.array | None]:
+    """(q, q_ids) the drafts were drawn from; q None (deterministic drafts): a point mass on each."""
+    if q is None:
+        return mx.ones(drafts.shape + (1,), mx.float32), drafts[..., None]
+    return q, q_ids
