@@ -2,10 +2,10 @@
 `draft_length.Auto`.
 
 For a (target, drafter) pair on a device, the engine itself runs, on B scratch rows of CONTEXT
-positions, a few rounds of every fixed k = 0..MAX_DRAFT (k = 0: plain steps), and its own clock
-says what each took; a drafter step is timed apart. That is about 250 rounds per batch size:
-seconds for a small model, tens of seconds at real sizes (more when a process first compiles its
-kernels). `mlx-gemma-mtp calibrate` does it up front; otherwise the first "auto" generation does
+positions (prefilled once, each timing starting from copies), a few rounds of every fixed
+k = 0..MAX_DRAFT (k = 0: plain steps), and its own clock says what each took; a drafter step is
+timed apart. That is about 250 rounds per batch size: seconds for a small model, minutes for the
+largest at large batches (more when a process first compiles its kernels). `mlx-gemma-mtp calibrate` does it up front; otherwise the first "auto" generation does
 it, saying so on stderr. The result is kept as JSON under `~/.cache/mlx-gemma-mtp/`, one file
 per pair and device, one entry per batch size measured, keyed by the shapes and dtypes of every
 weight of both models (so quantization counts), the device, the MLX version and the method.
@@ -28,7 +28,7 @@ from mlx.utils import tree_flatten
 
 from .draft_length import MAX_DRAFT, Costs, Fixed
 from .drafter import Drafter
-from .engine import Engine, Request
+from .engine import Engine, PromptCache, Request
 from .sample import GREEDY
 from .speculative import Rows, drafter_proposer, prefill
 from .target import Target
@@ -174,16 +174,16 @@ def measure_costs(
     lands on all alike. A drafter step is timed on its own (a stream of proposals): `Auto`
     needs it apart from the verify. `repeats`: passes over every k (default REPEATS)."""
     repeats = REPEATS if repeats is None else repeats
-    prompts = [_scratch_prompt(target, row) for row in range(batch)]
+    report = progress or (lambda done, of: None)
+    scratch = _scratch(target, batch)
     lengths = range(MAX_DRAFT + 1)
     steps, done = (repeats + 1) * len(lengths) + 1, 0
-    report = progress or (lambda done, of: None)
-    draft = _drafter_step(target, drafter, prompts)
+    draft = _drafter_step(target, drafter, scratch)
     times: dict[int, list[float]] = {k: [] for k in lengths}
     for repeat in range(repeats + 1):  # the first pass warms up: kernels, compiled graphs, buffers
         for k in lengths:
             report(done := done + 1, steps)
-            seconds = _loop_times(target, drafter, prompts, k, ROUNDS if repeat else 1)
+            seconds = _loop_times(target, drafter, scratch, k, ROUNDS if repeat else 1)
             if repeat:
                 times[k] += seconds
     report(steps, steps)
@@ -203,6 +203,28 @@ def _scratch_prompt(target: Target, row: int) -> list[int]:
     return [(7 * row + 13 * i + 5) % target.args.vocab_size for i in range(n)]
 
 
+Scratch = list[tuple[list[int], PromptCache]]  # per row: its prompt, a cache of all but its last id
+
+
+def _scratch(target: Target, batch: int) -> Scratch:
+    """`batch` scratch rows, each prefilled once: every timing starts its rows from a copy, so
+    that it prefills one id a row rather than the prompt (on a device slow at prefill, most of
+    the measurement's time otherwise)."""
+    rows = []
+    for row in range(batch):
+        prompt = _scratch_prompt(target, row)
+        cache = target.make_cache()
+        prefill(target, prompt[:-1], cache)
+        mx.eval(cache.state)
+        rows.append((prompt, PromptCache(cache, prompt[:-1])))
+    return rows
+
+
+def _copy(kept: PromptCache) -> PromptCache:
+    """A request's own copy of a scratch row's cache (the engine moves the row on from it)."""
+    return PromptCache(kept.cache.take([0]), list(kept.tokens))
+
+
 @dataclass
 class _Clocked(Fixed):
     """k drafts every round, keeping what the loop's clock said rounds of k took."""
@@ -214,17 +236,15 @@ class _Clocked(Fixed):
             self.seconds.append(seconds)
 
 
-def _loop_times(
-    target: Target, drafter: Drafter, prompts: list[list[int]], k: int, rounds: int
-) -> list[float]:
+def _loop_times(target: Target, drafter: Drafter, scratch: Scratch, k: int, rounds: int) -> list[float]:
     """The engine's timings of its first `rounds` timed rounds of k drafts (k = 0: plain
-    steps) for a batch of `prompts` on fresh caches."""
+    steps) for a batch of the `scratch` rows, each from a copy of its prefilled cache."""
     policy = _Clocked(k)
-    limit = target.args.max_position_embeddings - len(prompts[0])
+    limit = target.args.max_position_embeddings - len(scratch[0][0])
     for _ in range(rounds + 2):  # a small context ends generations early: start them again
-        engine = Engine(target, drafter, num_draft_tokens=policy, max_batch=len(prompts))
-        for prompt in prompts:
-            engine.add(Request(prompt=prompt, max_tokens=limit, stop_ids=frozenset()))
+        engine = Engine(target, drafter, num_draft_tokens=policy, max_batch=len(scratch))
+        for prompt, kept in scratch:
+            engine.add(Request(prompt=prompt, max_tokens=limit, stop_ids=frozenset(), cache=_copy(kept)))
         while engine.busy and len(policy.seconds) < rounds:
             engine.step()
         engine.close()
@@ -235,13 +255,13 @@ def _loop_times(
     return policy.seconds[:rounds]
 
 
-def _drafter_step(target: Target, drafter: Drafter, prompts: list[list[int]]) -> float:
+def _drafter_step(target: Target, drafter: Drafter, scratch: Scratch) -> float:
     """Seconds per drafter step: (a k = DRAFT_SPAN + 1 proposal - a k = 1 one) / DRAFT_SPAN,
-    each in a stream of proposals, for a batch of `prompts`."""
+    each in a stream of proposals, for a batch of the `scratch` rows."""
     parts = []
-    for i, prompt in enumerate(prompts):
-        cache = target.make_cache()
-        hidden = prefill(target, prompt, cache)
+    for i, (prompt, kept) in enumerate(scratch):
+        cache = _copy(kept).cache
+        hidden = prefill(target, prompt[-1:], cache)
         token = mx.array([[(prompt[-1] + 1) % target.args.vocab_size]], dtype=mx.int32)
         parts.append(Rows([i], cache, token, hidden, [GREEDY], mx.zeros((1, 2), mx.uint32), [None]))
     rows = Rows.join(parts)

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 from mlx_gemma_mtp import costs as costs_module
+from mlx_gemma_mtp import engine as engine_module
 from mlx_gemma_mtp import load, load_drafter, stream_generate
 from mlx_gemma_mtp.cli import main
 from mlx_gemma_mtp.draft_length import MAX_DRAFT, Auto, Costs, Rules
+from mlx_gemma_mtp.engine import Engine, Request
 from mlx_gemma_mtp.load import load_target
 from mlx_gemma_mtp.sample import make_sampling
 from mlx_gemma_mtp.speculative import drafter_proposer
@@ -145,7 +147,7 @@ def test_costs_are_what_the_engines_clock_says(dense, monkeypatch):
     the batch size asked and costs the median of what its clock reported; verify[k] is a round
     less its drafter steps, at least a plain step."""
     target, drafter = dense
-    scratch = [costs_module._scratch_prompt(target, row) for row in range(2)]
+    scratch = costs_module._scratch(target, 2)
     timed = costs_module._loop_times(target, drafter, scratch, 3, 2)  # the real engine, k = 3, B = 2
     assert len(timed) == 2 and all(t > 0 for t in timed)
 
@@ -162,6 +164,38 @@ def test_costs_are_what_the_engines_clock_says(dense, monkeypatch):
     assert measured["draft"] == 0.0015
     for k in range(MAX_DRAFT + 1):
         assert measured["verify"][k] == pytest.approx(max(0.011 + 0.002 * k - 0.0015 * k, 0.011))
+
+
+def test_calibration_prefills_each_scratch_row_once(dense, monkeypatch):
+    """Every timing starts from a copy of its rows' prefilled caches: the engine prefills the last
+    id of each row's prompt, never the prompt again; the rows' outputs are what fresh caches give."""
+    target, drafter = dense
+    monkeypatch.setattr(costs_module, "REPEATS", 1)
+    prompts = [costs_module._scratch_prompt(target, row) for row in range(2)]
+    fresh = [out.tokens for out in decode(target, drafter, prompts, 3, 6)]
+    written = []
+    real = engine_module.prefill
+
+    def counted(model, tokens, cache, *args):
+        written.append(len(tokens))
+        return real(model, tokens, cache, *args)
+
+    monkeypatch.setattr(engine_module, "prefill", counted)
+    monkeypatch.setattr(costs_module, "prefill", counted)
+    scratch = costs_module._scratch(target, 2)
+    assert written == [len(prompts[0]) - 1, len(prompts[1]) - 1] and len(prompts[0]) > 8
+    engine = Engine(target, drafter, num_draft_tokens=3, max_batch=2)
+    for prompt, kept in scratch:
+        engine.add(Request(prompt=prompt, max_tokens=6, stop_ids=frozenset(), cache=costs_module._copy(kept)))
+    out = [[], []]
+    while engine.busy:
+        for event in engine.step():
+            out[event.rid] += event.tokens
+    assert out == fresh and scratch[0][1].cache.positions.written == [len(prompts[0]) - 1]  # copies moved on
+    written.clear()
+    costs_module.measure_costs(target, drafter, batch=2)
+    assert written[:2] == [len(prompts[0]) - 1, len(prompts[1]) - 1]  # the scratch rows, once
+    assert len(written) > 2 * (MAX_DRAFT + 1) and set(written[2:]) == {1}  # then one id a row a timing
 
 
 def test_batch_sizes_measured_for_a_batch():
