@@ -2,13 +2,14 @@
 `draft_length.Auto`.
 
 For a (target, drafter) pair on a device, the engine itself runs, on B scratch rows of CONTEXT
-positions (prefilled once, each timing starting from copies), a few rounds of every fixed
-k = 0..MAX_DRAFT (k = 0: plain steps), and its own clock says what each took; a drafter step is
+positions (prefilled once, each timing starting from copies), a few rounds of every fixed k =
+0..MAX_DRAFT (k = 0: plain steps), and its own clock says what each took; a drafter step is
 timed apart. That is about 250 rounds per batch size: seconds for a small model, minutes for the
-largest at large batches (more when a process first compiles its kernels). `mlx-gemma-mtp calibrate` does it up front; otherwise the first "auto" generation does
-it, saying so on stderr. The result is kept as JSON under `~/.cache/mlx-gemma-mtp/`, one file
-per pair and device, one entry per batch size measured, keyed by the shapes and dtypes of every
-weight of both models (so quantization counts), the device, the MLX version and the method.
+largest at large batches (more when a process first compiles its kernels). `mlx-gemma-mtp
+calibrate` does it up front; otherwise the first "auto" generation does it, saying so on stderr.
+The result is kept as JSON under `~/.cache/mlx-gemma-mtp/`, one file per pair and device, one
+entry per batch size measured, keyed by the shapes and dtypes of every weight of both models (so
+quantization counts), the device, the MLX version and the method.
 """
 
 from __future__ import annotations
@@ -174,10 +175,10 @@ def measure_costs(
     lands on all alike. A drafter step is timed on its own (a stream of proposals): `Auto`
     needs it apart from the verify. `repeats`: passes over every k (default REPEATS)."""
     repeats = REPEATS if repeats is None else repeats
-    report = progress or (lambda done, of: None)
     scratch = _scratch(target, batch)
     lengths = range(MAX_DRAFT + 1)
     steps, done = (repeats + 1) * len(lengths) + 1, 0
+    report = progress or (lambda done, of: None)
     draft = _drafter_step(target, drafter, scratch)
     times: dict[int, list[float]] = {k: [] for k in lengths}
     for repeat in range(repeats + 1):  # the first pass warms up: kernels, compiled graphs, buffers
