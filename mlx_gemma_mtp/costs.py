@@ -90,11 +90,16 @@ def cost_path(target: Target, drafter: Drafter, cache_dir: Path | None = None) -
 
 
 def _read(path: Path) -> dict[int, dict]:
-    """{batch: {"verify": [...], "draft": s}} of a costs file; empty when there is none or it
-    cannot be read (a write cut short, an older format): those are measured again."""
+    """{batch: {"verify": [...], "draft": s, "seconds": s where known}} of a costs file; empty
+    when there is none or it cannot be read (a write cut short, an older format): those are
+    measured again."""
     try:
         entries = json.loads(path.read_text())["batches"]
-        return {int(b): {"verify": list(e["verify"]), "draft": float(e["draft"])} for b, e in entries.items()}
+        return {
+            int(b): {"verify": list(e["verify"]), "draft": float(e["draft"])}
+            | ({"seconds": float(e["seconds"])} if "seconds" in e else {})
+            for b, e in entries.items()
+        }
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}
 
@@ -168,13 +173,15 @@ def measure_costs(
     batch: int = 1,
     progress: Progress | None = None,
 ) -> dict:
-    """{"verify": seconds of a forward of `batch` rows x (k + 1) tokens for k = 0..MAX_DRAFT
-    ([0]: a plain step), "draft": seconds of a drafter step of `batch` rows}, by the engine's own
-    clock, the one `Auto` learns from: it runs each fixed k on `batch` scratch rows and reports
-    its rounds' times. Every k is timed once per repeat, round-robin, so a drift of the device
-    lands on all alike. A drafter step is timed on its own (a stream of proposals): `Auto`
-    needs it apart from the verify. `repeats`: passes over every k (default REPEATS)."""
+    """{"verify": seconds of a forward of `batch` rows x (k + 1) tokens for k = 0..MAX_DRAFT ([0]:
+    a plain step), "draft": seconds of a drafter step of `batch` rows, "seconds": what
+    measuring took}, by the engine's own clock, the one `Auto` learns from: it runs each
+    fixed k on `batch` scratch rows and reports its rounds' times. Every k is timed once per
+    repeat, round-robin, so a drift of the device lands on all alike. A drafter step is
+    timed on its own (a stream of proposals): `Auto` needs it apart from the verify.
+    `repeats`: passes over every k (default REPEATS)."""
     repeats = REPEATS if repeats is None else repeats
+    began = time.perf_counter()
     scratch = _scratch(target, batch)
     lengths = range(MAX_DRAFT + 1)
     steps, done = (repeats + 1) * len(lengths) + 1, 0
@@ -195,6 +202,7 @@ def measure_costs(
     return {
         "verify": [max(seconds - k * draft, plain) for k, seconds in enumerate(per_round)],
         "draft": draft,
+        "seconds": time.perf_counter() - began,
     }
 
 

@@ -125,7 +125,7 @@ def test_costs_are_measured_once_per_batch_size_and_kept(dense, tmp_path, monkey
     [path] = tmp_path.glob("costs-*.json")
     saved = json.loads(path.read_text())
     assert saved["mlx"] == mx.__version__ and "cpu" in saved["device"].lower()
-    assert set(saved["batches"]) == {"1", "2"}
+    assert set(saved["batches"]) == {"1", "2"} and all(e["seconds"] > 0 for e in saved["batches"].values())
 
     measured = []
 
@@ -137,6 +137,8 @@ def test_costs_are_measured_once_per_batch_size_and_kept(dense, tmp_path, monkey
     assert costs_module.load_costs(target, drafter, (1, 2), tmp_path) == first and measured == []
     both = costs_module.load_costs(target, drafter, (1, 2, 4), tmp_path)  # only the new size is measured
     assert measured == [4] and both.batches == (1, 2, 4) and both.verify[:2] == first.verify
+    kept = json.loads(path.read_text())["batches"]  # what measuring took stays with what it measured
+    assert [kept[b]["seconds"] for b in ("1", "2")] == [saved["batches"][b]["seconds"] for b in ("1", "2")]
     path.write_text("{")  # a damaged file (a write cut short) is measured again
     costs_module.load_costs(target, drafter, (1,), tmp_path)
     assert measured == [4, 1]
