@@ -430,16 +430,17 @@ class Auto:
         probe = 1 + min(
             range(limit), key=lambda i: seconds[i + 1] if self.rules.cheap_probe else -rates[i + 1]
         )
-        extra = min(seconds[1:]) / seconds[0] - 1  # what a failed probe costs, in plain rounds
-        if self.rules.shadow_probe:  # a shadow's: a drafter step
+        # What a failed probe costs, in plain rounds: a shadow's drafter step, or a round's excess.
+        if self.rules.shadow_probe:
             extra = self.cost.costs.drafter(len(rows)) / seconds[0]
+        else:
+            extra = min(seconds[1:]) / seconds[0] - 1
         stretch = max(self.rules.probe_first, math.ceil(extra / self.rules.probe_share))
-        thin = self.acceptance.evidence < self.rules.thin
-        k = self.probes.choose(best, probe, self.acceptance.kept_rounds, stretch, thin)
+        k = self.probes.choose(best, probe, a.kept_rounds, stretch, a.evidence < self.rules.thin)
         if k and not best and self.rules.shadow_probe:
             self._shadow = True
             return 0
-        self._blind = self.rules.blind_plain and k > 0 and self.acceptance.rounds == 0
+        self._blind = self.rules.blind_plain and k > 0 and a.rounds == 0
         return k
 
     def shadow(self) -> bool:
