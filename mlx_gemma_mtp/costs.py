@@ -64,8 +64,9 @@ def load_costs(
     progress: Progress | None = None,
 ) -> Costs:
     """This device's costs for the pair at `batches`: read from `cache_dir` (default COST_DIR),
-    and what is missing measured and written there. Measuring says so on stderr, with a
-    progress bar, unless `progress` reports it."""
+    and what is missing measured and written there, each batch size as soon as it is measured
+    (a measurement cut short, by Ctrl-C or a time limit, keeps the sizes it finished).
+    Measuring says so on stderr, with a progress bar, unless `progress` reports it."""
     path = cost_path(target, drafter, cache_dir)
     saved = _read(path)
     missing = [b for b in batches if b not in saved]
@@ -73,10 +74,8 @@ def load_costs(
         report = progress or _notice(path, missing)
         for i, b in enumerate(missing):
             saved[b] = measure_costs(target, drafter, batch=b, progress=_part(report, i, len(missing)))
-        _write(
-            path,
-            {"device": _device(), "mlx": mx.__version__, "batches": {str(b): v for b, v in saved.items()}},
-        )
+            entries = {str(size): saved[size] for size in sorted(saved)}
+            _write(path, {"device": _device(), "mlx": mx.__version__, "batches": entries})
     rows = sorted(set(batches))
     return Costs(
         batches=tuple(rows),

@@ -144,6 +144,27 @@ def test_costs_are_measured_once_per_batch_size_and_kept(dense, tmp_path, monkey
     assert measured == [4, 1]
 
 
+def test_a_calibration_cut_short_keeps_the_batch_sizes_it_finished(dense, tmp_path, monkeypatch):
+    target, drafter = dense
+    measured, cut = [], [4]
+
+    def measure(target, drafter, batch, progress):
+        if batch in cut:
+            raise KeyboardInterrupt  # Ctrl-C, or a time limit, while the third size is measured
+        measured.append(batch)
+        return {"verify": [0.01 * batch] * (MAX_DRAFT + 1), "draft": 0.001, "seconds": 1.0}
+
+    monkeypatch.setattr(costs_module, "measure_costs", measure)
+    quiet = lambda done, of: None
+    with pytest.raises(KeyboardInterrupt):
+        costs_module.load_costs(target, drafter, (1, 2, 4), tmp_path, progress=quiet)
+    [path] = tmp_path.glob("costs-*.json")
+    assert set(json.loads(path.read_text())["batches"]) == {"1", "2"}
+    cut.clear()  # run again: only the size cut short is measured
+    again = costs_module.load_costs(target, drafter, (1, 2, 4), tmp_path, progress=quiet)
+    assert measured == [1, 2, 4] and [row[0] for row in again.verify] == [0.01, 0.02, 0.04]
+
+
 def test_costs_are_what_the_engines_clock_says(dense, monkeypatch):
     """Every k = 0..MAX_DRAFT runs in the engine itself (a warm-up pass, then REPEATS passes) at
     the batch size asked and costs the median of what its clock reported; verify[k] is a round
