@@ -25,6 +25,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from mlx_gemma_mtp import costs as costs_module
 from mlx_gemma_mtp.cache import MAX_WRITE
 from mlx_gemma_mtp.costs import batch_sizes, load_costs
 from mlx_gemma_mtp.cuda import GRAPHS, without_graphs_unless_set
@@ -146,6 +147,12 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         help="timings per cost-surface cell (their median): the ideal rests on these",
     )
     p.add_argument("--out", type=Path, default=Path("bench/results/latest.json"))
+    p.add_argument(
+        "--costs",
+        type=Path,
+        help="where auto's calibration is read and kept (default: the user's, ~/.cache/mlx-gemma-mtp); "
+        "bench/costs holds the GPU machine's, which a run there can reuse and add to",
+    )
     p.add_argument("--quick", action="store_true", help="tiny model, few cells: a CPU check")
     return p
 
@@ -528,13 +535,18 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:
         args.out.write_text(json.dumps(report, indent=1))
 
-    for shape in args.shapes:
-        for bits in args.bits:
-            result: dict = {}
-            report["results"].append(result)
-            bench_shape(shape, bits, args, result, save)
-            save()
-            mx.clear_cache()
+    home = costs_module.COST_DIR
+    costs_module.COST_DIR = args.costs or home  # where every auto of this run reads its costs
+    try:
+        for shape in args.shapes:
+            for bits in args.bits:
+                result: dict = {}
+                report["results"].append(result)
+                bench_shape(shape, bits, args, result, save)
+                save()
+                mx.clear_cache()
+    finally:
+        costs_module.COST_DIR = home
     try:
         from .plots import plot_report
     except ImportError:  # matplotlib is the `bench` extra

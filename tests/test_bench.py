@@ -142,6 +142,26 @@ def test_auto_variants_run_beside_auto(tmp_path, monkeypatch, known_costs):
     assert all(len(c["believed_ms_by_k"]) == MAX_DRAFT + 1 for c in cells)  # every one an auto
 
 
+def test_auto_reads_and_keeps_its_calibration_where_told(tmp_path, monkeypatch):
+    """`--costs DIR`: auto's costs come from DIR and what is measured is kept there (bench/costs
+    carries the GPU machine's from one session to the next), the user's cache left alone."""
+    costs = importlib.import_module("mlx_gemma_mtp.costs")
+    measured = []
+
+    def measure_costs(target, drafter, batch, progress):
+        measured.append(batch)
+        return {"verify": [0.01 + 0.002 * k for k in range(MAX_DRAFT + 1)], "draft": 0.001, "seconds": 0.5}
+
+    monkeypatch.setattr(costs, "measure_costs", measure_costs)
+    monkeypatch.setattr(costs, "COST_DIR", tmp_path / "home")
+    argv = TINY + ["--parts", "e2e", "--batches", "2", "--alphas", "0", "--ks", "auto", "--trials", "1",
+                   "--costs", str(tmp_path / "kept"), "--out", str(tmp_path / "bench.json")]  # fmt: skip
+    assert bench.main(argv) == 0 and measured == [1, 2]
+    [kept] = (tmp_path / "kept").glob("costs-*.json")
+    assert set(json.loads(kept.read_text())["batches"]) == {"1", "2"} and not (tmp_path / "home").exists()
+    assert bench.main(argv) == 0 and measured == [1, 2]  # the second run reads what the first kept
+
+
 def test_a_cycle_of_draft_lengths_runs_a_round_of_each_and_is_held_to_the_surface(tmp_path):
     out = tmp_path / "bench.json"
     argv = TINY + ["--parts", "cost", "e2e", "--batches", "1", "--max-l", "4", "--alphas", "1", "--ks", "1/3",
