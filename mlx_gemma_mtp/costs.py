@@ -215,9 +215,12 @@ Scratch = list[tuple[list[int], PromptCache]]  # per row: its prompt, a cache of
 
 
 def _scratch(target: Target, batch: int) -> Scratch:
-    """`batch` scratch rows, each prefilled once: every timing starts its rows from a copy, so
+    """`batch` scratch rows, each prefilled once: every timing starts its rows from there, so
     that it prefills one id a row rather than the prompt (on a device slow at prefill, most of
-    the measurement's time otherwise)."""
+    the measurement's time otherwise). A timing hands each row's cache to the engine, which
+    gives it back when the row leaves and rewinds it to the prompt when the next one starts:
+    no copies (31B's sliding rings are a GB a row: three sets of them at B = 16 ran an H100
+    out of memory)."""
     rows = []
     for row in range(batch):
         prompt = _scratch_prompt(target, row)
@@ -226,11 +229,6 @@ def _scratch(target: Target, batch: int) -> Scratch:
         mx.eval(cache.state)
         rows.append((prompt, PromptCache(cache, prompt[:-1])))
     return rows
-
-
-def _copy(kept: PromptCache) -> PromptCache:
-    """A request's own copy of a scratch row's cache (the engine moves the row on from it)."""
-    return PromptCache(kept.cache.take([0]), list(kept.tokens))
 
 
 @dataclass
@@ -252,7 +250,7 @@ def _loop_times(target: Target, drafter: Drafter, scratch: Scratch, k: int, roun
     for _ in range(rounds + 2):  # a small context ends generations early: start them again
         engine = Engine(target, drafter, num_draft_tokens=policy, max_batch=len(scratch))
         for prompt, kept in scratch:
-            engine.add(Request(prompt=prompt, max_tokens=limit, stop_ids=frozenset(), cache=_copy(kept)))
+            engine.add(Request(prompt=prompt, max_tokens=limit, stop_ids=frozenset(), cache=kept))
         while engine.busy and len(policy.seconds) < rounds:
             engine.step()
         engine.close()
@@ -265,10 +263,11 @@ def _loop_times(target: Target, drafter: Drafter, scratch: Scratch, k: int, roun
 
 def _drafter_step(target: Target, drafter: Drafter, scratch: Scratch) -> float:
     """Seconds per drafter step: (a k = DRAFT_SPAN + 1 proposal - a k = 1 one) / DRAFT_SPAN,
-    each in a stream of proposals, for a batch of the `scratch` rows."""
+    each in a stream of proposals, for a batch of the `scratch` rows (their caches move on by
+    the last prompt id, which a timing's start rewinds)."""
     parts = []
     for i, (prompt, kept) in enumerate(scratch):
-        cache = _copy(kept).cache
+        cache = kept.cache
         hidden = prefill(target, prompt[-1:], cache)
         token = mx.array([[(prompt[-1] + 1) % target.args.vocab_size]], dtype=mx.int32)
         parts.append(Rows([i], cache, token, hidden, [GREEDY], mx.zeros((1, 2), mx.uint32), [None]))

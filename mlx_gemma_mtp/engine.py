@@ -442,6 +442,10 @@ class Engine:
         """The row's cache: a prompt cache's, at its longest prefix of the prompt; or a fresh one."""
         source = row.request.cache if row.request.cache is not None else self._reusable(row.prompt)
         cache, held = (None, []) if source is None else (source.cache, source.tokens)
+        if source is not None and source is row.request.cache:
+            # The row's own from now on, given back when it leaves (`_keep`): the prompt cache
+            # holding it as well would keep a second copy alive while the batch decodes.
+            source.cache, source.tokens = None, []
         common = _common(held, row.prompt) if cache is not None else 0
         if cache is not None:
             try:
@@ -598,6 +602,8 @@ class Engine:
                     tokens = row.prompt + row.emitted[:-1] if row.emitted else row.prompt
                     cache = batch.cache if len(batch.ids) == 1 else batch.cache.take([batch.ids.index(rid)])
                     self._keep(row, cache, len(tokens), tokens)
+            elif row.cache is not None:  # it ended with its first token: its cache holds the prompt
+                self._keep(row, row.cache, len(row.prompt), row.prompt)
         if batch is not None:
             self._held.update(dict.fromkeys(gone.intersection(batch.ids), self._steps))
             self._release(now=near_end)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from mlx_gemma_mtp import batch_generate, load, stream_batch_generate
+from mlx_gemma_mtp.draft_length import Auto
 from mlx_gemma_mtp.engine import Engine, PromptCache, Request
 from mlx_gemma_mtp.generate import draft_length
 from mlx_gemma_mtp.sample import GREEDY, make_sampling
@@ -34,7 +35,8 @@ MAX_TOKENS = [40, 25, 33, 12]
 @pytest.mark.parametrize("kind", KINDS)
 def test_rows_equal_their_single_runs(kind, loaded):
     """Greedy rows of different lengths, stop points and acceptance equal each prompt decoded
-    alone, for fixed k and auto."""
+    alone, for fixed k and auto (which, timed on a CPU, may find drafting does not pay at this
+    batch: its rounds are the fixed k's, which must accept drafts)."""
     target, drafter = loaded[kind]
     batch = prompts(10, LENGTHS)
     alone = [decode(target, None, [p], 0, n)[0].tokens for p, n in zip(batch, MAX_TOKENS)]
@@ -44,7 +46,7 @@ def test_rows_equal_their_single_runs(kind, loaded):
     for k in (1, 3, 7, draft_length("auto", target, drafter)):
         out = decode(target, drafter, batch, k, MAX_TOKENS, stop_ids=stops)
         assert [o.tokens for o in out] == alone, f"k={k}"
-        assert sum(o.usage.accepted for o in out) > 0
+        assert isinstance(k, Auto) or sum(o.usage.accepted for o in out) > 0
         assert [o.finish_reason for o in out] == ["stop" if t[-1] in stops else "length" for t in alone]
 
 
@@ -199,6 +201,47 @@ def test_a_kept_cache_holds_its_own_row_only(loaded):
     gc.collect()
     rows = sum(a.nbytes for c in kept for a in c.cache.state)
     assert mx.get_active_memory() - before <= 1.25 * rows, (mx.get_active_memory() - before, rows)
+
+
+def test_a_prompt_cache_is_not_held_twice_while_its_row_decodes(loaded):
+    """Turns continuing their prompt caches: the batch holds each row's cache, and the prompt
+    caches give theirs up meanwhile (not a second copy of every row alive while decoding);
+    each gets its row's back at the end. A turn asking one token leaves its prompt there."""
+    import gc
+
+    import mlx.core as mx
+
+    target, drafter = loaded["dense"]
+    first = prompts(15, [60] * 4)
+    kept = [PromptCache() for _ in range(4)]
+    engine = Engine(target, drafter, num_draft_tokens=3, max_batch=4)
+    for prompt, cache in zip(first, kept):
+        engine.add(Request(prompt=prompt, max_tokens=5, stop_ids=frozenset(), cache=cache))
+    answers = [[] for _ in first]
+    while engine.busy:
+        for event in engine.step():
+            answers[event.rid] += event.tokens
+    del engine
+    gc.collect()
+    before = mx.get_active_memory()
+    rows = sum(a.nbytes for c in kept for a in c.cache.state)
+    second = [p + a + [7, 9] for p, a in zip(first, answers)]
+    engine = Engine(target, drafter, num_draft_tokens=3, max_batch=4)
+    for prompt, cache in zip(second, kept):
+        engine.add(Request(prompt=prompt, max_tokens=8, stop_ids=frozenset(), cache=cache))
+    held = 0
+    while engine.busy:
+        engine.step()
+        gc.collect()
+        held = max(held, mx.get_active_memory() - before)
+    assert held <= 0.75 * rows, (held, rows)  # with both alive: one more set of rows
+    assert [len(c.tokens) for c in kept] == [len(p) + 7 for p in second]
+    third = kept[0].tokens + [11]
+    engine = Engine(target, drafter, num_draft_tokens=3, max_batch=4)
+    engine.add(Request(prompt=third, max_tokens=1, stop_ids=frozenset(), cache=kept[0]))
+    while engine.busy:
+        engine.step()
+    assert kept[0].tokens == third and kept[0].cache.positions.low == [len(third)]
 
 
 def _run_tracing_slots(engine: Engine, on_event=None) -> tuple[dict, list[tuple[int, int]]]:

@@ -190,8 +190,9 @@ def test_costs_are_what_the_engines_clock_says(dense, monkeypatch):
 
 
 def test_calibration_prefills_each_scratch_row_once(dense, monkeypatch):
-    """Every timing starts from a copy of its rows' prefilled caches: the engine prefills the last
-    id of each row's prompt, never the prompt again; the rows' outputs are what fresh caches give."""
+    """Every timing hands its rows' prefilled caches to the engine, which rewinds them to the
+    prompt: it prefills the last id of each row's prompt, never the prompt again, and copies
+    none; the rows' outputs are what fresh caches give, timing after timing."""
     target, drafter = dense
     monkeypatch.setattr(costs_module, "REPEATS", 1)
     prompts = [costs_module._scratch_prompt(target, row) for row in range(2)]
@@ -207,14 +208,16 @@ def test_calibration_prefills_each_scratch_row_once(dense, monkeypatch):
     monkeypatch.setattr(costs_module, "prefill", counted)
     scratch = costs_module._scratch(target, 2)
     assert written == [len(prompts[0]) - 1, len(prompts[1]) - 1] and len(prompts[0]) > 8
-    engine = Engine(target, drafter, num_draft_tokens=3, max_batch=2)
-    for prompt, kept in scratch:
-        engine.add(Request(prompt=prompt, max_tokens=6, stop_ids=frozenset(), cache=costs_module._copy(kept)))
-    out = [[], []]
-    while engine.busy:
-        for event in engine.step():
-            out[event.rid] += event.tokens
-    assert out == fresh and scratch[0][1].cache.positions.written == [len(prompts[0]) - 1]  # copies moved on
+    for _ in range(2):  # the second run starts from where the first left the caches
+        engine = Engine(target, drafter, num_draft_tokens=3, max_batch=2)
+        for prompt, kept in scratch:
+            engine.add(Request(prompt=prompt, max_tokens=6, stop_ids=frozenset(), cache=kept))
+        out = [[], []]
+        while engine.busy:
+            for event in engine.step():
+                out[event.rid] += event.tokens
+        assert out == fresh and scratch[0][1].tokens == prompts[0] + fresh[0][:-1]
+    assert written[2:] == [1, 1, 1, 1]  # each run prefilled one id a row
     written.clear()
     costs_module.measure_costs(target, drafter, batch=2)
     assert written[:2] == [len(prompts[0]) - 1, len(prompts[1]) - 1]  # the scratch rows, once
