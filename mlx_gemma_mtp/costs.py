@@ -2,7 +2,7 @@
 `draft_length.Auto`.
 
 For a (target, drafter) pair on a device, the engine itself runs, on B scratch rows of CONTEXT
-positions (prefilled once, each timing starting from copies), a few rounds of every fixed k =
+positions (prefilled once, each timing starting from there), a few rounds of every fixed k =
 0..MAX_DRAFT (k = 0: plain steps), and its own clock says what each took; a drafter step is
 timed apart. That is about 250 rounds per batch size: seconds for a small model, minutes for the
 largest at large batches (more when a process first compiles its kernels). `mlx-gemma-mtp
@@ -244,7 +244,8 @@ class _Clocked(Fixed):
 
 def _loop_times(target: Target, drafter: Drafter, scratch: Scratch, k: int, rounds: int) -> list[float]:
     """The engine's timings of its first `rounds` timed rounds of k drafts (k = 0: plain
-    steps) for a batch of the `scratch` rows, each from a copy of its prefilled cache."""
+    steps) for a batch of the `scratch` rows, each from its prefilled cache (the engine takes
+    it, rewound to the prompt, and leaves the row's there when it ends)."""
     policy = _Clocked(k)
     limit = target.args.max_position_embeddings - len(scratch[0][0])
     for _ in range(rounds + 2):  # a small context ends generations early: start them again

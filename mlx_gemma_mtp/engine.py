@@ -442,7 +442,7 @@ class Engine:
         """The row's cache: a prompt cache's, at its longest prefix of the prompt; or a fresh one."""
         source = row.request.cache if row.request.cache is not None else self._reusable(row.prompt)
         cache, held = (None, []) if source is None else (source.cache, source.tokens)
-        if source is not None and source is row.request.cache:
+        if row.request.cache is not None:  # (then it is `source`)
             # The row's own from now on, given back when it leaves (`_keep`): the prompt cache
             # holding it as well would keep a second copy alive while the batch decodes.
             source.cache, source.tokens = None, []
