@@ -440,14 +440,16 @@ class Engine:
 
     def _start(self, row: _Row) -> None:
         """The row's cache: a prompt cache's, at its longest prefix of the prompt; or a fresh one."""
-        source = row.request.cache if row.request.cache is not None else self._reusable(row.prompt)
+        own = row.request.cache
+        source = own if own is not None else self._reusable(row.prompt)
         cache, held = (None, []) if source is None else (source.cache, source.tokens)
-        if row.request.cache is not None:  # (then it is `source`)
+        if own is not None:
             # The row's own from now on, given back when it leaves (`_keep`): the prompt cache
             # holding it as well would keep a second copy alive while the batch decodes.
-            source.cache, source.tokens = None, []
-        common = _common(held, row.prompt) if cache is not None else 0
+            own.cache, own.tokens = None, []
+        common = 0
         if cache is not None:
+            common = _common(held, row.prompt)
             try:
                 cache.seek([common])
             except CacheRewindError:  # the sliding window no longer holds that far back
